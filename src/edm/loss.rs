@@ -1,0 +1,77 @@
+//! The EDM training loss (NVlabs `EDMLoss`), with MicroDiT's patch masking.
+
+use burn::prelude::*;
+use rand::{Rng, RngExt};
+use rand_distr::StandardNormal;
+
+use super::config::EdmConfig;
+use super::precond::{denoise, Guidance};
+use crate::model::masking::PatchMask;
+use crate::model::MicroDit;
+
+/// The random draws one loss evaluation uses, kept apart so that a caller (a test, a
+/// resumed run) can supply exactly the same ones.
+#[derive(Debug, Clone)]
+pub struct LossNoise<B: Backend> {
+    /// [B] standard normals; `ln σ = rnd_normal * P_std + P_mean`.
+    pub rnd_normal: Tensor<B, 1>,
+    /// [B, C, H, W] standard normal noise, scaled by σ.
+    pub noise: Tensor<B, 4>,
+    /// Patches hidden from the backbone, if training sparsely.
+    pub mask: Option<PatchMask<B>>,
+}
+
+pub fn standard_normal<B: Backend, const D: usize>(rng: &mut impl Rng, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    let n = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+impl<B: Backend> LossNoise<B> {
+    /// Fresh draws for latents of `shape`; `mask_ratio` > 0 masks `patch_size`² patches.
+    pub fn draw(rng: &mut impl Rng, shape: [usize; 4], patch_size: usize, mask_ratio: f64, device: &B::Device) -> Self {
+        let [b, _, h, w] = shape;
+        let tokens = (h / patch_size) * (w / patch_size);
+        Self {
+            rnd_normal: standard_normal(rng, [b], device),
+            noise: standard_normal(rng, shape, device),
+            mask: (mask_ratio > 0.0).then(|| PatchMask::random(rng, b, tokens, mask_ratio, device)),
+        }
+    }
+}
+
+/// Weighted denoising error `λ(σ) ‖D(x0 + n; σ) − x0‖²` with `λ = (σ² + σd²)/(σ σd)²`,
+/// averaged over everything, or — when masking — per patch, then over the kept patches
+/// of each sample, then over the batch.
+pub fn edm_loss<B: Backend>(
+    model: &MicroDit<B>,
+    edm: &EdmConfig,
+    x0: Tensor<B, 4>,
+    y: Tensor<B, 3>,
+    draws: &LossNoise<B>,
+    patch_size: usize,
+) -> Tensor<B, 1> {
+    let [b, _, h, w] = x0.dims();
+    let sigma = (draws.rnd_normal.clone() * edm.p_std + edm.p_mean).exp();
+    let s = sigma.clone().reshape([b, 1, 1, 1]);
+    let sd2 = edm.sigma_data * edm.sigma_data;
+    let weight = (s.clone().powi_scalar(2) + sd2) / (s.clone().powi_scalar(2) * sd2);
+    let noisy = x0.clone() + draws.noise.clone() * s;
+    let denoised = denoise(model, edm, noisy, sigma, y, draws.mask.as_ref(), Guidance::None);
+    let loss = weight * (denoised - x0).powi_scalar(2);
+    match &draws.mask {
+        None => loss.mean(),
+        Some(mask) => {
+            let p = patch_size;
+            let per_patch = loss
+                .mean_dim(1)
+                .reshape([b, h / p, p, w / p, p])
+                .mean_dim(4)
+                .mean_dim(2)
+                .reshape([b, (h / p) * (w / p)]);
+            let visible = mask.mask.clone().neg() + 1.0;
+            let per_sample = (per_patch * visible.clone()).sum_dim(1) / visible.sum_dim(1);
+            per_sample.mean()
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! File output that never leaves a half-written file behind: write a temporary file in the
+//! same directory, flush it to disk, then rename it over the destination.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::tensor::{DType, TensorData};
+use safetensors::tensor::{Dtype, TensorView};
+
+pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating directory {}", dir.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        write(&mut file)?;
+        file.flush()?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes f32/i64 tensors as a safetensors file (atomically).
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, TensorData>) -> Result<()> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, data)| {
+            let dtype = match data.dtype {
+                DType::F32 => Dtype::F32,
+                DType::F16 => Dtype::F16,
+                DType::BF16 => Dtype::BF16,
+                DType::I64 => Dtype::I64,
+                other => anyhow::bail!("cannot store {name} of dtype {other:?}"),
+            };
+            let view = TensorView::new(dtype, data.shape.to_vec(), data.as_bytes())
+                .with_context(|| format!("tensor {name}"))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, None)?;
+    write_atomic(path, |f| f.write_all(&bytes))
+}

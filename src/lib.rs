@@ -1,0 +1,11 @@
+//! MicroDiT — the Sparse Elucidated Latent Diffusion Transformer of *Stretching Each Dollar:
+//! Diffusion Training from Scratch on a Micro-Budget* — on burn.
+//!
+//! Data flows one way: `data` → `model` → `edm` loss → `train` (optimiser); `edm` samplers
+//! call `model`.
+
+pub mod backend;
+pub mod edm;
+pub mod io;
+pub mod model;
+pub mod train;

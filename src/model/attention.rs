@@ -1,0 +1,85 @@
+//! Self- and cross-attention with non-affine LayerNorm on q and k (QK-norm over the whole
+//! q/k width, before the split into heads, as in the reference).
+
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use super::init::{Dist, Init};
+use super::layers::normalize;
+
+/// Scaled dot-product attention of `q` [B, N, H] over `k`, `v` [B, L, H] with `heads` heads,
+/// after normalising q and k; returns [B, N, H].
+fn attend<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize, eps: f64) -> Tensor<B, 3> {
+    let [b, n, h] = q.dims();
+    let split = |t: Tensor<B, 3>| {
+        let len = t.dims()[1];
+        t.reshape([b, len, heads, h / heads]).swap_dims(1, 2)
+    };
+    let out = attention(
+        split(normalize(q, eps)),
+        split(normalize(k, eps)),
+        split(v),
+        None,
+        None,
+        AttentionModuleOptions::default(),
+    );
+    out.swap_dims(1, 2).reshape([b, n, h])
+}
+
+#[derive(Module, Debug)]
+pub struct SelfAttention<B: Backend> {
+    pub qkv: Linear<B>,
+    pub proj: Linear<B>,
+    num_heads: usize,
+    eps: f64,
+}
+
+impl<B: Backend> SelfAttention<B> {
+    /// `dim` in and out, attention over `qkv_dim = heads * head_dim`; q/k/v start from a
+    /// truncated N(0, 0.02) and the output projection from `proj`.
+    pub fn new(dim: usize, qkv_dim: usize, head_dim: usize, bias: bool, eps: f64, proj: Dist, init: &mut Init<B>) -> Self {
+        Self {
+            qkv: init.linear(dim, 3 * qkv_dim, bias, Dist::TruncNormal(0.02)),
+            proj: init.linear(qkv_dim, dim, bias, proj),
+            num_heads: qkv_dim / head_dim,
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter();
+        let (q, k, v) = (qkv.next().unwrap(), qkv.next().unwrap(), qkv.next().unwrap());
+        self.proj.forward(attend(q, k, v, self.num_heads, self.eps))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct CrossAttention<B: Backend> {
+    pub q_linear: Linear<B>,
+    pub kv_linear: Linear<B>,
+    pub proj: Linear<B>,
+    num_heads: usize,
+    eps: f64,
+}
+
+impl<B: Backend> CrossAttention<B> {
+    pub fn new(dim: usize, head_dim: usize, bias: bool, eps: f64, proj: Dist, init: &mut Init<B>) -> Self {
+        Self {
+            q_linear: init.linear(dim, dim, bias, Dist::TruncNormal(0.02)),
+            kv_linear: init.linear(dim, 2 * dim, bias, Dist::TruncNormal(0.02)),
+            proj: init.linear(dim, dim, bias, proj),
+            num_heads: dim / head_dim,
+            eps,
+        }
+    }
+
+    /// Image tokens `x` [B, N, D] attend to caption tokens `cond` [B, L, D].
+    pub fn forward(&self, x: Tensor<B, 3>, cond: Tensor<B, 3>) -> Tensor<B, 3> {
+        let q = self.q_linear.forward(x);
+        let mut kv = self.kv_linear.forward(cond).chunk(2, 2).into_iter();
+        let (k, v) = (kv.next().unwrap(), kv.next().unwrap());
+        self.proj.forward(attend(q, k, v, self.num_heads, self.eps))
+    }
+}

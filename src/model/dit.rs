@@ -1,0 +1,127 @@
+//! The MicroDiT denoiser: patch-mixer over all patches, then (in training) a random 75% of
+//! patches dropped and the deep backbone run on the rest.
+
+use burn::prelude::*;
+
+use super::block::{BlockOptions, CaptionBlock, DitBlock, FinalLayer};
+use super::config::DitConfig;
+use super::embeddings::{sincos_pos_embed, unpatchify, PatchEmbed, TimestepEmbedder};
+use super::init::Init;
+use super::layers::{Mlp, NormLinear};
+use super::masking::PatchMask;
+
+#[derive(Module, Debug)]
+pub struct MicroDit<B: Backend> {
+    pub x_embedder: PatchEmbed<B>,
+    pub t_embedder: TimestepEmbedder<B>,
+    /// Caption projection Cc -> D (`y_embedder.y_proj`).
+    pub y_embedder: Mlp<B>,
+    pub y_emb_preprocess: CaptionBlock<B>,
+    pub pooled_y_emb_process: Mlp<B>,
+    pub patch_mixer: Vec<DitBlock<B>>,
+    /// Width adapters around the mixer, absent (identity) when its width is the backbone's.
+    pub patch_mixer_map_xin: Option<NormLinear<B>>,
+    pub patch_mixer_map_xout: Option<NormLinear<B>>,
+    pub patch_mixer_map_y: Option<NormLinear<B>>,
+    pub blocks: Vec<DitBlock<B>>,
+    pub final_layer: FinalLayer<B>,
+    /// [1, T, D] fixed 2-D sin-cos positions (a buffer, not trained).
+    pos_embed: Tensor<B, 3>,
+    /// [1, 1, p*p*C] what dropped patches read as in the output: zeros (a buffer).
+    mask_token: Tensor<B, 3>,
+    patch_size: usize,
+    channels: usize,
+}
+
+impl<B: Backend> MicroDit<B> {
+    pub fn new(cfg: &DitConfig, init: &mut Init<B>) -> Self {
+        let (dim, eps) = (cfg.dim, cfg.norm_eps);
+        let opts = BlockOptions {
+            cond_dim: dim,
+            bias: cfg.use_bias,
+            eps,
+            num_experts: cfg.num_experts,
+            expert_capacity: cfg.expert_capacity,
+        };
+        let mixer_map = |init: &mut Init<B>, d_in, d_out| {
+            cfg.has_mixer_projections().then(|| NormLinear::new(d_in, d_out, cfg.use_bias, eps, init))
+        };
+        let grid = cfg.grid_size();
+        let pos = sincos_pos_embed(dim, grid, grid, cfg.pos_interp_scale);
+        let device = init.device();
+        Self {
+            x_embedder: PatchEmbed::new(cfg.in_channels, dim, cfg.patch_size, init),
+            t_embedder: TimestepEmbedder::new(dim, init),
+            y_embedder: Mlp::new(cfg.caption_channels, dim, dim, eps, init),
+            y_emb_preprocess: CaptionBlock::new(&cfg.caption_block(), cfg.use_bias, eps, init),
+            pooled_y_emb_process: Mlp::new(dim, dim, dim, eps, init),
+            patch_mixer: cfg.mixer_blocks().iter().map(|s| DitBlock::new(s, &opts, init)).collect(),
+            patch_mixer_map_xin: mixer_map(init, dim, cfg.patch_mixer_dim),
+            patch_mixer_map_xout: mixer_map(init, cfg.patch_mixer_dim, dim),
+            patch_mixer_map_y: mixer_map(init, dim, cfg.patch_mixer_dim),
+            blocks: cfg.backbone_blocks().iter().map(|s| DitBlock::new(s, &opts, init)).collect(),
+            final_layer: FinalLayer::new(dim, cfg.patch_dim(), eps, init),
+            pos_embed: Tensor::from_data(TensorData::new(pos, [1, grid * grid, dim]), device),
+            mask_token: Tensor::zeros([1, 1, cfg.patch_dim()], device),
+            patch_size: cfg.patch_size,
+            channels: cfg.in_channels,
+        }
+    }
+
+    pub fn pos_embed(&self) -> Tensor<B, 3> {
+        self.pos_embed.clone()
+    }
+
+    /// The raw network output `F_x` [B, C, H, W] for latents `x` [B, C, H, W], noise-level
+    /// input `t` [B] or [1] (already `c_noise`) and caption embeddings `y` [B, L, Cc].
+    /// With a `mask`, only kept patches go through the backbone and dropped ones read as the
+    /// mask token.
+    pub fn forward(&self, x: Tensor<B, 4>, t: Tensor<B, 1>, y: Tensor<B, 3>, mask: Option<&PatchMask<B>>) -> Tensor<B, 4> {
+        let batch = x.dims()[0];
+        let x = self.x_embedder.forward(x) + self.pos_embed.clone();
+        let t = self.t_embedder.forward(t.expand([batch]));
+
+        let y = self.y_emb_preprocess.forward(self.y_embedder.forward(y));
+        let y_pooled = self.pooled_y_emb_process.forward(y.clone().mean_dim(1).squeeze_dim::<2>(1));
+        let c = t + y_pooled;
+
+        let map = |m: &Option<NormLinear<B>>, v: Tensor<B, 3>| match m {
+            Some(m) => m.forward(v),
+            None => v,
+        };
+        let mut x = map(&self.patch_mixer_map_xin, x);
+        let y_mixer = map(&self.patch_mixer_map_y, y.clone());
+        for block in &self.patch_mixer {
+            x = block.forward(x, y_mixer.clone(), c.clone());
+        }
+        if let Some(mask) = mask {
+            x = mask.keep(x);
+        }
+        // Project to the backbone width after masking: less work.
+        let mut x = map(&self.patch_mixer_map_xout, x);
+        for block in &self.blocks {
+            x = block.forward(x, y.clone(), c.clone());
+        }
+        let mut x = self.final_layer.forward(x, c);
+        if let Some(mask) = mask {
+            x = mask.restore(x, self.mask_token.clone());
+        }
+        unpatchify(x, self.patch_size, self.channels)
+    }
+
+    /// Classifier-free guidance: `uncond + scale * (cond - uncond)`, the unconditional branch
+    /// seeing an all-zero caption (what 10% of training captions were replaced by).
+    pub fn forward_cfg(&self, x: Tensor<B, 4>, t: Tensor<B, 1>, y: Tensor<B, 3>, scale: f64) -> Tensor<B, 4> {
+        let batch = x.dims()[0];
+        let t = if t.dims()[0] == 1 { t } else { Tensor::cat(vec![t.clone(), t], 0) };
+        let out = self.forward(
+            Tensor::cat(vec![x.clone(), x], 0),
+            t,
+            Tensor::cat(vec![y.clone(), y.zeros_like()], 0),
+            None,
+        );
+        let cond = out.clone().narrow(0, 0, batch);
+        let uncond = out.narrow(0, batch, batch);
+        uncond.clone() + (cond - uncond) * scale
+    }
+}

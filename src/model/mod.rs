@@ -1,0 +1,18 @@
+//! The MicroDiT denoiser.
+
+pub mod attention;
+pub mod block;
+pub mod config;
+pub mod dit;
+pub mod embeddings;
+pub mod expert_choice;
+pub mod feed_forward;
+pub mod init;
+pub mod layers;
+pub mod masking;
+pub mod weights;
+
+pub use config::DitConfig;
+pub use dit::MicroDit;
+pub use init::Init;
+pub use masking::PatchMask;
