@@ -10,7 +10,9 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use common::{assert_close, fixture_sets, to_vec, Cases};
 use microdit::backend::{Cpu, Trainable};
-use microdit::edm::{denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Solver};
+use microdit::edm::{
+    denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Solver,
+};
 use microdit::model::weights::{load_weights, reference_tensors, ToGradients};
 use microdit::model::{DitConfig, Init, MicroDit, PatchMask};
 use microdit::train::optim::{clip_grad_norm, AdamWSettings};
@@ -33,7 +35,8 @@ fn sets() -> Vec<(Set, std::path::PathBuf)> {
         .into_iter()
         .map(|dir| {
             let json: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                    .unwrap();
             let set = Set {
                 name: dir.file_name().unwrap().to_string_lossy().into_owned(),
                 cfg: DitConfig::from_file(&dir.join("config.json")).unwrap(),
@@ -51,9 +54,19 @@ fn load<Bk: Backend>(cfg: &DitConfig, path: &Path) -> MicroDit<Bk> {
 }
 
 fn mask_from<Bk: Backend>(cases: &Cases, prefix: &str, device: &Bk::Device) -> PatchMask<Bk> {
-    let noise_name = if prefix == "loss" { "loss.mask_noise" } else { "masked.noise" };
+    let noise_name = if prefix == "loss" {
+        "loss.mask_noise"
+    } else {
+        "masked.noise"
+    };
     let [b, t] = <[usize; 2]>::try_from(cases.shape(noise_name)).unwrap();
-    PatchMask::from_noise(&cases.values(noise_name), b, t, cases.scalar(&format!("{prefix}.mask_ratio")), device)
+    PatchMask::from_noise(
+        &cases.values(noise_name),
+        b,
+        t,
+        cases.scalar(&format!("{prefix}.mask_ratio")),
+        device,
+    )
 }
 
 #[test]
@@ -63,16 +76,51 @@ fn forward_masked_and_guided_outputs_match_reference() {
         let model: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"));
         let c = &s.cases;
 
-        let out = model.forward(c.tensor("forward.x", &dev), c.tensor("forward.t", &dev), c.captions("forward.y", &dev), None);
-        assert_close(&format!("{}: forward", s.name), &to_vec(out), &c.values("forward.out"), FORWARD_TOL);
+        let out = model.forward(
+            c.tensor("forward.x", &dev),
+            c.tensor("forward.t", &dev),
+            c.captions("forward.y", &dev),
+            None,
+        );
+        assert_close(
+            &format!("{}: forward", s.name),
+            &to_vec(out),
+            &c.values("forward.out"),
+            FORWARD_TOL,
+        );
 
         let mask = mask_from::<B>(c, "masked", &dev);
-        assert_eq!(to_vec(mask.mask.clone()), c.values("masked.mask"), "{}: mask", s.name);
-        let out = model.forward(c.tensor("masked.x", &dev), c.tensor("masked.t", &dev), c.captions("masked.y", &dev), Some(&mask));
-        assert_close(&format!("{}: masked forward", s.name), &to_vec(out), &c.values("masked.out"), FORWARD_TOL);
+        assert_eq!(
+            to_vec(mask.mask.clone()),
+            c.values("masked.mask"),
+            "{}: mask",
+            s.name
+        );
+        let out = model.forward(
+            c.tensor("masked.x", &dev),
+            c.tensor("masked.t", &dev),
+            c.captions("masked.y", &dev),
+            Some(&mask),
+        );
+        assert_close(
+            &format!("{}: masked forward", s.name),
+            &to_vec(out),
+            &c.values("masked.out"),
+            FORWARD_TOL,
+        );
 
-        let out = model.forward_cfg(c.tensor("cfg.x", &dev), c.tensor("cfg.t", &dev), c.captions("cfg.y", &dev), c.scalar("cfg.scale"));
-        assert_close(&format!("{}: cfg forward", s.name), &to_vec(out), &c.values("cfg.out"), FORWARD_TOL);
+        let out = model.forward_cfg(
+            c.tensor("cfg.x", &dev),
+            c.tensor("cfg.t", &dev),
+            c.captions("cfg.y", &dev),
+            c.scalar("cfg.scale"),
+        );
+        assert_close(
+            &format!("{}: cfg forward", s.name),
+            &to_vec(out),
+            &c.values("cfg.out"),
+            FORWARD_TOL,
+        );
     }
 }
 
@@ -87,28 +135,68 @@ fn loss_gradients_clipping_and_adamw_match_reference() {
             noise: c.tensor("loss.noise", &dev),
             mask: (c.scalar("loss.mask_ratio") > 0.0).then(|| mask_from::<AB>(c, "loss", &dev)),
         };
-        let loss = edm_loss(&model, &s.edm, c.tensor("loss.x0", &dev), c.captions("loss.y", &dev), &draws, s.cfg.patch_size);
-        assert_close(&format!("{}: loss", s.name), &to_vec(loss.clone()), &[c.scalar("loss.value") as f32], FORWARD_TOL);
+        let loss = edm_loss(
+            &model,
+            &s.edm,
+            c.tensor("loss.x0", &dev),
+            c.captions("loss.y", &dev),
+            &draws,
+            s.cfg.patch_size,
+        );
+        assert_close(
+            &format!("{}: loss", s.name),
+            &to_vec(loss.clone()),
+            &[c.scalar("loss.value") as f32],
+            FORWARD_TOL,
+        );
 
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let grad_model = model.valid().map(&mut ToGradients { grads: &grads });
         let ours = reference_tensors(&grad_model).unwrap();
         let names = c.names_under("grad");
-        assert_eq!(ours.keys().cloned().collect::<Vec<_>>(), names, "{}: gradient names", s.name);
+        assert_eq!(
+            ours.keys().cloned().collect::<Vec<_>>(),
+            names,
+            "{}: gradient names",
+            s.name
+        );
         for name in &names {
             let g = ours[name].clone().convert::<f32>().to_vec::<f32>().unwrap();
-            assert_close(&format!("{}: grad.{name}", s.name), &g, &c.values(&format!("grad.{name}")), FORWARD_TOL);
+            assert_close(
+                &format!("{}: grad.{name}", s.name),
+                &g,
+                &c.values(&format!("grad.{name}")),
+                FORWARD_TOL,
+            );
         }
 
         let norm = clip_grad_norm(&model, &mut grads, 0.25);
-        assert_close(&format!("{}: clip.total_norm", s.name), &[norm as f32], &[c.scalar("clip.total_norm") as f32], FORWARD_TOL);
+        assert_close(
+            &format!("{}: clip.total_norm", s.name),
+            &[norm as f32],
+            &[c.scalar("clip.total_norm") as f32],
+            FORWARD_TOL,
+        );
 
-        let mut optim = AdamWSettings { weight_decay: 0.1, ..Default::default() }.init::<AB, MicroDit<AB>>();
+        let mut optim = AdamWSettings {
+            weight_decay: 0.1,
+            ..Default::default()
+        }
+        .init::<AB, MicroDit<AB>>();
         let stepped = optim.step(1e-2, model, grads);
         let ours = reference_tensors(&stepped.valid()).unwrap();
         for name in c.names_under("adamw") {
-            let w = ours[&name].clone().convert::<f32>().to_vec::<f32>().unwrap();
-            assert_close(&format!("{}: adamw.{name}", s.name), &w, &c.values(&format!("adamw.{name}")), FORWARD_TOL);
+            let w = ours[&name]
+                .clone()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap();
+            assert_close(
+                &format!("{}: adamw.{name}", s.name),
+                &w,
+                &c.values(&format!("adamw.{name}")),
+                FORWARD_TOL,
+            );
         }
     }
 }
@@ -117,15 +205,31 @@ fn run_sampler(s: &Set, model: &MicroDit<B>, prefix: &str, churn: Churn) -> Vec<
     let dev = Default::default();
     let c = &s.cases;
     let steps = c.scalar(&format!("{prefix}.steps")) as usize;
-    let guidance = if c.has(&format!("{prefix}.cfg")) { Guidance::from_scale(c.scalar(&format!("{prefix}.cfg"))) } else { Guidance::None };
+    let guidance = if c.has(&format!("{prefix}.cfg")) {
+        Guidance::from_scale(c.scalar(&format!("{prefix}.cfg")))
+    } else {
+        Guidance::None
+    };
     let y = c.captions::<B>(&format!("{prefix}.y"), &dev);
-    let noise = c.has(&format!("{prefix}.noise")).then(|| c.tensor::<B, 5>(&format!("{prefix}.noise"), &dev));
+    let noise = c
+        .has(&format!("{prefix}.noise"))
+        .then(|| c.tensor::<B, 5>(&format!("{prefix}.noise"), &dev));
     let out = sample(
         c.tensor(&format!("{prefix}.latents"), &dev),
         &karras_sigmas(&s.edm, steps),
         Solver::Heun,
         churn,
-        |x, sigma| denoise(model, &s.edm, x, Tensor::from_floats([sigma as f32], &dev), y.clone(), None, guidance),
+        |x, sigma| {
+            denoise(
+                model,
+                &s.edm,
+                x,
+                Tensor::from_floats([sigma as f32], &dev),
+                y.clone(),
+                None,
+                guidance,
+            )
+        },
         |i| {
             let n = noise.clone().expect("churn noise");
             let [_, b, ch, h, w] = n.dims();
@@ -143,7 +247,12 @@ fn samplers_match_reference() {
         let c = &s.cases;
         for prefix in ["sample", "sample_cfg"] {
             let out = run_sampler(&s, &model, prefix, Churn::default());
-            assert_close(&format!("{}: {prefix}", s.name), &out, &c.values(&format!("{prefix}.out")), SAMPLER_TOL);
+            assert_close(
+                &format!("{}: {prefix}", s.name),
+                &out,
+                &c.values(&format!("{prefix}.out")),
+                SAMPLER_TOL,
+            );
         }
         let churn = Churn {
             s_churn: c.scalar("churn.S_churn"),
@@ -152,7 +261,12 @@ fn samplers_match_reference() {
             s_noise: c.scalar("churn.S_noise"),
         };
         let out = run_sampler(&s, &model, "churn", churn);
-        assert_close(&format!("{}: churn", s.name), &out, &c.values("churn.out"), SAMPLER_TOL);
+        assert_close(
+            &format!("{}: churn", s.name),
+            &out,
+            &c.values("churn.out"),
+            SAMPLER_TOL,
+        );
     }
 }
 
@@ -167,10 +281,25 @@ fn torch_save_checkpoints_load_like_safetensors() {
         }
         let a: MicroDit<B> = load(&s.cfg, &pt);
         let b: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"));
-        assert_eq!(reference_tensors(&a).unwrap(), reference_tensors(&b).unwrap(), "{}: .pt and .safetensors differ", s.name);
+        assert_eq!(
+            reference_tensors(&a).unwrap(),
+            reference_tensors(&b).unwrap(),
+            "{}: .pt and .safetensors differ",
+            s.name
+        );
         let c = &s.cases;
-        let out = a.forward(c.tensor("forward.x", &dev), c.tensor("forward.t", &dev), c.captions("forward.y", &dev), None);
-        assert_close(&format!("{}: forward from .pt", s.name), &to_vec(out), &c.values("forward.out"), FORWARD_TOL);
+        let out = a.forward(
+            c.tensor("forward.x", &dev),
+            c.tensor("forward.t", &dev),
+            c.captions("forward.y", &dev),
+            None,
+        );
+        assert_close(
+            &format!("{}: forward from .pt", s.name),
+            &to_vec(out),
+            &c.values("forward.out"),
+            FORWARD_TOL,
+        );
         checked += 1;
     }
     assert!(checked > 0, "no fixture set has a weights.pt");

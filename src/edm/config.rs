@@ -17,6 +17,13 @@ pub struct EdmConfig {
 
 impl Default for EdmConfig {
     fn default() -> Self {
-        Self { sigma_min: 0.002, sigma_max: 80.0, p_mean: -0.6, p_std: 1.2, sigma_data: 0.9, rho: 7.0 }
+        Self {
+            sigma_min: 0.002,
+            sigma_max: 80.0,
+            p_mean: -0.6,
+            p_std: 1.2,
+            sigma_data: 0.9,
+            rho: 7.0,
+        }
     }
 }

@@ -21,15 +21,27 @@ pub struct LossNoise<B: Backend> {
     pub mask: Option<PatchMask<B>>,
 }
 
-pub fn standard_normal<B: Backend, const D: usize>(rng: &mut impl Rng, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+pub fn standard_normal<B: Backend, const D: usize>(
+    rng: &mut impl Rng,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D> {
     let n = shape.iter().product();
-    let values: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+    let values: Vec<f32> = (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect();
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
 impl<B: Backend> LossNoise<B> {
     /// Fresh draws for latents of `shape`; `mask_ratio` > 0 masks `patch_size`² patches.
-    pub fn draw(rng: &mut impl Rng, shape: [usize; 4], patch_size: usize, mask_ratio: f64, device: &B::Device) -> Self {
+    pub fn draw(
+        rng: &mut impl Rng,
+        shape: [usize; 4],
+        patch_size: usize,
+        mask_ratio: f64,
+        device: &B::Device,
+    ) -> Self {
         let [b, _, h, w] = shape;
         let tokens = (h / patch_size) * (w / patch_size);
         Self {
@@ -57,7 +69,15 @@ pub fn edm_loss<B: Backend>(
     let sd2 = edm.sigma_data * edm.sigma_data;
     let weight = (s.clone().powi_scalar(2) + sd2) / (s.clone().powi_scalar(2) * sd2);
     let noisy = x0.clone() + draws.noise.clone() * s;
-    let denoised = denoise(model, edm, noisy, sigma, y, draws.mask.as_ref(), Guidance::None);
+    let denoised = denoise(
+        model,
+        edm,
+        noisy,
+        sigma,
+        y,
+        draws.mask.as_ref(),
+        Guidance::None,
+    );
     let loss = weight * (denoised - x0).powi_scalar(2);
     match &draws.mask {
         None => loss.mean(),

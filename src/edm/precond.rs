@@ -16,7 +16,11 @@ pub enum Guidance {
 impl Guidance {
     /// The reference guides only when the scale exceeds 1.
     pub fn from_scale(scale: f64) -> Self {
-        if scale > 1.0 { Self::Scale(scale) } else { Self::None }
+        if scale > 1.0 {
+            Self::Scale(scale)
+        } else {
+            Self::None
+        }
     }
 }
 

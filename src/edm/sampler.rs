@@ -8,14 +8,21 @@ use super::config::EdmConfig;
 /// Karras et al. eq. 5: `steps` noise levels from σ_max to σ_min evenly spaced in σ^(1/ρ),
 /// then a final 0.
 pub fn karras_sigmas(edm: &EdmConfig, steps: usize) -> Vec<f64> {
-    let (lo, hi) = (edm.sigma_min.powf(1.0 / edm.rho), edm.sigma_max.powf(1.0 / edm.rho));
+    let (lo, hi) = (
+        edm.sigma_min.powf(1.0 / edm.rho),
+        edm.sigma_max.powf(1.0 / edm.rho),
+    );
     let denom = steps.saturating_sub(1).max(1) as f64;
-    let mut sigmas: Vec<f64> = (0..steps).map(|i| (hi + i as f64 / denom * (lo - hi)).powf(edm.rho)).collect();
+    let mut sigmas: Vec<f64> = (0..steps)
+        .map(|i| (hi + i as f64 / denom * (lo - hi)).powf(edm.rho))
+        .collect();
     sigmas.push(0.0);
     sigmas
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Solver {
     /// First order: one network call per step.
@@ -37,7 +44,12 @@ pub struct Churn {
 impl Default for Churn {
     /// Deterministic sampling.
     fn default() -> Self {
-        Self { s_churn: 0.0, s_min: 0.0, s_max: f64::INFINITY, s_noise: 1.0 }
+        Self {
+            s_churn: 0.0,
+            s_min: 0.0,
+            s_max: f64::INFINITY,
+            s_noise: 1.0,
+        }
     }
 }
 

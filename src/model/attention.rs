@@ -11,7 +11,13 @@ use super::layers::normalize;
 
 /// Scaled dot-product attention of `q` [B, N, H] over `k`, `v` [B, L, H] with `heads` heads,
 /// after normalising q and k; returns [B, N, H].
-fn attend<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize, eps: f64) -> Tensor<B, 3> {
+fn attend<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    eps: f64,
+) -> Tensor<B, 3> {
     let [b, n, h] = q.dims();
     let split = |t: Tensor<B, 3>| {
         let len = t.dims()[1];
@@ -39,7 +45,15 @@ pub struct SelfAttention<B: Backend> {
 impl<B: Backend> SelfAttention<B> {
     /// `dim` in and out, attention over `qkv_dim = heads * head_dim`; q/k/v start from a
     /// truncated N(0, 0.02) and the output projection from `proj`.
-    pub fn new(dim: usize, qkv_dim: usize, head_dim: usize, bias: bool, eps: f64, proj: Dist, init: &mut Init<B>) -> Self {
+    pub fn new(
+        dim: usize,
+        qkv_dim: usize,
+        head_dim: usize,
+        bias: bool,
+        eps: f64,
+        proj: Dist,
+        init: &mut Init<B>,
+    ) -> Self {
         Self {
             qkv: init.linear(dim, 3 * qkv_dim, bias, Dist::TruncNormal(0.02)),
             proj: init.linear(qkv_dim, dim, bias, proj),
@@ -50,7 +64,11 @@ impl<B: Backend> SelfAttention<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter();
-        let (q, k, v) = (qkv.next().unwrap(), qkv.next().unwrap(), qkv.next().unwrap());
+        let (q, k, v) = (
+            qkv.next().unwrap(),
+            qkv.next().unwrap(),
+            qkv.next().unwrap(),
+        );
         self.proj.forward(attend(q, k, v, self.num_heads, self.eps))
     }
 }
@@ -65,7 +83,14 @@ pub struct CrossAttention<B: Backend> {
 }
 
 impl<B: Backend> CrossAttention<B> {
-    pub fn new(dim: usize, head_dim: usize, bias: bool, eps: f64, proj: Dist, init: &mut Init<B>) -> Self {
+    pub fn new(
+        dim: usize,
+        head_dim: usize,
+        bias: bool,
+        eps: f64,
+        proj: Dist,
+        init: &mut Init<B>,
+    ) -> Self {
         Self {
             q_linear: init.linear(dim, dim, bias, Dist::TruncNormal(0.02)),
             kv_linear: init.linear(dim, 2 * dim, bias, Dist::TruncNormal(0.02)),

@@ -13,6 +13,8 @@ use super::init::{Dist, Init};
 use super::layers::{layer_norm, modulate};
 
 /// Every second block swaps its dense feed-forward for experts.
+// Built once per model; boxing would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum BlockFeedForward<B: Backend> {
     Dense(FeedForward<B>),
@@ -52,13 +54,32 @@ pub struct BlockOptions {
 
 impl<B: Backend> DitBlock<B> {
     pub fn new(shape: &BlockShape, opts: &BlockOptions, init: &mut Init<B>) -> Self {
-        let BlockShape { dim, head_dim, qkv_dim, init_std, .. } = *shape;
+        let BlockShape {
+            dim,
+            head_dim,
+            qkv_dim,
+            init_std,
+            ..
+        } = *shape;
         let out = Dist::TruncNormal(init_std);
         let mlp = if shape.moe {
             BlockFeedForward::Experts(ExpertChoiceFeedForward::new(
-                opts.num_experts, opts.expert_capacity, dim, shape.expert_hidden(), init_std, init))
+                opts.num_experts,
+                opts.expert_capacity,
+                dim,
+                shape.expert_hidden(),
+                init_std,
+                init,
+            ))
         } else {
-            BlockFeedForward::Dense(FeedForward::new(dim, shape.swiglu_hidden(), opts.bias, init_std, out, init))
+            BlockFeedForward::Dense(FeedForward::new(
+                dim,
+                shape.swiglu_hidden(),
+                opts.bias,
+                init_std,
+                out,
+                init,
+            ))
         };
         Self {
             norm1: layer_norm(dim, opts.eps, init),
@@ -73,12 +94,24 @@ impl<B: Backend> DitBlock<B> {
 
     /// `x` [B, N, D] image tokens, `y` [B, L, D] caption tokens, `c` [B, cond_dim].
     pub fn forward(&self, x: Tensor<B, 3>, y: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let m = self.ada_ln_modulation.forward(gelu_approximate(c)).chunk(6, 1);
-        let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] = <[_; 6]>::try_from(m).unwrap();
-        let attn = self.attn.forward(modulate(self.norm1.forward(x.clone()), shift_msa, scale_msa));
+        let m = self
+            .ada_ln_modulation
+            .forward(gelu_approximate(c))
+            .chunk(6, 1);
+        let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
+            <[_; 6]>::try_from(m).unwrap();
+        let attn = self.attn.forward(modulate(
+            self.norm1.forward(x.clone()),
+            shift_msa,
+            scale_msa,
+        ));
         let x = x + gate_msa.unsqueeze_dim(1) * attn;
         let x = x.clone() + self.cross_attn.forward(self.norm2.forward(x), y);
-        let ff = self.mlp.forward(modulate(self.norm3.forward(x.clone()), shift_mlp, scale_mlp));
+        let ff = self.mlp.forward(modulate(
+            self.norm3.forward(x.clone()),
+            shift_mlp,
+            scale_mlp,
+        ));
         x + gate_mlp.unsqueeze_dim(1) * ff
     }
 }
@@ -128,8 +161,13 @@ impl<B: Backend> FinalLayer<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let mut m = self.ada_ln_modulation.forward(gelu_approximate(c)).chunk(2, 1).into_iter();
+        let mut m = self
+            .ada_ln_modulation
+            .forward(gelu_approximate(c))
+            .chunk(2, 1)
+            .into_iter();
         let (shift, scale) = (m.next().unwrap(), m.next().unwrap());
-        self.linear.forward(modulate(self.norm_final.forward(x), shift, scale))
+        self.linear
+            .forward(modulate(self.norm_final.forward(x), shift, scale))
     }
 }

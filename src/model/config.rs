@@ -105,7 +105,13 @@ impl DitConfig {
     }
 
     /// `MicroDiT_*_2` of the reference `dit.py`, at 256 px with 4 latent channels.
-    fn micro_dit(dim: usize, depth: usize, head_dim: usize, mixer_depth: usize, mixer_dim: usize) -> Self {
+    fn micro_dit(
+        dim: usize,
+        depth: usize,
+        head_dim: usize,
+        mixer_depth: usize,
+        mixer_dim: usize,
+    ) -> Self {
         Self {
             input_size: 32,
             patch_size: 2,
@@ -140,29 +146,83 @@ impl DitConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let ensure = |ok: bool, msg: String| if ok { Ok(()) } else { Err(anyhow::anyhow!(msg)) };
-        ensure(self.patch_size > 0 && self.input_size % self.patch_size == 0,
-            format!("input_size {} is not a multiple of patch_size {}", self.input_size, self.patch_size))?;
-        ensure(self.head_dim > 0 && self.dim % self.head_dim == 0,
-            format!("dim {} is not a multiple of head_dim {}", self.dim, self.head_dim))?;
-        ensure(self.dim % 4 == 0, format!("dim {} must be a multiple of 4 (2-D sin-cos positions)", self.dim))?;
+        let ensure = |ok: bool, msg: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(msg))
+            }
+        };
+        ensure(
+            self.patch_size > 0 && self.input_size.is_multiple_of(self.patch_size),
+            format!(
+                "input_size {} is not a multiple of patch_size {}",
+                self.input_size, self.patch_size
+            ),
+        )?;
+        ensure(
+            self.head_dim > 0 && self.dim.is_multiple_of(self.head_dim),
+            format!(
+                "dim {} is not a multiple of head_dim {}",
+                self.dim, self.head_dim
+            ),
+        )?;
+        ensure(
+            self.dim.is_multiple_of(4),
+            format!(
+                "dim {} must be a multiple of 4 (2-D sin-cos positions)",
+                self.dim
+            ),
+        )?;
         ensure(self.depth > 0, "depth must be at least 1".into())?;
-        ensure(self.multiple_of > 0, "multiple_of must be at least 1".into())?;
-        ensure(self.experts_every_n > 0, "experts_every_n must be at least 1".into())?;
-        ensure(self.qkv_multipliers.len() == self.ffn_multipliers.len() && !self.qkv_multipliers.is_empty(),
-            "qkv_multipliers and ffn_multipliers must be non-empty and of equal length".into())?;
-        ensure(self.depth % self.qkv_multipliers.len() == 0,
-            format!("depth {} is not divisible by the {} multipliers", self.depth, self.qkv_multipliers.len()))?;
+        ensure(
+            self.multiple_of > 0,
+            "multiple_of must be at least 1".into(),
+        )?;
+        ensure(
+            self.experts_every_n > 0,
+            "experts_every_n must be at least 1".into(),
+        )?;
+        ensure(
+            self.qkv_multipliers.len() == self.ffn_multipliers.len()
+                && !self.qkv_multipliers.is_empty(),
+            "qkv_multipliers and ffn_multipliers must be non-empty and of equal length".into(),
+        )?;
+        ensure(
+            self.depth.is_multiple_of(self.qkv_multipliers.len()),
+            format!(
+                "depth {} is not divisible by the {} multipliers",
+                self.depth,
+                self.qkv_multipliers.len()
+            ),
+        )?;
         if self.use_patch_mixer {
-            ensure(self.patch_mixer_dim % self.head_dim == 0,
-                format!("patch_mixer_dim {} is not a multiple of head_dim {}", self.patch_mixer_dim, self.head_dim))?;
+            ensure(
+                self.patch_mixer_dim.is_multiple_of(self.head_dim),
+                format!(
+                    "patch_mixer_dim {} is not a multiple of head_dim {}",
+                    self.patch_mixer_dim, self.head_dim
+                ),
+            )?;
         }
-        let has_moe = self.backbone_blocks().iter().chain(&self.mixer_blocks()).any(|b| b.moe);
+        let has_moe = self
+            .backbone_blocks()
+            .iter()
+            .chain(&self.mixer_blocks())
+            .any(|b| b.moe);
         if has_moe {
-            ensure(self.num_experts > 0, "num_experts must be at least 1".into())?;
+            ensure(
+                self.num_experts > 0,
+                "num_experts must be at least 1".into(),
+            )?;
             // Each expert picks its top-k of the T tokens, so k = capacity*T/E must not exceed T.
-            ensure(self.expert_capacity > 0.0 && self.expert_capacity <= self.num_experts as f64,
-                format!("expert_capacity {} must be in (0, num_experts = {}]", self.expert_capacity, self.num_experts))?;
+            ensure(
+                self.expert_capacity > 0.0 && self.expert_capacity <= self.num_experts as f64,
+                format!(
+                    "expert_capacity {} must be in (0, num_experts = {}]",
+                    self.expert_capacity, self.num_experts
+                ),
+            )?;
         }
         Ok(())
     }
@@ -221,13 +281,25 @@ impl DitConfig {
         (0..self.patch_mixer_depth)
             .map(|i| {
                 let moe = i >= 1 && (i + 1) % self.experts_every_n == 0;
-                self.block_shape(self.patch_mixer_dim, self.patch_mixer_qkv_ratio,
-                    self.patch_mixer_mlp_ratio, moe, init_std)
+                self.block_shape(
+                    self.patch_mixer_dim,
+                    self.patch_mixer_qkv_ratio,
+                    self.patch_mixer_mlp_ratio,
+                    moe,
+                    init_std,
+                )
             })
             .collect()
     }
 
-    fn block_shape(&self, dim: usize, qkv_ratio: f64, mlp_ratio: f64, moe: bool, init_std: f64) -> BlockShape {
+    fn block_shape(
+        &self,
+        dim: usize,
+        qkv_ratio: f64,
+        mlp_ratio: f64,
+        moe: bool,
+        init_std: f64,
+    ) -> BlockShape {
         // Attention width rounded up to a multiple of two heads (reference `DiTBlock`).
         let qkv_dim = if qkv_ratio != 1.0 {
             round_up((dim as f64 * qkv_ratio) as usize, 2 * self.head_dim)
@@ -256,9 +328,12 @@ impl DitConfig {
 
     /// Width of the tokens that are masked and unmasked (the mixer's output width).
     pub fn mixer_width(&self) -> usize {
-        if self.use_patch_mixer { self.patch_mixer_dim } else { self.dim }
+        if self.use_patch_mixer {
+            self.patch_mixer_dim
+        } else {
+            self.dim
+        }
     }
 }
 
 pub const PRESETS: [&str; 2] = ["MicroDiT_Tiny_2", "MicroDiT_XL_2"];
-

@@ -44,7 +44,8 @@ impl<B: Backend> MicroDit<B> {
             expert_capacity: cfg.expert_capacity,
         };
         let mixer_map = |init: &mut Init<B>, d_in, d_out| {
-            cfg.has_mixer_projections().then(|| NormLinear::new(d_in, d_out, cfg.use_bias, eps, init))
+            cfg.has_mixer_projections()
+                .then(|| NormLinear::new(d_in, d_out, cfg.use_bias, eps, init))
         };
         let grid = cfg.grid_size();
         let pos = sincos_pos_embed(dim, grid, grid, cfg.pos_interp_scale);
@@ -55,11 +56,19 @@ impl<B: Backend> MicroDit<B> {
             y_embedder: Mlp::new(cfg.caption_channels, dim, dim, eps, init),
             y_emb_preprocess: CaptionBlock::new(&cfg.caption_block(), cfg.use_bias, eps, init),
             pooled_y_emb_process: Mlp::new(dim, dim, dim, eps, init),
-            patch_mixer: cfg.mixer_blocks().iter().map(|s| DitBlock::new(s, &opts, init)).collect(),
+            patch_mixer: cfg
+                .mixer_blocks()
+                .iter()
+                .map(|s| DitBlock::new(s, &opts, init))
+                .collect(),
             patch_mixer_map_xin: mixer_map(init, dim, cfg.patch_mixer_dim),
             patch_mixer_map_xout: mixer_map(init, cfg.patch_mixer_dim, dim),
             patch_mixer_map_y: mixer_map(init, dim, cfg.patch_mixer_dim),
-            blocks: cfg.backbone_blocks().iter().map(|s| DitBlock::new(s, &opts, init)).collect(),
+            blocks: cfg
+                .backbone_blocks()
+                .iter()
+                .map(|s| DitBlock::new(s, &opts, init))
+                .collect(),
             final_layer: FinalLayer::new(dim, cfg.patch_dim(), eps, init),
             pos_embed: Tensor::from_data(TensorData::new(pos, [1, grid * grid, dim]), device),
             mask_token: Tensor::zeros([1, 1, cfg.patch_dim()], device),
@@ -76,13 +85,21 @@ impl<B: Backend> MicroDit<B> {
     /// input `t` [B] or [1] (already `c_noise`) and caption embeddings `y` [B, L, Cc].
     /// With a `mask`, only kept patches go through the backbone and dropped ones read as the
     /// mask token.
-    pub fn forward(&self, x: Tensor<B, 4>, t: Tensor<B, 1>, y: Tensor<B, 3>, mask: Option<&PatchMask<B>>) -> Tensor<B, 4> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        t: Tensor<B, 1>,
+        y: Tensor<B, 3>,
+        mask: Option<&PatchMask<B>>,
+    ) -> Tensor<B, 4> {
         let batch = x.dims()[0];
         let x = self.x_embedder.forward(x) + self.pos_embed.clone();
         let t = self.t_embedder.forward(t.expand([batch]));
 
         let y = self.y_emb_preprocess.forward(self.y_embedder.forward(y));
-        let y_pooled = self.pooled_y_emb_process.forward(y.clone().mean_dim(1).squeeze_dim::<2>(1));
+        let y_pooled = self
+            .pooled_y_emb_process
+            .forward(y.clone().mean_dim(1).squeeze_dim::<2>(1));
         let c = t + y_pooled;
 
         let map = |m: &Option<NormLinear<B>>, v: Tensor<B, 3>| match m {
@@ -111,9 +128,19 @@ impl<B: Backend> MicroDit<B> {
 
     /// Classifier-free guidance: `uncond + scale * (cond - uncond)`, the unconditional branch
     /// seeing an all-zero caption (what 10% of training captions were replaced by).
-    pub fn forward_cfg(&self, x: Tensor<B, 4>, t: Tensor<B, 1>, y: Tensor<B, 3>, scale: f64) -> Tensor<B, 4> {
+    pub fn forward_cfg(
+        &self,
+        x: Tensor<B, 4>,
+        t: Tensor<B, 1>,
+        y: Tensor<B, 3>,
+        scale: f64,
+    ) -> Tensor<B, 4> {
         let batch = x.dims()[0];
-        let t = if t.dims()[0] == 1 { t } else { Tensor::cat(vec![t.clone(), t], 0) };
+        let t = if t.dims()[0] == 1 {
+            t
+        } else {
+            Tensor::cat(vec![t.clone(), t], 0)
+        };
         let out = self.forward(
             Tensor::cat(vec![x.clone(), x], 0),
             t,

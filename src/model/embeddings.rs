@@ -22,7 +22,11 @@ impl<B: Backend> PatchEmbed<B> {
         let fan_in = in_channels * patch_size * patch_size;
         // xavier_uniform_ on the weight viewed as [D, C*p*p].
         Self {
-            weight: init.param([dim, in_channels, patch_size, patch_size], Dist::Xavier, (fan_in, dim)),
+            weight: init.param(
+                [dim, in_channels, patch_size, patch_size],
+                Dist::Xavier,
+                (fan_in, dim),
+            ),
             bias: init.param([dim], Dist::Zeros, (0, 0)),
             patch_size,
         }
@@ -58,11 +62,20 @@ pub fn unpatchify<B: Backend>(x: Tensor<B, 3>, patch_size: usize, channels: usiz
 /// `base_size` to a larger grid sees the same range of positions (`pos_interp_scale`).
 /// First half of the channels encodes the column, second half the row, as the reference's
 /// `meshgrid(grid_w, grid_h)` does.
-pub fn sincos_pos_embed(dim: usize, grid_size: usize, base_size: usize, pos_interp_scale: f64) -> Vec<f32> {
+pub fn sincos_pos_embed(
+    dim: usize,
+    grid_size: usize,
+    base_size: usize,
+    pos_interp_scale: f64,
+) -> Vec<f32> {
     // The reference builds the grid in float32, then embeds it in float64.
-    let coord = |i: usize| ((i as f32 / (grid_size as f32 / base_size as f32)) / pos_interp_scale as f32) as f64;
+    let coord = |i: usize| {
+        ((i as f32 / (grid_size as f32 / base_size as f32)) / pos_interp_scale as f32) as f64
+    };
     let quarter = dim / 4;
-    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
     let mut out = Vec::with_capacity(grid_size * grid_size * dim);
     for row in 0..grid_size {
         for col in 0..grid_size {
@@ -106,6 +119,7 @@ impl<B: Backend> TimestepEmbedder<B> {
     }
 
     pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
-        self.mlp_out.forward(gelu_approximate(self.mlp_in.forward(self.sinusoidal(t))))
+        self.mlp_out
+            .forward(gelu_approximate(self.mlp_in.forward(self.sinusoidal(t))))
     }
 }

@@ -22,10 +22,21 @@ pub struct ExpertChoiceFeedForward<B: Backend> {
 }
 
 impl<B: Backend> ExpertChoiceFeedForward<B> {
-    pub fn new(num_experts: usize, capacity: f64, dim: usize, hidden: usize, init_std: f64, init: &mut Init<B>) -> Self {
+    pub fn new(
+        num_experts: usize,
+        capacity: f64,
+        dim: usize,
+        hidden: usize,
+        init_std: f64,
+        init: &mut Init<B>,
+    ) -> Self {
         Self {
             w1: init.param([num_experts, dim, hidden], Dist::TruncNormal(0.02), (0, 0)),
-            w2: init.param([num_experts, hidden, dim], Dist::TruncNormal(init_std), (0, 0)),
+            w2: init.param(
+                [num_experts, hidden, dim],
+                Dist::TruncNormal(init_std),
+                (0, 0),
+            ),
             gate: init.linear(dim, num_experts, false, Dist::TruncNormal(0.02)),
             num_experts,
             capacity,
@@ -48,10 +59,19 @@ impl<B: Backend> ExpertChoiceFeedForward<B> {
         let weights = probs.gather(2, picked.clone()); // [N, E, K]
 
         let token_index = picked.reshape([n, e * k, 1]).expand([n, e * k, d]);
-        let per_expert = |t: Tensor<B, 3>| t.reshape([n, e, k, d]).swap_dims(0, 1).reshape([e, n * k, d]);
+        let per_expert = |t: Tensor<B, 3>| {
+            t.reshape([n, e, k, d])
+                .swap_dims(0, 1)
+                .reshape([e, n * k, d])
+        };
         let xin = per_expert(x.clone().gather(1, token_index.clone()));
         let h = gelu(xin.matmul(self.w1.val())).matmul(self.w2.val()); // [E, N*K, D]
         let h = h.reshape([e, n, k, d]).swap_dims(0, 1) * weights.unsqueeze_dim(3);
-        x.zeros_like().scatter(1, token_index, h.reshape([n, e * k, d]), IndexingUpdateOp::Add)
+        x.zeros_like().scatter(
+            1,
+            token_index,
+            h.reshape([n, e * k, d]),
+            IndexingUpdateOp::Add,
+        )
     }
 }

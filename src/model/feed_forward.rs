@@ -16,7 +16,14 @@ pub struct FeedForward<B: Backend> {
 
 impl<B: Backend> FeedForward<B> {
     /// w1 starts from a truncated N(0, 0.02); w2 from a truncated N(0, init_std); w3 from `out`.
-    pub fn new(dim: usize, hidden: usize, bias: bool, init_std: f64, out: Dist, init: &mut Init<B>) -> Self {
+    pub fn new(
+        dim: usize,
+        hidden: usize,
+        bias: bool,
+        init_std: f64,
+        out: Dist,
+        init: &mut Init<B>,
+    ) -> Self {
         Self {
             w1: init.linear(dim, hidden, bias, Dist::TruncNormal(0.02)),
             w2: init.linear(dim, hidden, bias, Dist::TruncNormal(init_std)),
@@ -25,6 +32,7 @@ impl<B: Backend> FeedForward<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.w3.forward(silu(self.w1.forward(x.clone())) * self.w2.forward(x))
+        self.w3
+            .forward(silu(self.w1.forward(x.clone())) * self.w2.forward(x))
     }
 }

@@ -29,7 +29,10 @@ pub struct Init<'a, B: Backend> {
 
 impl<'a, B: Backend> Init<'a, B> {
     pub fn reference(seed: u64, device: &'a B::Device) -> Self {
-        Self { device, rng: Some(ChaCha8Rng::seed_from_u64(seed)) }
+        Self {
+            device,
+            rng: Some(ChaCha8Rng::seed_from_u64(seed)),
+        }
     }
 
     pub fn empty(device: &'a B::Device) -> Self {
@@ -41,7 +44,12 @@ impl<'a, B: Backend> Init<'a, B> {
     }
 
     /// A tensor of `shape` drawn from `dist`, with `fans` = (fan_in, fan_out) for Xavier.
-    pub fn tensor<const D: usize>(&mut self, shape: [usize; D], dist: Dist, fans: (usize, usize)) -> Tensor<B, D> {
+    pub fn tensor<const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        dist: Dist,
+        fans: (usize, usize),
+    ) -> Tensor<B, D> {
         let n: usize = shape.iter().product();
         let Some(rng) = self.rng.as_mut().filter(|_| !matches!(dist, Dist::Zeros)) else {
             return Tensor::zeros(shape, self.device);
@@ -49,9 +57,13 @@ impl<'a, B: Backend> Init<'a, B> {
         let values: Vec<f32> = match dist {
             Dist::Xavier => {
                 let bound = (6.0 / (fans.0 + fans.1) as f64).sqrt();
-                (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect()
+                (0..n)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect()
             }
-            Dist::Normal(std) => (0..n).map(|_| (std * rng.sample::<f64, _>(StandardNormal)) as f32).collect(),
+            Dist::Normal(std) => (0..n)
+                .map(|_| (std * rng.sample::<f64, _>(StandardNormal)) as f32)
+                .collect(),
             Dist::TruncNormal(std) => (0..n)
                 .map(|_| loop {
                     let v = std * rng.sample::<f64, _>(StandardNormal);
@@ -65,7 +77,12 @@ impl<'a, B: Backend> Init<'a, B> {
         Tensor::from_data(TensorData::new(values, shape), self.device)
     }
 
-    pub fn param<const D: usize>(&mut self, shape: [usize; D], dist: Dist, fans: (usize, usize)) -> Param<Tensor<B, D>> {
+    pub fn param<const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        dist: Dist,
+        fans: (usize, usize),
+    ) -> Param<Tensor<B, D>> {
         Param::from_tensor(self.tensor(shape, dist, fans))
     }
 

@@ -8,7 +8,10 @@ use super::init::{Dist, Init};
 
 /// `nn.LayerNorm(dim, eps, bias=False)`: a learned scale and no shift.
 pub fn layer_norm<B: Backend>(dim: usize, eps: f64, init: &Init<B>) -> LayerNorm<B> {
-    LayerNormConfig::new(dim).with_epsilon(eps).with_bias(false).init(init.device())
+    LayerNormConfig::new(dim)
+        .with_epsilon(eps)
+        .with_bias(false)
+        .init(init.device())
 }
 
 /// LayerNorm without any parameters over the last dimension (the q/k norms).
@@ -18,7 +21,11 @@ pub fn normalize<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tenso
 }
 
 /// AdaLN modulation `x * (1 + scale) + shift`, with per-sample `shift`, `scale` of shape [B, D].
-pub fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
+pub fn modulate<B: Backend>(
+    x: Tensor<B, 3>,
+    shift: Tensor<B, 2>,
+    scale: Tensor<B, 2>,
+) -> Tensor<B, 3> {
     x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim(1)
 }
 
@@ -42,7 +49,8 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.fc2.forward(self.norm.forward(gelu_approximate(self.fc1.forward(x))))
+        self.fc2
+            .forward(self.norm.forward(gelu_approximate(self.fc1.forward(x))))
     }
 }
 
@@ -55,7 +63,10 @@ pub struct NormLinear<B: Backend> {
 
 impl<B: Backend> NormLinear<B> {
     pub fn new(d_in: usize, d_out: usize, bias: bool, eps: f64, init: &mut Init<B>) -> Self {
-        Self { norm: layer_norm(d_in, eps, init), linear: init.linear(d_in, d_out, bias, Dist::Xavier) }
+        Self {
+            norm: layer_norm(d_in, eps, init),
+            linear: init.linear(d_in, d_out, bias, Dist::Xavier),
+        }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {

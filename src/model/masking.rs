@@ -21,10 +21,24 @@ pub fn kept_tokens(tokens: usize, ratio: f64) -> usize {
 
 impl<B: Backend> PatchMask<B> {
     /// From given noise `[batch * tokens]` (row-major), as the fixtures provide it.
-    pub fn from_noise(noise: &[f32], batch: usize, tokens: usize, ratio: f64, device: &B::Device) -> Self {
-        assert_eq!(noise.len(), batch * tokens, "mask noise must hold batch * tokens values");
+    pub fn from_noise(
+        noise: &[f32],
+        batch: usize,
+        tokens: usize,
+        ratio: f64,
+        device: &B::Device,
+    ) -> Self {
+        assert_eq!(
+            noise.len(),
+            batch * tokens,
+            "mask noise must hold batch * tokens values"
+        );
         let keep = kept_tokens(tokens, ratio);
-        let (mut ids_keep, mut ids_restore, mut mask) = (Vec::new(), vec![0i64; batch * tokens], vec![1f32; batch * tokens]);
+        let (mut ids_keep, mut ids_restore, mut mask) = (
+            Vec::new(),
+            vec![0i64; batch * tokens],
+            vec![1f32; batch * tokens],
+        );
         for b in 0..batch {
             let row = &noise[b * tokens..(b + 1) * tokens];
             let mut order: Vec<usize> = (0..tokens).collect();
@@ -44,7 +58,13 @@ impl<B: Backend> PatchMask<B> {
         }
     }
 
-    pub fn random(rng: &mut impl Rng, batch: usize, tokens: usize, ratio: f64, device: &B::Device) -> Self {
+    pub fn random(
+        rng: &mut impl Rng,
+        batch: usize,
+        tokens: usize,
+        ratio: f64,
+        device: &B::Device,
+    ) -> Self {
         let noise: Vec<f32> = (0..batch * tokens).map(|_| rng.random::<f32>()).collect();
         Self::from_noise(&noise, batch, tokens, ratio, device)
     }
@@ -53,7 +73,10 @@ impl<B: Backend> PatchMask<B> {
     pub fn keep(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, _, d] = x.dims();
         let [_, k] = self.ids_keep.dims();
-        x.gather(1, self.ids_keep.clone().reshape([b, k, 1]).expand([b, k, d]))
+        x.gather(
+            1,
+            self.ids_keep.clone().reshape([b, k, 1]).expand([b, k, d]),
+        )
     }
 
     /// [B, K, D] -> [B, T, D]: kept tokens back in place, `fill` [1, 1, D] everywhere else.
@@ -61,6 +84,12 @@ impl<B: Backend> PatchMask<B> {
         let [b, k, d] = x.dims();
         let [_, t] = self.ids_restore.dims();
         let dropped = fill.expand([b, t - k, d]);
-        Tensor::cat(vec![x, dropped], 1).gather(1, self.ids_restore.clone().reshape([b, t, 1]).expand([b, t, d]))
+        Tensor::cat(vec![x, dropped], 1).gather(
+            1,
+            self.ids_restore
+                .clone()
+                .reshape([b, t, 1])
+                .expand([b, t, d]),
+        )
     }
 }

@@ -10,6 +10,7 @@ pub mod feed_forward;
 pub mod init;
 pub mod layers;
 pub mod masking;
+pub mod params;
 pub mod weights;
 
 pub use config::DitConfig;

@@ -13,8 +13,8 @@ use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_store::{
-    BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, SafetensorsStore,
-    TensorSnapshot,
+    BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
+    SafetensorsStore, TensorSnapshot,
 };
 
 use super::dit::MicroDit;
@@ -57,10 +57,17 @@ pub fn reference_snapshots<B: Backend, M: ModuleSnapshot<B>>(model: &M) -> Vec<T
 }
 
 /// Parameter name -> tensor in reference layout.
-pub fn reference_tensors<B: Backend, M: ModuleSnapshot<B>>(model: &M) -> Result<BTreeMap<String, TensorData>> {
+pub fn reference_tensors<B: Backend, M: ModuleSnapshot<B>>(
+    model: &M,
+) -> Result<BTreeMap<String, TensorData>> {
     reference_snapshots(model)
         .into_iter()
-        .map(|s| Ok((s.full_path(), s.to_data().map_err(|e| anyhow::anyhow!("{e:?}"))?)))
+        .map(|s| {
+            Ok((
+                s.full_path(),
+                s.to_data().map_err(|e| anyhow::anyhow!("{e:?}"))?,
+            ))
+        })
         .collect()
 }
 
@@ -81,7 +88,10 @@ pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, TensorSnapshot>> 
             .into_tensors()
             .into_iter()
             .collect(),
-        _ => bail!("{}: unknown checkpoint format (expected .safetensors, .pt or .pth)", path.display()),
+        _ => bail!(
+            "{}: unknown checkpoint format (expected .safetensors, .pt or .pth)",
+            path.display()
+        ),
     };
     // The tensor's path is what names it when applied to the model: make it the key.
     let tensors = strip_wrapper_prefix(tensors)
@@ -96,10 +106,15 @@ pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, TensorSnapshot>> 
 
 /// Training frameworks save `model.`/`dit.`/`module.`-prefixed keys; the state dict is what
 /// follows the prefix.
-fn strip_wrapper_prefix(tensors: BTreeMap<String, TensorSnapshot>) -> BTreeMap<String, TensorSnapshot> {
+fn strip_wrapper_prefix(
+    tensors: BTreeMap<String, TensorSnapshot>,
+) -> BTreeMap<String, TensorSnapshot> {
     for prefix in ["module.", "model.", "dit.", "state_dict."] {
         if !tensors.is_empty() && tensors.keys().all(|k| k.starts_with(prefix)) {
-            let stripped = tensors.into_iter().map(|(k, v)| (k[prefix.len()..].to_string(), v)).collect();
+            let stripped = tensors
+                .into_iter()
+                .map(|(k, v)| (k[prefix.len()..].to_string(), v))
+                .collect();
             return strip_wrapper_prefix(stripped);
         }
     }
@@ -110,13 +125,19 @@ fn strip_wrapper_prefix(tensors: BTreeMap<String, TensorSnapshot>) -> BTreeMap<S
 /// config. Fails naming every missing, unexpected or wrongly shaped tensor.
 pub fn load_weights<B: Backend>(model: MicroDit<B>, path: &Path) -> Result<MicroDit<B>> {
     let tensors = read_state_dict(path)?;
-    load_state_dict(model, tensors).with_context(|| format!("loading weights from {}", path.display()))
+    load_state_dict(model, tensors)
+        .with_context(|| format!("loading weights from {}", path.display()))
 }
 
-pub fn load_state_dict<B: Backend>(mut model: MicroDit<B>, mut tensors: BTreeMap<String, TensorSnapshot>) -> Result<MicroDit<B>> {
+pub fn load_state_dict<B: Backend>(
+    mut model: MicroDit<B>,
+    mut tensors: BTreeMap<String, TensorSnapshot>,
+) -> Result<MicroDit<B>> {
     check_buffers(&model, &mut tensors)?;
-    let expected: BTreeMap<String, Vec<usize>> =
-        reference_snapshots(&model).into_iter().map(|s| (s.full_path(), s.shape.to_vec())).collect();
+    let expected: BTreeMap<String, Vec<usize>> = reference_snapshots(&model)
+        .into_iter()
+        .map(|s| (s.full_path(), s.shape.to_vec()))
+        .collect();
     let mut problems = Vec::new();
     for (name, shape) in &expected {
         match tensors.get(name) {
@@ -128,7 +149,12 @@ pub fn load_state_dict<B: Backend>(mut model: MicroDit<B>, mut tensors: BTreeMap
             Some(_) => {}
         }
     }
-    problems.extend(tensors.keys().filter(|k| !expected.contains_key(*k)).map(|k| format!("unexpected tensor '{k}'")));
+    problems.extend(
+        tensors
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .map(|k| format!("unexpected tensor '{k}'")),
+    );
     if !problems.is_empty() {
         bail!(
             "the checkpoint does not fit this model configuration ({} problems):\n  {}",
@@ -140,7 +166,11 @@ pub fn load_state_dict<B: Backend>(mut model: MicroDit<B>, mut tensors: BTreeMap
     let (snapshots, _) = remapper(&FROM_REFERENCE).remap(snapshots);
     let result = model.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);
     if !result.errors.is_empty() || !result.missing.is_empty() {
-        bail!("applying weights failed: {:?} missing: {:?}", result.errors, result.missing);
+        bail!(
+            "applying weights failed: {:?} missing: {:?}",
+            result.errors,
+            result.missing
+        );
     }
     Ok(model)
 }
@@ -165,16 +195,29 @@ fn as_f32(snapshot: TensorSnapshot) -> TensorSnapshot {
 /// positions were made with another `pos_interp_scale` would silently shift every patch,
 /// so that is an error; a checkpoint from another resolution (a new shape) is fine, since
 /// moving from 256 to 512 px is how the recipe's later stages start.
-fn check_buffers<B: Backend>(model: &MicroDit<B>, tensors: &mut BTreeMap<String, TensorSnapshot>) -> Result<()> {
+fn check_buffers<B: Backend>(
+    model: &MicroDit<B>,
+    tensors: &mut BTreeMap<String, TensorSnapshot>,
+) -> Result<()> {
     tensors.remove(MASK_TOKEN);
-    let Some(pos) = tensors.remove(POS_EMBED) else { return Ok(()) };
+    let Some(pos) = tensors.remove(POS_EMBED) else {
+        return Ok(());
+    };
     let ours = model.pos_embed();
     if pos.shape.to_vec() != ours.dims().to_vec() {
         return Ok(());
     }
-    let theirs: Vec<f32> = pos.to_data().map_err(|e| anyhow::anyhow!("{e:?}"))?.convert::<f32>().to_vec()?;
+    let theirs: Vec<f32> = pos
+        .to_data()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .convert::<f32>()
+        .to_vec()?;
     let ours: Vec<f32> = ours.into_data().convert::<f32>().to_vec()?;
-    let max_diff = theirs.iter().zip(&ours).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max_diff = theirs
+        .iter()
+        .zip(&ours)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     if max_diff > 1e-3 {
         bail!(
             "the checkpoint's positional embedding differs from this config's by up to {max_diff}: \
@@ -188,9 +231,15 @@ fn check_buffers<B: Backend>(model: &MicroDit<B>, tensors: &mut BTreeMap<String,
 /// reference `load_state_dict` takes it as is), atomically.
 pub fn save_weights<B: Backend>(model: &MicroDit<B>, path: &Path) -> Result<()> {
     let mut tensors = reference_tensors(model)?;
-    tensors.insert(POS_EMBED.into(), model.pos_embed().into_data().convert::<f32>());
+    tensors.insert(
+        POS_EMBED.into(),
+        model.pos_embed().into_data().convert::<f32>(),
+    );
     let patch_dim = model.final_layer.linear.weight.dims()[1];
-    tensors.insert(MASK_TOKEN.into(), TensorData::new(vec![0f32; patch_dim], [1, 1, patch_dim]));
+    tensors.insert(
+        MASK_TOKEN.into(),
+        TensorData::new(vec![0f32; patch_dim], [1, 1, patch_dim]),
+    );
     crate::io::write_safetensors(path, &tensors)
 }
 
@@ -203,7 +252,10 @@ pub struct ToGradients<'a> {
 impl<B: Backend> ModuleMapper<B> for ToGradients<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
-        let grad = self.grads.get::<B, D>(id).unwrap_or_else(|| tensor.zeros_like());
+        let grad = self
+            .grads
+            .get::<B, D>(id)
+            .unwrap_or_else(|| tensor.zeros_like());
         Param::from_mapped_value(id, grad, mapper)
     }
 }

@@ -9,14 +9,22 @@ use burn::tensor::backend::AutodiffBackend;
 /// gradient scaled by `max_norm / (norm + 1e-6)` when that is below 1. (burn's own
 /// `GradientClipping::Norm` clips each tensor separately, which is a different function.)
 /// Returns the norm before clipping.
-pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> f64 {
     let mut sum = SquaredNorm::<B> { grads, total: None };
     model.visit(&mut sum);
     let Some(total) = sum.total else { return 0.0 };
     let norm = total.sqrt().into_scalar().elem::<f64>();
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
-        model.visit(&mut Scale::<B> { grads, coef, _b: Default::default() });
+        model.visit(&mut Scale::<B> {
+            grads,
+            coef,
+            _b: Default::default(),
+        });
     }
     norm
 }
@@ -63,7 +71,12 @@ pub struct AdamWSettings {
 
 impl Default for AdamWSettings {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
     }
 }
 
@@ -78,7 +91,9 @@ impl AdamWSettings {
             .with_weight_decay(self.weight_decay)
     }
 
-    pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(&self) -> burn::optim::adaptor::OptimizerAdaptor<AdamW, M, B> {
+    pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+    ) -> burn::optim::adaptor::OptimizerAdaptor<AdamW, M, B> {
         self.config().init()
     }
 }

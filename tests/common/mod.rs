@@ -29,7 +29,11 @@ pub fn fixture_sets(kind: &str) -> Vec<PathBuf> {
         })
         .collect();
     sets.sort();
-    assert!(!sets.is_empty(), "no '{kind}' fixture sets under {}", dir.display());
+    assert!(
+        !sets.is_empty(),
+        "no '{kind}' fixture sets under {}",
+        dir.display()
+    );
     sets
 }
 
@@ -48,8 +52,14 @@ impl Cases {
             .map(|(name, view)| {
                 let data = view.data();
                 let values: Vec<f64> = match view.dtype() {
-                    Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-                    Dtype::I64 => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                    Dtype::F32 => data
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                        .collect(),
+                    Dtype::I64 => data
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                        .collect(),
                     other => panic!("{name}: unsupported dtype {other:?}"),
                 };
                 (name, (view.shape().to_vec(), values))
@@ -67,7 +77,9 @@ impl Cases {
     }
 
     fn get(&self, name: &str) -> &(Vec<usize>, Vec<f64>) {
-        self.tensors.get(name).unwrap_or_else(|| panic!("fixture tensor '{name}' missing"))
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture tensor '{name}' missing"))
     }
 
     pub fn values(&self, name: &str) -> Vec<f32> {
@@ -78,7 +90,11 @@ impl Cases {
         self.get(name).1[0]
     }
 
-    pub fn tensor<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Tensor<B, D> {
+    pub fn tensor<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
         let (shape, _) = self.get(name);
         Tensor::<B, D>::from_data(TensorData::new(self.values(name), shape.clone()), device)
     }
@@ -93,17 +109,33 @@ impl Cases {
     /// Names under `prefix.` (e.g. every `grad.*`), without the prefix.
     pub fn names_under(&self, prefix: &str) -> Vec<String> {
         let p = format!("{prefix}.");
-        self.tensors.keys().filter_map(|k| k.strip_prefix(&p).map(str::to_string)).collect()
+        self.tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix(&p).map(str::to_string))
+            .collect()
     }
 }
 
 /// ‖ours − ref‖ / ‖ref‖ (absolute when the reference is exactly zero); NaN never passes.
 pub fn rel_l2(ours: &[f32], reference: &[f32]) -> f64 {
     assert_eq!(ours.len(), reference.len(), "length mismatch");
-    let diff: f64 = ours.iter().zip(reference).map(|(a, b)| ((*a as f64) - (*b as f64)).powi(2)).sum::<f64>().sqrt();
-    let norm: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
+    let diff: f64 = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| ((*a as f64) - (*b as f64)).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = reference
+        .iter()
+        .map(|b| (*b as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let err = if norm > 0.0 { diff / norm } else { diff };
-    if err.is_nan() { f64::INFINITY } else { err }
+    if err.is_nan() {
+        f64::INFINITY
+    } else {
+        err
+    }
 }
 
 pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -113,5 +145,8 @@ pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 #[track_caller]
 pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f64) {
     let err = rel_l2(ours, reference);
-    assert!(err < tol, "{what}: relative L2 error {err:e} exceeds {tol:e}");
+    assert!(
+        err < tol,
+        "{what}: relative L2 error {err:e} exceeds {tol:e}"
+    );
 }

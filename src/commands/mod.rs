@@ -1,0 +1,93 @@
+//! What the `microdit` binary does, one file per subcommand.
+
+pub mod bench;
+pub mod info;
+
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+use crate::model::DitConfig;
+
+/// Choosing a model: a published preset or a config file, optionally moved to 512 px.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Published architecture: MicroDiT_Tiny_2 or MicroDiT_XL_2.
+    #[arg(long, default_value = "MicroDiT_XL_2", conflicts_with = "config")]
+    pub preset: String,
+    /// A JSON or TOML file with the reference DiT constructor arguments instead of a preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Image resolution: 256 or 512 (512 doubles the latent size and interpolates positions).
+    #[arg(long, default_value_t = 256)]
+    pub resolution: usize,
+    /// Latent channels (4 for the SDXL VAE, 16 for 16-channel VAEs).
+    #[arg(long)]
+    pub in_channels: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn config(&self) -> Result<DitConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => DitConfig::from_file(path)?,
+            None => DitConfig::preset(&self.preset)?,
+        };
+        match self.resolution {
+            256 => {}
+            512 if self.config.is_none() => cfg = cfg.at_512px(),
+            512 => {}
+            other => bail!("--resolution must be 256 or 512, not {other}"),
+        }
+        if let Some(c) = self.in_channels {
+            cfg.in_channels = c;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Where to run: `cpu`, or `cuda` / `cuda:N` when built with `--features cuda`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device '{s}': use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+/// Runs `$body` with `$B` bound to the backend for `$device` (a `DeviceChoice`) and `$dev`
+/// to its device value.
+#[macro_export]
+macro_rules! with_backend {
+    ($device:expr, |$B:ident, $dev:ident| $body:expr) => {{
+        match $device {
+            $crate::commands::DeviceChoice::Cpu => {
+                type $B = $crate::backend::Cpu;
+                let $dev = $crate::backend::CpuDevice::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::commands::DeviceChoice::Cuda(index) => {
+                type $B = $crate::backend::Cuda;
+                let $dev = burn::backend::cuda::CudaDevice::new(index);
+                $body
+            }
+            #[cfg(not(feature = "cuda"))]
+            $crate::commands::DeviceChoice::Cuda(_) => Err(anyhow::anyhow!(
+                "this microdit was built without CUDA support: rebuild with `cargo build --release --features cuda`"
+            )),
+        }
+    }};
+}
