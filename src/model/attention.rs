@@ -7,7 +7,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::init::{Dist, Init};
-use super::layers::normalize;
+use super::layers::{normalize, split_last};
 
 /// Scaled dot-product attention of `q` [B, N, H] over `k`, `v` [B, L, H] with `heads` heads,
 /// after normalising q and k; returns [B, N, H].
@@ -63,12 +63,7 @@ impl<B: Backend> SelfAttention<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter();
-        let (q, k, v) = (
-            qkv.next().unwrap(),
-            qkv.next().unwrap(),
-            qkv.next().unwrap(),
-        );
+        let [q, k, v] = split_last(self.qkv.forward(x));
         self.proj.forward(attend(q, k, v, self.num_heads, self.eps))
     }
 }
@@ -103,8 +98,7 @@ impl<B: Backend> CrossAttention<B> {
     /// Image tokens `x` [B, N, D] attend to caption tokens `cond` [B, L, D].
     pub fn forward(&self, x: Tensor<B, 3>, cond: Tensor<B, 3>) -> Tensor<B, 3> {
         let q = self.q_linear.forward(x);
-        let mut kv = self.kv_linear.forward(cond).chunk(2, 2).into_iter();
-        let (k, v) = (kv.next().unwrap(), kv.next().unwrap());
+        let [k, v] = split_last(self.kv_linear.forward(cond));
         self.proj.forward(attend(q, k, v, self.num_heads, self.eps))
     }
 }

@@ -10,7 +10,7 @@ use super::config::BlockShape;
 use super::expert_choice::ExpertChoiceFeedForward;
 use super::feed_forward::FeedForward;
 use super::init::{Dist, Init};
-use super::layers::{layer_norm, modulate};
+use super::layers::{layer_norm, modulate, split_last};
 
 /// Every second block swaps its dense feed-forward for experts.
 // Built once per model; boxing would only add an indirection.
@@ -94,12 +94,8 @@ impl<B: Backend> DitBlock<B> {
 
     /// `x` [B, N, D] image tokens, `y` [B, L, D] caption tokens, `c` [B, cond_dim].
     pub fn forward(&self, x: Tensor<B, 3>, y: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let m = self
-            .ada_ln_modulation
-            .forward(gelu_approximate(c))
-            .chunk(6, 1);
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
-            <[_; 6]>::try_from(m).unwrap();
+            split_last(self.ada_ln_modulation.forward(gelu_approximate(c)));
         let attn = self.attn.forward(modulate(
             self.norm1.forward(x.clone()),
             shift_msa,
@@ -161,12 +157,7 @@ impl<B: Backend> FinalLayer<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let mut m = self
-            .ada_ln_modulation
-            .forward(gelu_approximate(c))
-            .chunk(2, 1)
-            .into_iter();
-        let (shift, scale) = (m.next().unwrap(), m.next().unwrap());
+        let [shift, scale] = split_last(self.ada_ln_modulation.forward(gelu_approximate(c)));
         self.linear
             .forward(modulate(self.norm_final.forward(x), shift, scale))
     }

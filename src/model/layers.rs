@@ -29,6 +29,13 @@ pub fn modulate<B: Backend>(
     x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim(1)
 }
 
+/// Splits the last dimension of `x` into `N` equal parts (PyTorch's `chunk(N, -1)`).
+pub fn split_last<B: Backend, const D: usize, const N: usize>(
+    x: Tensor<B, D>,
+) -> [Tensor<B, D>; N] {
+    <[Tensor<B, D>; N]>::try_from(x.chunk(N, D - 1)).expect("last dimension divisible into N parts")
+}
+
 /// timm's `Mlp` with a LayerNorm between the activation and the second layer, as the
 /// reference uses it for the caption projection and the pooled-caption embedding.
 #[derive(Module, Debug)]
