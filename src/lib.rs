@@ -9,4 +9,5 @@ pub mod commands;
 pub mod edm;
 pub mod io;
 pub mod model;
+pub mod text;
 pub mod train;

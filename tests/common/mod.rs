@@ -150,3 +150,16 @@ pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f64) {
         "{what}: relative L2 error {err:e} exceeds {tol:e}"
     );
 }
+
+/// Every fixture directory that holds `file`.
+pub fn fixture_dirs_with(file: &str) -> Vec<PathBuf> {
+    let dir = fixtures_dir();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("fixtures directory {} unreadable: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(file).exists())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no fixture set with {file} under {}", dir.display());
+    dirs
+}
