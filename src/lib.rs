@@ -5,6 +5,7 @@
 //! call `model`.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod commands;
 pub mod edm;
 pub mod io;

@@ -10,10 +10,11 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use common::{assert_close, fixture_sets, to_vec, Cases};
 use microdit::backend::{Cpu, Trainable};
+use microdit::checkpoint::{reference_tensors, DIT_KEYS};
 use microdit::edm::{
     denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Solver,
 };
-use microdit::model::weights::{load_weights, reference_tensors, ToGradients};
+use microdit::model::weights::{load_weights, ToGradients};
 use microdit::model::{DitConfig, Init, MicroDit, PatchMask};
 use microdit::train::optim::{clip_grad_norm, AdamWSettings};
 
@@ -152,7 +153,7 @@ fn loss_gradients_clipping_and_adamw_match_reference() {
 
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let grad_model = model.valid().map(&mut ToGradients { grads: &grads });
-        let ours = reference_tensors(&grad_model).unwrap();
+        let ours = reference_tensors(&grad_model, &DIT_KEYS).unwrap();
         let names = c.names_under("grad");
         assert_eq!(
             ours.keys().cloned().collect::<Vec<_>>(),
@@ -184,7 +185,7 @@ fn loss_gradients_clipping_and_adamw_match_reference() {
         }
         .init::<AB, MicroDit<AB>>();
         let stepped = optim.step(1e-2, model, grads);
-        let ours = reference_tensors(&stepped.valid()).unwrap();
+        let ours = reference_tensors(&stepped.valid(), &DIT_KEYS).unwrap();
         for name in c.names_under("adamw") {
             let w = ours[&name]
                 .clone()
@@ -282,8 +283,8 @@ fn torch_save_checkpoints_load_like_safetensors() {
         let a: MicroDit<B> = load(&s.cfg, &pt);
         let b: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"));
         assert_eq!(
-            reference_tensors(&a).unwrap(),
-            reference_tensors(&b).unwrap(),
+            reference_tensors(&a, &DIT_KEYS).unwrap(),
+            reference_tensors(&b, &DIT_KEYS).unwrap(),
             "{}: .pt and .safetensors differ",
             s.name
         );

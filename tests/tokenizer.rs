@@ -10,15 +10,27 @@ fn token_ids_match_open_clip_exactly() {
     assert_eq!(tok.vocab_size(), 49408);
     let mut checked = 0;
     for dir in common::fixture_dirs_with("cases.json") {
-        let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-        let Some(list) = cases.get("cases").and_then(|c| c.as_array()) else { continue };
+        let cases: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
+                .unwrap();
+        let Some(list) = cases.get("cases").and_then(|c| c.as_array()) else {
+            continue;
+        };
         if list.first().and_then(|c| c.get("ids")).is_none() {
             continue;
         }
-        assert_eq!(cases["context_length"].as_u64(), Some(CONTEXT_LENGTH as u64));
+        assert_eq!(
+            cases["context_length"].as_u64(),
+            Some(CONTEXT_LENGTH as u64)
+        );
         for case in list {
             let text = case["text"].as_str().unwrap();
-            let expected: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let expected: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             assert_eq!(tok.tokenize(text).0, expected, "prompt {text:?}");
             checked += 1;
         }
@@ -36,5 +48,8 @@ fn long_prompts_are_truncated_keeping_the_end_token() {
     assert_eq!(ids[CONTEXT_LENGTH - 1], tok.end_token);
     let (ids, truncated) = tok.tokenize("an owl");
     assert!(!truncated);
-    assert_eq!((ids[0], ids[3], ids[4]), (tok.start_token, tok.end_token, 0));
+    assert_eq!(
+        (ids[0], ids[3], ids[4]),
+        (tok.start_token, tok.end_token, 0)
+    );
 }

@@ -45,7 +45,10 @@ fn bytes_to_unicode() -> [char; 256] {
 /// The order the reference's vocabulary lists the byte characters in: printable bytes
 /// first, then the rest (the insertion order of its `bytes_to_unicode` dict).
 fn byte_vocab_order() -> impl Iterator<Item = usize> {
-    (0..256u32).filter(|&b| printable(b)).chain((0..256u32).filter(|&b| !printable(b))).map(|b| b as usize)
+    (0..256u32)
+        .filter(|&b| printable(b))
+        .chain((0..256u32).filter(|&b| !printable(b)))
+        .map(|b| b as usize)
 }
 
 impl Default for ClipTokenizer {
@@ -70,12 +73,18 @@ impl ClipTokenizer {
             })
             .collect();
         let byte_to_char = bytes_to_unicode();
-        let mut vocab: Vec<String> = byte_vocab_order().map(|b| byte_to_char[b].to_string()).collect();
+        let mut vocab: Vec<String> = byte_vocab_order()
+            .map(|b| byte_to_char[b].to_string())
+            .collect();
         vocab.extend(byte_vocab_order().map(|b| format!("{}</w>", byte_to_char[b])));
         vocab.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
         vocab.push("<start_of_text>".into());
         vocab.push("<end_of_text>".into());
-        let encoder: HashMap<String, u32> = vocab.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
+        let encoder: HashMap<String, u32> = vocab
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
         let pattern = Regex::new(
             r"(?i)<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
         )
@@ -84,7 +93,11 @@ impl ClipTokenizer {
             byte_to_char,
             start_token: encoder["<start_of_text>"],
             end_token: encoder["<end_of_text>"],
-            merge_rank: merges.into_iter().enumerate().map(|(i, m)| (m, i)).collect(),
+            merge_rank: merges
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| (m, i))
+                .collect(),
             encoder,
             pattern,
             cache: Default::default(),
@@ -109,7 +122,11 @@ impl ClipTokenizer {
         while word.len() > 1 {
             let best = word
                 .windows(2)
-                .filter_map(|w| self.merge_rank.get(&(w[0].clone(), w[1].clone())).map(|&rank| (rank, w)))
+                .filter_map(|w| {
+                    self.merge_rank
+                        .get(&(w[0].clone(), w[1].clone()))
+                        .map(|&rank| (rank, w))
+                })
                 .min_by_key(|(rank, _)| *rank)
                 .map(|(_, w)| (w[0].clone(), w[1].clone()));
             let Some((first, second)) = best else { break };
@@ -128,7 +145,10 @@ impl ClipTokenizer {
             word = merged;
         }
         let ids: Vec<u32> = word.iter().map(|w| self.encoder[w]).collect();
-        self.cache.lock().unwrap().insert(token.to_string(), ids.clone());
+        self.cache
+            .lock()
+            .unwrap()
+            .insert(token.to_string(), ids.clone());
         ids
     }
 
@@ -138,7 +158,11 @@ impl ClipTokenizer {
         self.pattern
             .find_iter(&text)
             .flat_map(|m| {
-                let mapped: String = m.as_str().bytes().map(|b| self.byte_to_char[b as usize]).collect();
+                let mapped: String = m
+                    .as_str()
+                    .bytes()
+                    .map(|b| self.byte_to_char[b as usize])
+                    .collect();
                 self.bpe(&mapped)
             })
             .collect()
@@ -168,12 +192,19 @@ pub fn clean_text(text: &str) -> String {
     for _ in 0..2 {
         t = html_escape::decode_html_entities(&t).into_owned();
     }
-    t.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    t.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 fn fix_text(text: &str) -> String {
     // ftfy unescapes HTML only when the text has no '<' (it might be real HTML otherwise).
-    let t = if text.contains('<') { text.to_string() } else { html_escape::decode_html_entities(text).into_owned() };
+    let t = if text.contains('<') {
+        text.to_string()
+    } else {
+        html_escape::decode_html_entities(text).into_owned()
+    };
     let mut out = String::with_capacity(t.len());
     for c in t.chars() {
         match c {

@@ -160,6 +160,10 @@ pub fn fixture_dirs_with(file: &str) -> Vec<PathBuf> {
         .filter(|p| p.join(file).exists())
         .collect();
     dirs.sort();
-    assert!(!dirs.is_empty(), "no fixture set with {file} under {}", dir.display());
+    assert!(
+        !dirs.is_empty(),
+        "no fixture set with {file} under {}",
+        dir.display()
+    );
     dirs
 }

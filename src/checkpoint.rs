@@ -1,0 +1,196 @@
+//! Reference checkpoints: reading state dicts (`.safetensors`, `torch.save`d `.pt`/`.bin`),
+//! and the one place that knows how reference key names map to our module paths.
+//!
+//! Our module paths follow each reference `state_dict()` except where PyTorch names
+//! `nn.Sequential` children by index or packs a layer's weights into a bare tensor; those
+//! few are rewritten by the tables below, both ways. burn stores linear weights transposed
+//! ([in, out]); burn-store's PyTorch adapters transpose them and rename norm `gamma`/`beta`
+//! to `weight`/`bias`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn_store::{
+    BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
+    SafetensorsStore, TensorSnapshot,
+};
+
+/// How one family of reference checkpoints names things: (reference pattern, our path)
+/// pairs for loading, and the inverse pairs for saving and for naming gradients.
+pub struct KeyMap {
+    pub from_reference: &'static [(&'static str, &'static str)],
+    pub to_reference: &'static [(&'static str, &'static str)],
+}
+
+/// The MicroDiT `DiT` state dict.
+pub const DIT_KEYS: KeyMap = KeyMap {
+    from_reference: &[
+        (r"^x_embedder\.proj\.", "x_embedder."),
+        (r"^t_embedder\.mlp\.0\.", "t_embedder.mlp_in."),
+        (r"^t_embedder\.mlp\.2\.", "t_embedder.mlp_out."),
+        (r"^y_embedder\.y_proj\.", "y_embedder."),
+        (r"adaLN_modulation\.1\.", "ada_ln_modulation."),
+        (r"^(patch_mixer_map_[a-z]+)\.0\.", "$1.norm."),
+        (r"^(patch_mixer_map_[a-z]+)\.1\.", "$1.linear."),
+    ],
+    to_reference: &[
+        (r"^x_embedder\.", "x_embedder.proj."),
+        (r"^t_embedder\.mlp_in\.", "t_embedder.mlp.0."),
+        (r"^t_embedder\.mlp_out\.", "t_embedder.mlp.2."),
+        (r"^y_embedder\.", "y_embedder.y_proj."),
+        (r"ada_ln_modulation\.", "adaLN_modulation.1."),
+        (r"^(patch_mixer_map_[a-z]+)\.norm\.", "$1.0."),
+        (r"^(patch_mixer_map_[a-z]+)\.linear\.", "$1.1."),
+    ],
+};
+
+fn remapper(table: &[(&str, &str)]) -> KeyRemapper {
+    KeyRemapper::from_patterns(table.to_vec()).expect("key tables are valid regexes")
+}
+
+/// The model's parameters as the reference names and lays them out (lazy: no copies until
+/// `to_data`).
+pub fn reference_snapshots<B: Backend, M: ModuleSnapshot<B>>(
+    model: &M,
+    keys: &KeyMap,
+) -> Vec<TensorSnapshot> {
+    let snapshots = model.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true);
+    remapper(keys.to_reference).remap(snapshots).0
+}
+
+/// Parameter name -> tensor in reference layout.
+pub fn reference_tensors<B: Backend, M: ModuleSnapshot<B>>(
+    model: &M,
+    keys: &KeyMap,
+) -> Result<BTreeMap<String, TensorData>> {
+    reference_snapshots(model, keys)
+        .into_iter()
+        .map(|s| {
+            Ok((
+                s.full_path(),
+                s.to_data().map_err(|e| anyhow::anyhow!("{e:?}"))?,
+            ))
+        })
+        .collect()
+}
+
+/// A checkpoint's tensors by reference name, from `.safetensors` or a `torch.save`d `.pt`/`.pth`
+/// state dict (optionally nested under "state_dict", "model" or "ema").
+pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, TensorSnapshot>> {
+    if !path.exists() {
+        bail!("checkpoint {} does not exist", path.display());
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let tensors: BTreeMap<String, TensorSnapshot> = match ext {
+        "safetensors" => SafetensorsStore::from_file(path)
+            .get_all_snapshots()
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
+            .clone(),
+        "pt" | "pth" | "bin" | "ckpt" => burn_store::pytorch::PytorchReader::new(path)
+            .map_err(|e| anyhow::anyhow!("reading PyTorch checkpoint {}: {e}", path.display()))?
+            .into_tensors()
+            .into_iter()
+            .collect(),
+        _ => bail!(
+            "{}: unknown checkpoint format (expected .safetensors, .pt or .pth)",
+            path.display()
+        ),
+    };
+    // The tensor's path is what names it when applied to the model: make it the key.
+    let tensors = strip_wrapper_prefix(tensors)
+        .into_iter()
+        .map(|(name, mut t)| {
+            t.path_stack = Some(name.split('.').map(str::to_string).collect());
+            (name, t)
+        })
+        .collect();
+    Ok(tensors)
+}
+
+/// Training frameworks save `model.`/`dit.`/`module.`-prefixed keys; the state dict is what
+/// follows the prefix.
+fn strip_wrapper_prefix(
+    tensors: BTreeMap<String, TensorSnapshot>,
+) -> BTreeMap<String, TensorSnapshot> {
+    for prefix in ["module.", "model.", "dit.", "state_dict."] {
+        if !tensors.is_empty() && tensors.keys().all(|k| k.starts_with(prefix)) {
+            let stripped = tensors
+                .into_iter()
+                .map(|(k, v)| (k[prefix.len()..].to_string(), v))
+                .collect();
+            return strip_wrapper_prefix(stripped);
+        }
+    }
+    tensors
+}
+
+/// Loads reference weights into `model`, which must have been built from the matching
+/// config. Fails naming every missing, unexpected or wrongly shaped tensor.
+/// Loads reference-named `tensors` into `model`, after checking every name and shape and
+/// listing all problems at once. Tensors are read only here, one at a time, so a file that
+/// holds more than the model (a CLIP file's vision tower) costs no memory for the rest:
+/// pass only the wanted names.
+pub fn apply_state_dict<B: Backend, M: ModuleSnapshot<B>>(
+    mut model: M,
+    tensors: BTreeMap<String, TensorSnapshot>,
+    keys: &KeyMap,
+) -> Result<M> {
+    let expected: BTreeMap<String, Vec<usize>> = reference_snapshots(&model, keys)
+        .into_iter()
+        .map(|s| (s.full_path(), s.shape.to_vec()))
+        .collect();
+    let mut problems = Vec::new();
+    for (name, shape) in &expected {
+        match tensors.get(name) {
+            None => problems.push(format!("missing tensor '{name}' {shape:?}")),
+            Some(t) if t.shape.to_vec() != *shape => problems.push(format!(
+                "tensor '{name}' has shape {:?}, the model expects {shape:?}",
+                t.shape.to_vec()
+            )),
+            Some(_) => {}
+        }
+    }
+    problems.extend(
+        tensors
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .map(|k| format!("unexpected tensor '{k}'")),
+    );
+    if !problems.is_empty() {
+        bail!(
+            "the checkpoint does not fit this model configuration ({} problems):\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        );
+    }
+    let snapshots = tensors.into_values().map(as_f32).collect();
+    let (snapshots, _) = remapper(keys.from_reference).remap(snapshots);
+    let result = model.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);
+    if !result.errors.is_empty() || !result.missing.is_empty() {
+        bail!(
+            "applying weights failed: {:?} missing: {:?}",
+            result.errors,
+            result.missing
+        );
+    }
+    Ok(model)
+}
+
+/// Checkpoints may be stored in half precision; the model computes in f32.
+fn as_f32(snapshot: TensorSnapshot) -> TensorSnapshot {
+    if snapshot.dtype == DType::F32 {
+        return snapshot;
+    }
+    let source = snapshot.clone_data_fn();
+    TensorSnapshot::from_closure(
+        std::rc::Rc::new(move || Ok(source()?.convert::<f32>())),
+        DType::F32,
+        snapshot.shape.clone(),
+        snapshot.path_stack.clone().unwrap_or_default(),
+        snapshot.container_stack.clone().unwrap_or_default(),
+        snapshot.tensor_id.unwrap_or_default(),
+    )
+}
