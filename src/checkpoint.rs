@@ -47,6 +47,37 @@ pub const DIT_KEYS: KeyMap = KeyMap {
     ],
 };
 
+/// An open_clip CLIP state dict's text tower (`nn.MultiheadAttention` packs q/k/v into one
+/// bare `in_proj_weight`; here it is a linear layer).
+pub const CLIP_TEXT_KEYS: KeyMap = KeyMap {
+    from_reference: &[(r"\.attn\.in_proj_(weight|bias)$", ".attn.in_proj.$1")],
+    to_reference: &[(r"\.attn\.in_proj\.(weight|bias)$", ".attn.in_proj_$1")],
+};
+
+/// diffusers' `AutoencoderKL` (`to_out` is an `nn.ModuleList` of linear + dropout).
+pub const VAE_KEYS: KeyMap = KeyMap {
+    from_reference: &[(r"\.to_out\.0\.", ".to_out.")],
+    to_reference: &[(r"\.to_out\.", ".to_out.0.")],
+};
+
+/// Older diffusers VAE checkpoints name the mid-block attention `query`/`key`/`value`/
+/// `proj_attn`; diffusers renames them on load, and so do we.
+pub const VAE_LEGACY_KEYS: [(&str, &str); 4] = [
+    (r"\.attentions\.(\d+)\.query\.", ".attentions.$1.to_q."),
+    (r"\.attentions\.(\d+)\.key\.", ".attentions.$1.to_k."),
+    (r"\.attentions\.(\d+)\.value\.", ".attentions.$1.to_v."),
+    (r"\.attentions\.(\d+)\.proj_attn\.", ".attentions.$1.to_out.0."),
+];
+
+/// Renames the keys of a state dict by `table` (reference-side names only).
+pub fn upgrade_keys(
+    tensors: BTreeMap<String, TensorSnapshot>,
+    table: &[(&str, &str)],
+) -> BTreeMap<String, TensorSnapshot> {
+    let (snapshots, _) = remapper(table).remap(tensors.into_values().collect());
+    snapshots.into_iter().map(|s| (s.full_path(), s)).collect()
+}
+
 fn remapper(table: &[(&str, &str)]) -> KeyRemapper {
     KeyRemapper::from_patterns(table.to_vec()).expect("key tables are valid regexes")
 }

@@ -12,3 +12,4 @@ pub mod io;
 pub mod model;
 pub mod text;
 pub mod train;
+pub mod vae;

@@ -1,0 +1,202 @@
+//! The OpenCLIP text tower: token + positional embeddings, a pre-LN causal transformer and
+//! `ln_final`. MicroDiT conditions on all 77 output states (no pooling, no projection).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use burn::module::Param;
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use serde::Deserialize;
+
+use crate::checkpoint::{apply_state_dict, read_state_dict, CLIP_TEXT_KEYS};
+use crate::model::layers::split_last;
+
+/// The text half of an open_clip `open_clip_config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipTextConfig {
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub width: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub mlp_ratio: f64,
+    /// `x * sigmoid(1.702 x)` instead of GELU (OpenAI-style and DFN5B weights).
+    pub quick_gelu: bool,
+}
+
+#[derive(Deserialize)]
+struct HubConfig {
+    model_cfg: ModelCfg,
+}
+
+#[derive(Deserialize)]
+struct ModelCfg {
+    #[serde(default)]
+    quick_gelu: bool,
+    text_cfg: TextCfg,
+}
+
+#[derive(Deserialize)]
+struct TextCfg {
+    #[serde(default = "default_context")]
+    context_length: usize,
+    #[serde(default = "default_vocab")]
+    vocab_size: usize,
+    width: usize,
+    heads: usize,
+    layers: usize,
+    #[serde(default = "default_mlp_ratio")]
+    mlp_ratio: f64,
+}
+
+fn default_context() -> usize {
+    77
+}
+fn default_vocab() -> usize {
+    49408
+}
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+
+impl ClipTextConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: HubConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not an open_clip config (model_cfg.text_cfg)", path.display()))?;
+        let t = cfg.model_cfg.text_cfg;
+        anyhow::ensure!(t.heads > 0 && t.width.is_multiple_of(t.heads), "text width {} not divisible by {} heads", t.width, t.heads);
+        Ok(Self {
+            context_length: t.context_length,
+            vocab_size: t.vocab_size,
+            width: t.width,
+            heads: t.heads,
+            layers: t.layers,
+            mlp_ratio: t.mlp_ratio,
+            quick_gelu: cfg.model_cfg.quick_gelu,
+        })
+    }
+
+    /// `apple/DFN5B-CLIP-ViT-H-14-378`'s text tower.
+    pub fn dfn5b_vit_h_14() -> Self {
+        Self { context_length: 77, vocab_size: 49408, width: 1024, heads: 16, layers: 24, mlp_ratio: 4.0, quick_gelu: true }
+    }
+}
+
+const LN_EPS: f64 = 1e-5;
+
+#[derive(Module, Debug)]
+pub struct ClipAttention<B: Backend> {
+    /// PyTorch's packed `in_proj_weight`/`in_proj_bias` (q, k, v stacked).
+    pub in_proj: Linear<B>,
+    pub out_proj: Linear<B>,
+    heads: usize,
+}
+
+impl<B: Backend> ClipAttention<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, n, w] = x.dims();
+        let split = |t: Tensor<B, 3>| t.reshape([b, n, self.heads, w / self.heads]).swap_dims(1, 2);
+        let [q, k, v] = split_last(self.in_proj.forward(x));
+        let causal = AttentionModuleOptions { is_causal: true, ..Default::default() };
+        let out = attention(split(q), split(k), split(v), None, None, causal);
+        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, n, w]))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ClipMlp<B: Backend> {
+    pub c_fc: Linear<B>,
+    pub c_proj: Linear<B>,
+    quick_gelu: bool,
+}
+
+impl<B: Backend> ClipMlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.c_fc.forward(x);
+        let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
+        self.c_proj.forward(h)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ResidualAttentionBlock<B: Backend> {
+    pub ln_1: LayerNorm<B>,
+    pub attn: ClipAttention<B>,
+    pub ln_2: LayerNorm<B>,
+    pub mlp: ClipMlp<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct ClipTransformer<B: Backend> {
+    pub resblocks: Vec<ResidualAttentionBlock<B>>,
+}
+
+#[derive(Module, Debug)]
+pub struct ClipTextEncoder<B: Backend> {
+    pub token_embedding: Embedding<B>,
+    pub positional_embedding: Param<Tensor<B, 2>>,
+    pub transformer: ClipTransformer<B>,
+    pub ln_final: LayerNorm<B>,
+}
+
+impl<B: Backend> ClipTextEncoder<B> {
+    /// Zero-initialised structure, for weights that are about to be loaded.
+    pub fn new(cfg: &ClipTextConfig, device: &B::Device) -> Self {
+        let w = cfg.width;
+        let hidden = (w as f64 * cfg.mlp_ratio) as usize;
+        let ln = || LayerNormConfig::new(w).with_epsilon(LN_EPS).init(device);
+        let block = || ResidualAttentionBlock {
+            ln_1: ln(),
+            attn: ClipAttention {
+                in_proj: LinearConfig::new(w, 3 * w).init(device),
+                out_proj: LinearConfig::new(w, w).init(device),
+                heads: cfg.heads,
+            },
+            ln_2: ln(),
+            mlp: ClipMlp {
+                c_fc: LinearConfig::new(w, hidden).init(device),
+                c_proj: LinearConfig::new(hidden, w).init(device),
+                quick_gelu: cfg.quick_gelu,
+            },
+        };
+        Self {
+            token_embedding: burn::nn::EmbeddingConfig::new(cfg.vocab_size, w).init(device),
+            positional_embedding: Param::from_tensor(Tensor::zeros([cfg.context_length, w], device)),
+            transformer: ClipTransformer { resblocks: (0..cfg.layers).map(|_| block()).collect() },
+            ln_final: ln(),
+        }
+    }
+
+    /// Builds the tower and loads its weights from an open_clip state dict
+    /// (`open_clip_model.safetensors` or `open_clip_pytorch_model.bin`). Only the text
+    /// tensors are read; the vision tower in the same file is never loaded.
+    pub fn load(cfg: &ClipTextConfig, weights: &Path, device: &B::Device) -> Result<Self> {
+        let text_only: BTreeMap<_, _> = read_state_dict(weights)?
+            .into_iter()
+            .filter(|(name, _)| is_text_tensor(name))
+            .collect();
+        apply_state_dict(Self::new(cfg, device), text_only, &CLIP_TEXT_KEYS)
+            .with_context(|| format!("loading the text tower from {}", weights.display()))
+    }
+
+    /// Token ids [B, L] -> `ln_final` states [B, L, width], causal attention.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let mut x = self.token_embedding.forward(tokens) + self.positional_embedding.val().unsqueeze::<3>();
+        for block in &self.transformer.resblocks {
+            x = x.clone() + block.attn.forward(block.ln_1.forward(x));
+            x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
+        }
+        self.ln_final.forward(x)
+    }
+}
+
+fn is_text_tensor(name: &str) -> bool {
+    name == "positional_embedding"
+        || ["token_embedding.", "transformer.", "ln_final."].iter().any(|p| name.starts_with(p))
+}

@@ -1,0 +1,41 @@
+//! The frozen parts against open_clip and diffusers: every `clip-text-*` and `vae-*` set.
+
+mod common;
+
+use burn::prelude::*;
+use common::{assert_close, fixture_dirs_with, to_vec, Cases};
+use microdit::backend::Cpu;
+use microdit::text::{ClipTextConfig, ClipTextEncoder};
+
+type B = Cpu;
+const TOL: f64 = 1e-4;
+
+#[test]
+fn clip_text_embeddings_match_open_clip() {
+    let dev = Default::default();
+    for dir in fixture_dirs_with("open_clip_config.json") {
+        let cfg = ClipTextConfig::from_file(&dir.join("open_clip_config.json")).unwrap();
+        let encoder = ClipTextEncoder::<B>::load(&cfg, &dir.join("open_clip_model.safetensors"), &dev).unwrap();
+        let cases = Cases::open(&dir.join("cases.safetensors"));
+        let tokens: Tensor<B, 2, Int> = cases.tensor::<B, 2>("encode.tokens", &dev).int();
+        let out = encoder.forward(tokens);
+        assert_close(&format!("{}: text embedding", dir.display()), &to_vec(out), &cases.values("encode.out"), TOL);
+    }
+}
+
+#[test]
+fn vae_encode_and_decode_match_diffusers() {
+    use microdit::vae::AutoencoderKl;
+    let dev = Default::default();
+    for dir in fixture_dirs_with("diffusion_pytorch_model.safetensors") {
+        let (vae, _) = AutoencoderKl::<B>::load_dir(&dir, &dev).unwrap();
+        let cases = Cases::open(&dir.join("cases.safetensors"));
+        let name = dir.display();
+        let dist = vae.encode(cases.tensor("encode.image", &dev));
+        assert_close(&format!("{name}: mean"), &to_vec(dist.mean.clone()), &cases.values("encode.mean"), TOL);
+        assert_close(&format!("{name}: logvar"), &to_vec(dist.logvar.clone()), &cases.values("encode.logvar"), TOL);
+        assert_close(&format!("{name}: std"), &to_vec(dist.std()), &cases.values("encode.std"), TOL);
+        let image = vae.decode(cases.tensor("decode.latents", &dev));
+        assert_close(&format!("{name}: decode"), &to_vec(image), &cases.values("decode.image"), TOL);
+    }
+}
