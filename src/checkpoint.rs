@@ -66,7 +66,10 @@ pub const VAE_LEGACY_KEYS: [(&str, &str); 4] = [
     (r"\.attentions\.(\d+)\.query\.", ".attentions.$1.to_q."),
     (r"\.attentions\.(\d+)\.key\.", ".attentions.$1.to_k."),
     (r"\.attentions\.(\d+)\.value\.", ".attentions.$1.to_v."),
-    (r"\.attentions\.(\d+)\.proj_attn\.", ".attentions.$1.to_out.0."),
+    (
+        r"\.attentions\.(\d+)\.proj_attn\.",
+        ".attentions.$1.to_out.0.",
+    ),
 ];
 
 /// Renames the keys of a state dict by `table` (reference-side names only).

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod commands;
 pub mod edm;
+pub mod hub;
 pub mod io;
 pub mod model;
 pub mod text;

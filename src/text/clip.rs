@@ -66,11 +66,21 @@ fn default_mlp_ratio() -> f64 {
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: HubConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not an open_clip config (model_cfg.text_cfg)", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: HubConfig = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not an open_clip config (model_cfg.text_cfg)",
+                path.display()
+            )
+        })?;
         let t = cfg.model_cfg.text_cfg;
-        anyhow::ensure!(t.heads > 0 && t.width.is_multiple_of(t.heads), "text width {} not divisible by {} heads", t.width, t.heads);
+        anyhow::ensure!(
+            t.heads > 0 && t.width.is_multiple_of(t.heads),
+            "text width {} not divisible by {} heads",
+            t.width,
+            t.heads
+        );
         Ok(Self {
             context_length: t.context_length,
             vocab_size: t.vocab_size,
@@ -84,7 +94,15 @@ impl ClipTextConfig {
 
     /// `apple/DFN5B-CLIP-ViT-H-14-378`'s text tower.
     pub fn dfn5b_vit_h_14() -> Self {
-        Self { context_length: 77, vocab_size: 49408, width: 1024, heads: 16, layers: 24, mlp_ratio: 4.0, quick_gelu: true }
+        Self {
+            context_length: 77,
+            vocab_size: 49408,
+            width: 1024,
+            heads: 16,
+            layers: 24,
+            mlp_ratio: 4.0,
+            quick_gelu: true,
+        }
     }
 }
 
@@ -101,11 +119,18 @@ pub struct ClipAttention<B: Backend> {
 impl<B: Backend> ClipAttention<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, w] = x.dims();
-        let split = |t: Tensor<B, 3>| t.reshape([b, n, self.heads, w / self.heads]).swap_dims(1, 2);
+        let split = |t: Tensor<B, 3>| {
+            t.reshape([b, n, self.heads, w / self.heads])
+                .swap_dims(1, 2)
+        };
         let [q, k, v] = split_last(self.in_proj.forward(x));
-        let causal = AttentionModuleOptions { is_causal: true, ..Default::default() };
+        let causal = AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
         let out = attention(split(q), split(k), split(v), None, None, causal);
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, n, w]))
+        self.out_proj
+            .forward(out.swap_dims(1, 2).reshape([b, n, w]))
     }
 }
 
@@ -119,7 +144,11 @@ pub struct ClipMlp<B: Backend> {
 impl<B: Backend> ClipMlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.c_fc.forward(x);
-        let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
+        let h = if self.quick_gelu {
+            h.clone() * sigmoid(h * 1.702)
+        } else {
+            gelu(h)
+        };
         self.c_proj.forward(h)
     }
 }
@@ -167,8 +196,13 @@ impl<B: Backend> ClipTextEncoder<B> {
         };
         Self {
             token_embedding: burn::nn::EmbeddingConfig::new(cfg.vocab_size, w).init(device),
-            positional_embedding: Param::from_tensor(Tensor::zeros([cfg.context_length, w], device)),
-            transformer: ClipTransformer { resblocks: (0..cfg.layers).map(|_| block()).collect() },
+            positional_embedding: Param::from_tensor(Tensor::zeros(
+                [cfg.context_length, w],
+                device,
+            )),
+            transformer: ClipTransformer {
+                resblocks: (0..cfg.layers).map(|_| block()).collect(),
+            },
             ln_final: ln(),
         }
     }
@@ -185,9 +219,27 @@ impl<B: Backend> ClipTextEncoder<B> {
             .with_context(|| format!("loading the text tower from {}", weights.display()))
     }
 
+    /// From a local directory or Hub repository holding `open_clip_config.json` and
+    /// `open_clip_model.safetensors` (or `open_clip_pytorch_model.bin`).
+    pub fn from_source(
+        source: &str,
+        hub: &crate::hub::Hub,
+        device: &B::Device,
+    ) -> Result<(Self, ClipTextConfig)> {
+        let cfg = ClipTextConfig::from_file(&hub.file(source, "open_clip_config.json")?)?;
+        let weights = hub
+            .file(source, "open_clip_model.safetensors")
+            .or_else(|e| {
+                hub.file(source, "open_clip_pytorch_model.bin")
+                    .map_err(|_| e)
+            })?;
+        Ok((Self::load(&cfg, &weights, device)?, cfg))
+    }
+
     /// Token ids [B, L] -> `ln_final` states [B, L, width], causal attention.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let mut x = self.token_embedding.forward(tokens) + self.positional_embedding.val().unsqueeze::<3>();
+        let mut x =
+            self.token_embedding.forward(tokens) + self.positional_embedding.val().unsqueeze::<3>();
         for block in &self.transformer.resblocks {
             x = x.clone() + block.attn.forward(block.ln_1.forward(x));
             x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
@@ -198,5 +250,7 @@ impl<B: Backend> ClipTextEncoder<B> {
 
 fn is_text_tensor(name: &str) -> bool {
     name == "positional_embedding"
-        || ["token_embedding.", "transformer.", "ln_final."].iter().any(|p| name.starts_with(p))
+        || ["token_embedding.", "transformer.", "ln_final."]
+            .iter()
+            .any(|p| name.starts_with(p))
 }

@@ -12,15 +12,26 @@ use super::config::VaeConfig;
 
 const EPS: f64 = 1e-6;
 
-fn conv<B: Backend>(c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize, device: &B::Device) -> Conv2d<B> {
+fn conv<B: Backend>(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    device: &B::Device,
+) -> Conv2d<B> {
     Conv2dConfig::new([c_in, c_out], [kernel, kernel])
         .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+        .with_padding(PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
         .init(device)
 }
 
 fn group_norm<B: Backend>(groups: usize, channels: usize, device: &B::Device) -> GroupNorm<B> {
-    GroupNormConfig::new(groups, channels).with_epsilon(EPS).init(device)
+    GroupNormConfig::new(groups, channels)
+        .with_epsilon(EPS)
+        .init(device)
 }
 
 /// `ResnetBlock2D` without a time embedding: two (GroupNorm, SiLU, 3×3 conv) stages and a
@@ -69,12 +80,22 @@ pub struct SpatialAttention<B: Backend> {
 impl<B: Backend> SpatialAttention<B> {
     fn new(c: usize, groups: usize, device: &B::Device) -> Self {
         let linear = || LinearConfig::new(c, c).init(device);
-        Self { group_norm: group_norm(groups, c, device), to_q: linear(), to_k: linear(), to_v: linear(), to_out: linear() }
+        Self {
+            group_norm: group_norm(groups, c, device),
+            to_q: linear(),
+            to_k: linear(),
+            to_v: linear(),
+            to_out: linear(),
+        }
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let seq = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let seq = self
+            .group_norm
+            .forward(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
         let heads = |t: Tensor<B, 3>| t.unsqueeze_dim::<4>(1);
         let out = attention(
             heads(self.to_q.forward(seq.clone())),
@@ -98,8 +119,15 @@ pub struct MidBlock<B: Backend> {
 impl<B: Backend> MidBlock<B> {
     fn new(c: usize, groups: usize, with_attention: bool, device: &B::Device) -> Self {
         Self {
-            resnets: vec![ResnetBlock::new(c, c, groups, device), ResnetBlock::new(c, c, groups, device)],
-            attentions: if with_attention { vec![SpatialAttention::new(c, groups, device)] } else { vec![] },
+            resnets: vec![
+                ResnetBlock::new(c, c, groups, device),
+                ResnetBlock::new(c, c, groups, device),
+            ],
+            attentions: if with_attention {
+                vec![SpatialAttention::new(c, groups, device)]
+            } else {
+                vec![]
+            },
         }
     }
 
@@ -138,7 +166,10 @@ pub struct Upsample<B: Backend> {
 impl<B: Backend> Upsample<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let x = x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]).reshape([b, c, 2 * h, 2 * w]);
+        let x = x
+            .reshape([b, c, h, 1, w, 1])
+            .expand([b, c, h, 2, w, 2])
+            .reshape([b, c, 2 * h, 2 * w]);
         self.conv.forward(x)
     }
 }
@@ -173,9 +204,16 @@ impl<B: Backend> Encoder<B> {
                 let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
                 DownBlock {
                     resnets: (0..cfg.layers_per_block)
-                        .map(|j| ResnetBlock::new(if j == 0 { c_in } else { ch[i] }, ch[i], g, device))
+                        .map(|j| {
+                            ResnetBlock::new(if j == 0 { c_in } else { ch[i] }, ch[i], g, device)
+                        })
                         .collect(),
-                    downsamplers: (i + 1 < ch.len()).then(|| Downsample { conv: conv(ch[i], ch[i], 3, 2, 0, device) }).into_iter().collect(),
+                    downsamplers: (i + 1 < ch.len())
+                        .then(|| Downsample {
+                            conv: conv(ch[i], ch[i], 3, 2, 0, device),
+                        })
+                        .into_iter()
+                        .collect(),
                 }
             })
             .collect();
@@ -221,9 +259,16 @@ impl<B: Backend> Decoder<B> {
                 let c_in = if i == 0 { rev[0] } else { rev[i - 1] };
                 UpBlock {
                     resnets: (0..=cfg.layers_per_block)
-                        .map(|j| ResnetBlock::new(if j == 0 { c_in } else { rev[i] }, rev[i], g, device))
+                        .map(|j| {
+                            ResnetBlock::new(if j == 0 { c_in } else { rev[i] }, rev[i], g, device)
+                        })
                         .collect(),
-                    upsamplers: (i + 1 < rev.len()).then(|| Upsample { conv: conv(rev[i], rev[i], 3, 1, 1, device) }).into_iter().collect(),
+                    upsamplers: (i + 1 < rev.len())
+                        .then(|| Upsample {
+                            conv: conv(rev[i], rev[i], 3, 1, 1, device),
+                        })
+                        .into_iter()
+                        .collect(),
                 }
             })
             .collect();
@@ -285,7 +330,9 @@ impl<B: Backend> AutoencoderKl<B> {
         Self {
             encoder: Encoder::new(cfg, device),
             quant_conv: cfg.use_quant_conv.then(|| conv(z2, z2, 1, 1, 0, device)),
-            post_quant_conv: cfg.use_post_quant_conv.then(|| conv(cfg.latent_channels, cfg.latent_channels, 1, 1, 0, device)),
+            post_quant_conv: cfg
+                .use_post_quant_conv
+                .then(|| conv(cfg.latent_channels, cfg.latent_channels, 1, 1, 0, device)),
             decoder: Decoder::new(cfg, device),
         }
     }
@@ -297,7 +344,10 @@ impl<B: Backend> AutoencoderKl<B> {
             moments = q.forward(moments);
         }
         let [mean, logvar] = split_channels(moments);
-        LatentDistribution { mean, logvar: logvar.clamp(-30.0, 20.0) }
+        LatentDistribution {
+            mean,
+            logvar: logvar.clamp(-30.0, 20.0),
+        }
     }
 
     /// Unscaled latents -> images (nominally in [-1, 1]).

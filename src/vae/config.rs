@@ -58,12 +58,23 @@ fn silu() -> String {
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text).with_context(|| format!("parsing VAE config {}", path.display()))?;
-        ensure!(!cfg.block_out_channels.is_empty(), "block_out_channels is empty");
-        ensure!(cfg.act_fn == "silu", "only act_fn \"silu\" is supported, not {:?}", cfg.act_fn);
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .with_context(|| format!("parsing VAE config {}", path.display()))?;
         ensure!(
-            cfg.block_out_channels.iter().all(|c| c.is_multiple_of(cfg.norm_num_groups)),
+            !cfg.block_out_channels.is_empty(),
+            "block_out_channels is empty"
+        );
+        ensure!(
+            cfg.act_fn == "silu",
+            "only act_fn \"silu\" is supported, not {:?}",
+            cfg.act_fn
+        );
+        ensure!(
+            cfg.block_out_channels
+                .iter()
+                .all(|c| c.is_multiple_of(cfg.norm_num_groups)),
             "block_out_channels {:?} must be multiples of norm_num_groups {}",
             cfg.block_out_channels,
             cfg.norm_num_groups

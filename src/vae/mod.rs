@@ -11,23 +11,42 @@ use burn::prelude::*;
 pub use autoencoder::{AutoencoderKl, LatentDistribution};
 pub use config::VaeConfig;
 
-use crate::checkpoint::{apply_state_dict, read_state_dict, upgrade_keys, VAE_KEYS, VAE_LEGACY_KEYS};
+use crate::checkpoint::{
+    apply_state_dict, read_state_dict, upgrade_keys, VAE_KEYS, VAE_LEGACY_KEYS,
+};
+use crate::hub::Hub;
 
 impl<B: Backend> AutoencoderKl<B> {
-    /// Loads `config.json` + `diffusion_pytorch_model.safetensors` (or `.bin`) from a
-    /// diffusers-layout directory.
-    pub fn load_dir(dir: &Path, device: &B::Device) -> Result<(Self, VaeConfig)> {
-        let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
-        let weights = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
-            .iter()
-            .map(|f| dir.join(f))
-            .find(|p| p.exists())
-            .with_context(|| format!("{}: no diffusion_pytorch_model.safetensors or .bin", dir.display()))?;
-        let tensors = upgrade_keys(read_state_dict(&weights)?, &VAE_LEGACY_KEYS);
-        let vae = apply_state_dict(Self::new(&cfg, device), tensors, &VAE_KEYS)
-            .with_context(|| format!("loading the VAE from {}", weights.display()))?;
-        Ok((vae, cfg))
+    /// From a diffusers-layout directory or Hub repository: `config.json` and
+    /// `diffusion_pytorch_model.safetensors` (or `.bin`), under `subfolder` if given
+    /// (`vae` in the SDXL base repository; see [`vae_subfolder`]).
+    pub fn from_source(
+        source: &str,
+        subfolder: Option<&str>,
+        hub: &Hub,
+        device: &B::Device,
+    ) -> Result<(Self, VaeConfig)> {
+        let name = |f: &str| subfolder.map_or(f.to_string(), |s| format!("{s}/{f}"));
+        let cfg = VaeConfig::from_file(&hub.file(source, &name("config.json"))?)?;
+        let weights = hub
+            .file(source, &name("diffusion_pytorch_model.safetensors"))
+            .or_else(|e| {
+                hub.file(source, &name("diffusion_pytorch_model.bin"))
+                    .map_err(|_| e)
+            })?;
+        Ok((Self::load(&cfg, &weights, device)?, cfg))
     }
+
+    pub fn load(cfg: &VaeConfig, weights: &Path, device: &B::Device) -> Result<Self> {
+        let tensors = upgrade_keys(read_state_dict(weights)?, &VAE_LEGACY_KEYS);
+        apply_state_dict(Self::new(cfg, device), tensors, &VAE_KEYS)
+            .with_context(|| format!("loading the VAE from {}", weights.display()))
+    }
+}
+
+/// The SDXL base repository keeps its VAE in a subfolder; VAE-only repositories do not.
+pub fn vae_subfolder(source: &str) -> Option<&'static str> {
+    (source == crate::hub::known::SDXL_VAE).then_some(crate::hub::known::SDXL_VAE_SUBFOLDER)
 }
 
 impl VaeConfig {
