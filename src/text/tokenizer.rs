@@ -198,6 +198,8 @@ pub fn clean_text(text: &str) -> String {
         .to_lowercase()
 }
 
+/// The parts of `ftfy.fix_text` that change ordinary text, in ftfy's order (each sees the
+/// previous one's output: a ligature may produce a curly apostrophe to straighten).
 fn fix_text(text: &str) -> String {
     // ftfy unescapes HTML only when the text has no '<' (it might be real HTML otherwise).
     let t = if text.contains('<') {
@@ -205,49 +207,64 @@ fn fix_text(text: &str) -> String {
     } else {
         html_escape::decode_html_entities(text).into_owned()
     };
-    let mut out = String::with_capacity(t.len());
-    for c in t.chars() {
-        match c {
-            // fix_latin_ligatures
-            'ﬀ' => out.push_str("ff"),
-            'ﬁ' => out.push_str("fi"),
-            'ﬂ' => out.push_str("fl"),
-            'ﬃ' => out.push_str("ffi"),
-            'ﬄ' => out.push_str("ffl"),
-            'ﬅ' => out.push_str("ſt"),
-            'ﬆ' => out.push_str("st"),
-            'Ĳ' => out.push_str("IJ"),
-            'ĳ' => out.push_str("ij"),
-            'ŉ' => out.push_str("ʼn"),
-            'Ǳ' => out.push_str("DZ"),
-            'ǲ' => out.push_str("Dz"),
-            'ǳ' => out.push_str("dz"),
-            'Ǆ' => out.push_str("DŽ"),
-            'ǅ' => out.push_str("Dž"),
-            'ǆ' => out.push_str("dž"),
-            'Ǉ' => out.push_str("LJ"),
-            'ǈ' => out.push_str("Lj"),
-            'ǉ' => out.push_str("lj"),
-            'Ǌ' => out.push_str("NJ"),
-            'ǋ' => out.push_str("Nj"),
-            'ǌ' => out.push_str("nj"),
-            // uncurl_quotes
-            '\u{02bc}' | '\u{2018}'..='\u{201b}' => out.push('\''),
-            '\u{201c}'..='\u{201f}' => out.push('"'),
-            // fix_character_width: full-width forms to their NFKC equivalents
-            '\u{3000}' => out.push(' '),
-            '\u{ff01}'..='\u{ffef}' => {
-                let folded: String = c.nfkc().collect();
-                if folded.chars().count() == 1 {
-                    out.push_str(&folded)
-                } else {
-                    out.push(c)
-                }
-            }
-            // fix_line_breaks
-            '\r' | '\u{2028}' | '\u{2029}' | '\u{0085}' => out.push('\n'),
-            _ => out.push(c),
-        }
+    let t: String = t.chars().map(fix_latin_ligature).collect();
+    let t: String = t.chars().map(fix_character_width).collect();
+    let t: String = t.chars().map(uncurl_quote).collect();
+    let t = t
+        .replace("\r\n", "\n")
+        .replace(['\r', '\u{2028}', '\u{2029}', '\u{0085}'], "\n");
+    t.nfc().collect()
+}
+
+fn fix_latin_ligature(c: char) -> String {
+    match c {
+        'ﬀ' => "ff",
+        'ﬁ' => "fi",
+        'ﬂ' => "fl",
+        'ﬃ' => "ffi",
+        'ﬄ' => "ffl",
+        'ﬅ' => "ſt",
+        'ﬆ' => "st",
+        'Ĳ' => "IJ",
+        'ĳ' => "ij",
+        'ŉ' => "ʼn",
+        'Ǳ' => "DZ",
+        'ǲ' => "Dz",
+        'ǳ' => "dz",
+        'Ǆ' => "DŽ",
+        'ǅ' => "Dž",
+        'ǆ' => "dž",
+        'Ǉ' => "LJ",
+        'ǈ' => "Lj",
+        'ǉ' => "lj",
+        'Ǌ' => "NJ",
+        'ǋ' => "Nj",
+        'ǌ' => "nj",
+        _ => return c.to_string(),
     }
-    out.nfc().collect()
+    .to_string()
+}
+
+/// Full-width (and half-width) forms to their NFKC equivalents, the ideographic space to ' '.
+fn fix_character_width(c: char) -> String {
+    match c {
+        '\u{3000}' => " ".to_string(),
+        '\u{ff01}'..='\u{ffef}' => {
+            let folded: String = c.nfkc().collect();
+            if folded.chars().count() == 1 {
+                folded
+            } else {
+                c.to_string()
+            }
+        }
+        _ => c.to_string(),
+    }
+}
+
+fn uncurl_quote(c: char) -> char {
+    match c {
+        '\u{02bc}' | '\u{2018}'..='\u{201b}' => '\'',
+        '\u{201c}'..='\u{201f}' => '"',
+        _ => c,
+    }
 }
