@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod commands;
 pub mod edm;
 pub mod hub;
+pub mod image;
 pub mod io;
 pub mod model;
 pub mod text;

@@ -1,7 +1,7 @@
 //! The `microdit` command line: thin; each subcommand lives in `commands/`.
 
 use clap::{Parser, Subcommand};
-use microdit::commands::{bench, info, ModelArgs};
+use microdit::commands::{bench, bench_frozen, generate, info, ModelArgs};
 
 /// MicroDiT: train and sample the Sparse Elucidated Latent Diffusion Transformer.
 #[derive(Parser)]
@@ -13,17 +13,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate images from prompts with a MicroDiT checkpoint (PNG files with their settings).
+    Generate(Box<generate::GenerateArgs>),
     /// Print an architecture's parameter count, part by part (no weights are allocated).
     Info(ModelArgs),
-    /// Time one training step and one guided sampler step.
+    /// Time one denoiser training step and one guided sampler step.
     Bench(bench::BenchArgs),
+    /// Time text encoding with the full-size ViT-H text tower (random weights).
+    BenchText(bench_frozen::TextBenchArgs),
+    /// Time decoding one latent with the full-size SDXL VAE (random weights).
+    BenchVae(bench_frozen::VaeBenchArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Generate(args) => generate::run(args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchText(args) => bench_frozen::run_text(args),
+        Command::BenchVae(args) => bench_frozen::run_vae(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -50,7 +50,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// Median of `iters` timed runs after one warm-up.
-fn time(iters: usize, mut f: impl FnMut()) -> f64 {
+pub fn time(iters: usize, mut f: impl FnMut()) -> f64 {
     f();
     let mut t: Vec<f64> = (0..iters.max(1))
         .map(|_| {
@@ -63,10 +63,10 @@ fn time(iters: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
-fn report(what: &str, seconds: f64, images: usize) {
+pub fn report(what: &str, seconds: f64, count: usize, unit: &str) {
     println!(
-        "{what:<40} {seconds:>9.3} s   {:>8.2} images/s",
-        images as f64 / seconds
+        "{what:<40} {seconds:>9.3} s   {:>8.2} {unit}/s",
+        count as f64 / seconds
     );
 }
 
@@ -106,6 +106,7 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
             &format!("train step, mask ratio {ratio}"),
             seconds,
             args.batch,
+            "images",
         );
     }
 
@@ -138,6 +139,7 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
         &format!("Heun step, guidance {}", args.guidance),
         seconds,
         args.batch,
+        "images",
     );
     Ok(())
 }

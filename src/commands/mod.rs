@@ -1,6 +1,8 @@
 //! What the `microdit` binary does, one file per subcommand.
 
 pub mod bench;
+pub mod bench_frozen;
+pub mod generate;
 pub mod info;
 
 use anyhow::{bail, Result};

@@ -1,0 +1,60 @@
+"""The work of `microdit bench-text` / `bench-vae` with open_clip and diffusers, random weights.
+
+    python3 bench/pytorch_frozen.py text --batch 8 --iters 3
+    python3 bench/pytorch_frozen.py vae --latent-size 32 --iters 1
+"""
+import argparse, statistics, time
+
+import torch
+
+
+def timed(f, iters):
+    f(); ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def text(a):
+    import open_clip
+    from open_clip.transformer import TextTransformer, QuickGELU
+    # The text tower of apple/DFN5B-CLIP-ViT-H-14-378 (width 1024, 24 layers, 16 heads, quick GELU).
+    tower = TextTransformer(context_length=77, vocab_size=49408, width=1024, heads=16, layers=24, act_layer=QuickGELU).eval()
+    prompts = [f"an owl with the moon behind it, pixel art, number {i}" for i in range(a.batch)]
+    print(f"open_clip {open_clip.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    @torch.no_grad()
+    def encode():
+        tokens = open_clip.tokenize(prompts)
+        x = tower.token_embedding(tokens) + tower.positional_embedding
+        x = tower.transformer(x, attn_mask=tower.attn_mask)
+        return tower.ln_final(x)
+    t = timed(encode, a.iters)
+    print(f"{'tokenize + encode':<40} {t:>9.3f} s   {a.batch / t:>8.2f} prompts/s")
+
+
+def vae(a):
+    import diffusers
+    from diffusers import AutoencoderKL
+    # The SDXL VAE's architecture.
+    model = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                          down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                          norm_num_groups=32, scaling_factor=0.13025).eval()
+    z = torch.randn(1, 4, a.latent_size, a.latent_size)
+    print(f"diffusers {diffusers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    @torch.no_grad()
+    def decode():
+        return model.decode(z).sample
+    t = timed(decode, a.iters)
+    print(f"{'decode':<40} {t:>9.3f} s   {1 / t:>8.2f} images/s")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["text", "vae"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--latent-size", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=1)
+    a = ap.parse_args()
+    {"text": text, "vae": vae}[a.what](a)

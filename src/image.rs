@@ -1,0 +1,63 @@
+//! PNG output with settings in text chunks, and contact sheets; written atomically.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// Writes interleaved RGB bytes as a PNG with `text` as tEXt chunks.
+pub fn write_png(
+    path: &Path,
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    text: &[(String, String)],
+) -> Result<()> {
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(Cursor::new(&mut bytes), width as u32, height as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            encoder.add_itxt_chunk(k.clone(), v.clone())?;
+        }
+        let mut writer = encoder.write_header()?;
+        writer.write_image_data(rgb)?;
+    }
+    crate::io::write_atomic(path, |f| std::io::Write::write_all(f, &bytes))
+}
+
+/// The text chunks of a PNG.
+pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let reader = decoder
+        .read_info()
+        .with_context(|| format!("{} is not a PNG", path.display()))?;
+    let info = reader.info();
+    let mut out: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.text.clone()))
+        .collect();
+    for c in &info.utf8_text {
+        out.push((c.keyword.clone(), c.get_text()?));
+    }
+    Ok(out)
+}
+
+/// Square tiles of side `size`, as near-square a grid as fits them.
+pub fn write_grid(path: &Path, tiles: &[&[u8]], size: usize) -> Result<()> {
+    let cols = (tiles.len() as f64).sqrt().ceil() as usize;
+    let rows = tiles.len().div_ceil(cols);
+    let (w, h) = (cols * size, rows * size);
+    let mut sheet = vec![255u8; w * h * 3];
+    for (n, tile) in tiles.iter().enumerate() {
+        let (r, c) = (n / cols, n % cols);
+        for y in 0..size {
+            let dst = ((r * size + y) * w + c * size) * 3;
+            sheet[dst..dst + size * 3].copy_from_slice(&tile[y * size * 3..(y + 1) * size * 3]);
+        }
+    }
+    write_png(path, &sheet, w, h, &[])
+}

@@ -1,0 +1,197 @@
+//! `microdit generate` end to end through the real CLI, with tiny components: the fixtures'
+//! text tower and VAE, and a small random-weight MicroDiT made here.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use microdit::backend::Cpu;
+use microdit::model::weights::save_weights;
+use microdit::model::{DitConfig, Init, MicroDit};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    base: Vec<String>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let fixtures = common::fixtures_dir();
+    let text = common::fixture_dirs_with("open_clip_config.json").remove(0);
+    let vae = common::fixture_dirs_with("diffusion_pytorch_model.safetensors").remove(0);
+    let width = microdit::text::ClipTextConfig::from_file(&text.join("open_clip_config.json"))
+        .unwrap()
+        .width;
+    let cfg = DitConfig {
+        caption_channels: width,
+        ..DitConfig::from_file(&fixtures.join("dit-tiny/config.json")).unwrap()
+    };
+    std::fs::write(root.join("dit.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let model = MicroDit::<Cpu>::new(&cfg, &mut Init::reference(1, &Default::default()));
+    save_weights(&model, &root.join("dit.safetensors")).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let base = vec![
+        "generate".into(),
+        "--model".into(),
+        s(&root.join("dit.json")),
+        "--checkpoint".into(),
+        s(&root.join("dit.safetensors")),
+        "--vae".into(),
+        s(&vae),
+        "--text-encoder".into(),
+        s(&text),
+        "--resolution".into(),
+        "16".into(),
+        "--steps".into(),
+        "3".into(),
+    ];
+    Setup {
+        _dir: dir,
+        root,
+        base,
+    }
+}
+
+fn microdit(args: &[String]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_microdit"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn generate(s: &Setup, extra: &[&str]) -> String {
+    let mut args = s.base.clone();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let (ok, log) = microdit(&args);
+    assert!(ok, "generate failed:\n{log}");
+    log
+}
+
+#[test]
+fn same_seed_same_bytes_other_seed_other_image_and_png_reproduces_itself() {
+    let s = setup();
+    let path = |n: &str| s.root.join(n).to_str().unwrap().to_string();
+    let log = generate(
+        &s,
+        &[
+            "an owl with the moon behind it",
+            "--seed",
+            "7",
+            "--out",
+            &path("a.png"),
+        ],
+    );
+    assert!(log.contains("wrote 1 image"), "{log}");
+    generate(
+        &s,
+        &[
+            "an owl with the moon behind it",
+            "--seed",
+            "7",
+            "--out",
+            &path("b.png"),
+        ],
+    );
+    generate(
+        &s,
+        &[
+            "an owl with the moon behind it",
+            "--seed",
+            "8",
+            "--out",
+            &path("c.png"),
+        ],
+    );
+    let read = |n: &str| std::fs::read(s.root.join(n)).unwrap();
+    assert_eq!(read("a.png"), read("b.png"), "same seed, same file");
+    assert_ne!(read("a.png"), read("c.png"), "another seed, another image");
+
+    let decoder = png::Decoder::new(std::io::Cursor::new(read("a.png")));
+    let reader = decoder.read_info().unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (16, 16));
+    let text = microdit::image::read_png_text(&s.root.join("a.png")).unwrap();
+    assert!(text.contains(&("prompt".into(), "an owl with the moon behind it".into())));
+    assert!(text.contains(&("seed".into(), "7".into())));
+
+    let (ok, log) = microdit(&[
+        "generate".into(),
+        "--from-png".into(),
+        path("a.png"),
+        "--out".into(),
+        path("d.png"),
+    ]);
+    assert!(ok, "{log}");
+    assert_eq!(
+        read("a.png"),
+        read("d.png"),
+        "--from-png reproduces the file"
+    );
+}
+
+#[test]
+fn several_prompts_make_a_folder_of_seeded_images_and_a_grid() {
+    let s = setup();
+    let out = s.root.join("out");
+    let prompts = s.root.join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\n\na blue square\n").unwrap();
+    generate(
+        &s,
+        &[
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--num-images",
+            "2",
+            "--seed",
+            "10",
+            "--grid",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    for name in [
+        "000-00-seed10.png",
+        "000-01-seed11.png",
+        "001-00-seed12.png",
+        "001-01-seed13.png",
+        "grid.png",
+    ] {
+        assert!(out.join(name).exists(), "{name} missing");
+    }
+}
+
+#[test]
+fn bad_requests_fail_clearly() {
+    let s = setup();
+    let mut args = s.base.clone();
+    args.extend(["x".into(), "--dtype".into(), "bf16".into()]);
+    let (ok, log) = microdit(&args);
+    assert!(
+        !ok && log.contains("--dtype bf16 is not supported yet"),
+        "{log}"
+    );
+
+    let mut args = s.base.clone();
+    let at = args.iter().position(|a| a == "--checkpoint").unwrap() + 1;
+    args[at] = "someone/missing-repo/model.pt".into();
+    args.push("x".into());
+    let (ok, log) = microdit(&args);
+    assert!(
+        !ok && log.contains("huggingface-cli download someone/missing-repo model.pt"),
+        "{log}"
+    );
+
+    let (ok, log) = microdit(&s.base);
+    assert!(!ok && log.contains("no prompt given"), "{log}");
+}
