@@ -192,3 +192,27 @@ fn configs_load_from_json_and_toml() {
     let e = format!("{:#}", DitConfig::from_file(&json_path).unwrap_err());
     assert!(e.contains("depth 27 is not divisible"), "{e}");
 }
+
+#[test]
+fn whole_latent_diffusion_state_dicts_load_their_denoiser() {
+    let cfg = tiny();
+    let device = Default::default();
+    let model = MicroDit::<B>::new(&cfg, &mut Init::reference(5, &device));
+    let mut tensors: BTreeMap<String, TensorData> = reference_tensors(&model, &DIT_KEYS)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (format!("dit.{k}"), v))
+        .collect();
+    tensors.insert(
+        "vae.decoder.conv_in.weight".into(),
+        TensorData::new(vec![0f32; 4], [2, 2]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latent_diffusion.safetensors");
+    microdit::io::write_safetensors(&path, &tensors).unwrap();
+    let loaded = load_weights(MicroDit::<B>::new(&cfg, &mut Init::empty(&device)), &path).unwrap();
+    assert_eq!(
+        reference_tensors(&model, &DIT_KEYS).unwrap(),
+        reference_tensors(&loaded, &DIT_KEYS).unwrap()
+    );
+}

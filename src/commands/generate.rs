@@ -15,7 +15,7 @@ use crate::checkpoint::read_state_dict;
 use crate::edm::loss::standard_normal;
 use crate::edm::{denoise, karras_sigmas, sample, Churn, EdmConfig, Guidance, Solver};
 use crate::hub::{known, Hub};
-use crate::model::weights::load_state_dict;
+use crate::model::weights::{denoiser_part, load_state_dict};
 use crate::model::{DitConfig, Init, MicroDit};
 use crate::text::{ClipTextEncoder, ClipTokenizer};
 use crate::vae::{vae_subfolder, AutoencoderKl};
@@ -153,11 +153,17 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     let hub = Hub::from_env();
     let start = Instant::now();
 
+    let checkpoint = resolve_checkpoint(&hub, &args.checkpoint)?;
+    let tensors = denoiser_part(read_state_dict(&checkpoint)?);
     let mut cfg = if Path::new(&args.model).exists() {
         DitConfig::from_file(Path::new(&args.model))?
     } else {
         DitConfig::preset(&args.model)?
     };
+    // The checkpoint says how many latent channels it denoises (4: SDXL VAE, 16: ostris).
+    if let Some(w) = tensors.get("x_embedder.proj.weight") {
+        cfg.in_channels = w.shape.to_vec().get(1).copied().unwrap_or(cfg.in_channels);
+    }
     let vae_source = args.vae.clone().unwrap_or_else(|| {
         if cfg.in_channels == 16 {
             known::VAE_16_CHANNEL.into()
@@ -167,28 +173,31 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     });
     let (vae, vae_cfg) =
         AutoencoderKl::<B>::from_source(&vae_source, vae_subfolder(&vae_source), &hub, device)?;
+    ensure!(
+        vae_cfg.latent_channels == cfg.in_channels,
+        "the VAE {vae_source} has {} latent channels, the checkpoint denoises {}",
+        vae_cfg.latent_channels,
+        cfg.in_channels
+    );
     let scale = vae_cfg.downscale() * cfg.patch_size;
     ensure!(
         args.resolution > 0 && args.resolution.is_multiple_of(scale),
         "--resolution must be a multiple of {scale}"
     );
-    cfg.in_channels = vae_cfg.latent_channels;
     cfg.input_size = args.resolution / vae_cfg.downscale();
-    if Path::new(&args.model).exists() {
-        cfg.validate()?;
-    } else {
+    if !Path::new(&args.model).exists() {
         // Presets: positions interpolated relative to the 256 px grid the recipe starts at.
         cfg.pos_interp_scale = (args.resolution as f64 / 256.0).max(1.0);
     }
-
-    let checkpoint = resolve_checkpoint(&hub, &args.checkpoint)?;
-    let tensors = read_state_dict(&checkpoint)?;
+    cfg.validate()?;
     if let Some(pos) = tensors.get("pos_embed") {
         let trained = pos.shape.to_vec().get(1).copied().unwrap_or(0);
         if trained != cfg.num_tokens() {
             eprintln!(
                 "warning: {} was trained with {trained} patches per image; {} px gives {}: expect poor images",
-                args.checkpoint, args.resolution, cfg.num_tokens()
+                args.checkpoint,
+                args.resolution,
+                cfg.num_tokens()
             );
         }
     }

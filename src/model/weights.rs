@@ -24,10 +24,29 @@ pub fn load_weights<B: Backend>(model: MicroDit<B>, path: &Path) -> Result<Micro
 
 pub fn load_state_dict<B: Backend>(
     model: MicroDit<B>,
-    mut tensors: BTreeMap<String, TensorSnapshot>,
+    tensors: BTreeMap<String, TensorSnapshot>,
 ) -> Result<MicroDit<B>> {
+    let mut tensors = denoiser_part(tensors);
     check_buffers(&model, &mut tensors)?;
     apply_state_dict(model, tensors, &DIT_KEYS)
+}
+
+/// A whole `LatentDiffusion` state dict holds the denoiser under `dit.` beside the VAE and
+/// text encoder; a bare `DiT` state dict is all denoiser.
+pub fn denoiser_part(
+    tensors: BTreeMap<String, TensorSnapshot>,
+) -> BTreeMap<String, TensorSnapshot> {
+    if !tensors.keys().any(|k| k.starts_with("dit.")) {
+        return tensors;
+    }
+    tensors
+        .into_iter()
+        .filter_map(|(k, mut t)| {
+            let name = k.strip_prefix("dit.")?.to_string();
+            t.path_stack = Some(name.split('.').map(str::to_string).collect());
+            Some((name, t))
+        })
+        .collect()
 }
 
 /// `pos_embed` and `mask_token` are buffers: ours come from the config. A checkpoint whose
