@@ -154,26 +154,29 @@ def main():
     ap.add_argument("--preset", default="MicroDiT_Tiny_2"); ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--caption-len", type=int, default=77); ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--mask-ratios", default="0.75,0"); ap.add_argument("--guidance", type=float, default=5.0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu"); ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--sampler-only", action="store_true"); ap.add_argument("--warmup", type=int, default=1)
     a = ap.parse_args()
     dev = torch.device(a.device); torch.manual_seed(0)
-    m = MicroDiT(**PRESETS[a.preset]).to(dev)
+    side = a.resolution // 8; T = (side // 2) ** 2
+    m = MicroDiT(**PRESETS[a.preset], size=side).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=2.4e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-    b = a.batch; x0 = torch.randn(b, 4, 32, 32, device=dev); y = torch.randn(b, a.caption_len, 1024, device=dev)
+    b = a.batch; x0 = torch.randn(b, 4, side, side, device=dev); y = torch.randn(b, a.caption_len, 1024, device=dev)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     print(f"{sum(p.numel() for p in m.parameters())} parameters, batch {b}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def timed(f):
-        f(); ts = []
+        for _ in range(a.warmup): f()
+        ts = []
         for _ in range(a.iters):
             t0 = time.perf_counter(); f(); sync(); ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
-    for ratio in [float(r) for r in a.mask_ratios.split(",")]:
+    for ratio in [] if a.sampler_only else [float(r) for r in a.mask_ratios.split(",")]:
         def step():
             sigma = (torch.randn(b, device=dev) * 1.2 - 0.6).exp(); s = sigma.reshape(-1, 1, 1, 1)
             w = (s ** 2 + 0.81) / (s * 0.9) ** 2
-            mask = None; T = 256
+            mask = None
             if ratio > 0:
                 keep = int(T * (1 - ratio)); shuffle = torch.rand(b, T, device=dev).argsort(1)
                 mask = (shuffle[:, :keep], shuffle.argsort(1))

@@ -32,6 +32,12 @@ pub struct BenchArgs {
     /// Mask ratios of the timed training steps.
     #[arg(long, value_delimiter = ',', default_value = "0.75,0")]
     pub mask_ratios: Vec<f64>,
+    /// Time only the sampler step (what `generate` spends its time on).
+    #[arg(long)]
+    pub sampler_only: bool,
+    /// Untimed runs before the timed ones.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
     /// Guidance scale of the timed sampler step.
     #[arg(long, default_value_t = 5.0)]
     pub guidance: f64,
@@ -49,9 +55,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     ))
 }
 
-/// Median of `iters` timed runs after one warm-up.
-pub fn time(iters: usize, mut f: impl FnMut()) -> f64 {
-    f();
+/// Median of `iters` timed runs after `warmup` untimed ones.
+pub fn time(warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
     let mut t: Vec<f64> = (0..iters.max(1))
         .map(|_| {
             let start = Instant::now();
@@ -92,8 +100,13 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
         args.device
     );
 
-    for &ratio in &args.mask_ratios {
-        let seconds = time(args.iters, || {
+    let ratios: &[f64] = if args.sampler_only {
+        &[]
+    } else {
+        &args.mask_ratios
+    };
+    for &ratio in ratios {
+        let seconds = time(args.warmup, args.iters, || {
             let m = model.take().expect("model");
             let draws = LossNoise::draw(&mut rng, shape, cfg.patch_size, ratio, device);
             let loss = edm_loss(&m, &edm, x0.clone(), y.clone(), &draws, cfg.patch_size);
@@ -128,7 +141,7 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
             guidance,
         )
     };
-    let seconds = time(args.iters, || {
+    let seconds = time(args.warmup, args.iters, || {
         let d_cur = (x.clone() - call(x.clone(), t_cur)) / t_cur;
         let x_next = x.clone() + d_cur.clone() * (t_next - t_cur);
         let d_prime = (x_next.clone() - call(x_next, t_next)) / t_next;

@@ -54,7 +54,7 @@ fn text<B: Backend>(args: &TextBenchArgs, device: &B::Device) -> Result<()> {
         "text tower: width {}, {} layers, {} heads; {} prompts",
         cfg.width, cfg.layers, cfg.heads, args.batch
     );
-    let seconds = time(args.iters, || {
+    let seconds = time(1, args.iters, || {
         let ids: Vec<i64> = prompts
             .iter()
             .flat_map(|p| tokenizer.tokenize(p).0)
@@ -84,7 +84,7 @@ fn vae<B: Backend>(args: &VaeBenchArgs, device: &B::Device) -> Result<()> {
         s * 8,
         s * 8
     );
-    let seconds = time(args.iters, || {
+    let seconds = time(1, args.iters, || {
         let _ = vae.decode(z.clone()).into_data();
     });
     report("decode", seconds, 1, "images");

@@ -174,6 +174,19 @@ impl<B: Backend> Upsample<B> {
     }
 }
 
+/// `count` ResNet blocks, the first changing the width from `c_in` to `c_out`.
+fn resnet_stack<B: Backend>(
+    c_in: usize,
+    c_out: usize,
+    count: usize,
+    groups: usize,
+    device: &B::Device,
+) -> Vec<ResnetBlock<B>> {
+    (0..count)
+        .map(|j| ResnetBlock::new(if j == 0 { c_in } else { c_out }, c_out, groups, device))
+        .collect()
+}
+
 #[derive(Module, Debug)]
 pub struct DownBlock<B: Backend> {
     pub resnets: Vec<ResnetBlock<B>>,
@@ -203,11 +216,7 @@ impl<B: Backend> Encoder<B> {
             .map(|i| {
                 let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
                 DownBlock {
-                    resnets: (0..cfg.layers_per_block)
-                        .map(|j| {
-                            ResnetBlock::new(if j == 0 { c_in } else { ch[i] }, ch[i], g, device)
-                        })
-                        .collect(),
+                    resnets: resnet_stack(c_in, ch[i], cfg.layers_per_block, g, device),
                     downsamplers: (i + 1 < ch.len())
                         .then(|| Downsample {
                             conv: conv(ch[i], ch[i], 3, 2, 0, device),
@@ -258,11 +267,7 @@ impl<B: Backend> Decoder<B> {
             .map(|i| {
                 let c_in = if i == 0 { rev[0] } else { rev[i - 1] };
                 UpBlock {
-                    resnets: (0..=cfg.layers_per_block)
-                        .map(|j| {
-                            ResnetBlock::new(if j == 0 { c_in } else { rev[i] }, rev[i], g, device)
-                        })
-                        .collect(),
+                    resnets: resnet_stack(c_in, rev[i], cfg.layers_per_block + 1, g, device),
                     upsamplers: (i + 1 < rev.len())
                         .then(|| Upsample {
                             conv: conv(rev[i], rev[i], 3, 1, 1, device),
