@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod commands;
+pub mod data;
 pub mod edm;
 pub mod hub;
 pub mod image;

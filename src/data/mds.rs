@@ -1,0 +1,295 @@
+//! Reading mosaicml-streaming MDS datasets (`index.json` version 2 and its shards), as the
+//! reference's data preparation writes them.
+//!
+//! A shard is `num_samples: u32`, `num_samples + 1` absolute `u32` sample offsets, the
+//! shard's JSON config, then the samples. A sample is a `u32` byte length for every
+//! variable-size column, then each column's bytes in column order. Compressed shards hold
+//! the same bytes compressed as a whole (`zip_data`).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+struct Index {
+    version: u32,
+    shards: Vec<ShardInfo>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShardInfo {
+    pub column_encodings: Vec<String>,
+    pub column_names: Vec<String>,
+    pub column_sizes: Vec<Option<usize>>,
+    pub compression: Option<String>,
+    pub format: String,
+    pub raw_data: FileInfo,
+    pub samples: usize,
+    pub zip_data: Option<FileInfo>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileInfo {
+    pub basename: String,
+    pub bytes: u64,
+}
+
+/// One column value, decoded as the MDS encoding says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(String),
+    Bytes(Vec<u8>),
+    Int(i64),
+    Float(f64),
+    Json(serde_json::Value),
+    /// `jpeg`/`png`/`jpg`/`pil` columns: the encoded image file, decoded by the user.
+    Image(Vec<u8>),
+}
+
+impl Value {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Value::Bytes(b) | Value::Image(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+pub type Sample = BTreeMap<String, Value>;
+
+/// An MDS dataset directory. Shards are read (and decompressed) on first use; the most
+/// recently used one stays in memory, since samples are mostly read shard by shard.
+pub struct MdsDataset {
+    dir: PathBuf,
+    shards: Vec<ShardInfo>,
+    /// Index of the first sample of each shard, plus the total at the end.
+    starts: Vec<usize>,
+    cached: Mutex<Option<(usize, std::sync::Arc<Vec<u8>>)>>,
+}
+
+impl MdsDataset {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("index.json");
+        let text = std::fs::read_to_string(&index_path).with_context(|| {
+            format!(
+                "{}: no MDS index (is this a dataset directory?)",
+                index_path.display()
+            )
+        })?;
+        let index: Index = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not an MDS index", index_path.display()))?;
+        ensure!(
+            index.version == 2,
+            "{}: MDS index version {} (only 2 is known)",
+            index_path.display(),
+            index.version
+        );
+        for s in &index.shards {
+            ensure!(
+                s.format == "mds",
+                "{}: shard {} is in format {:?}, not mds",
+                index_path.display(),
+                s.raw_data.basename,
+                s.format
+            );
+            ensure!(
+                s.column_names.len() == s.column_encodings.len()
+                    && s.column_sizes.len() == s.column_names.len(),
+                "{}: shard {} has inconsistent column lists",
+                index_path.display(),
+                s.raw_data.basename
+            );
+        }
+        let mut starts = vec![0];
+        for s in &index.shards {
+            starts.push(starts.last().unwrap() + s.samples);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards: index.shards,
+            starts,
+            cached: Mutex::new(None),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        *self.starts.last().unwrap()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn shards(&self) -> &[ShardInfo] {
+        &self.shards
+    }
+
+    pub fn column_names(&self) -> &[String] {
+        self.shards
+            .first()
+            .map(|s| s.column_names.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// The decoded sample at global index `i`.
+    pub fn get(&self, i: usize) -> Result<Sample> {
+        ensure!(
+            i < self.len(),
+            "sample {i} out of range: the dataset has {}",
+            self.len()
+        );
+        let shard = self.starts.partition_point(|&s| s <= i) - 1;
+        let data = self.shard_bytes(shard)?;
+        let info = &self.shards[shard];
+        let path = self.dir.join(&info.raw_data.basename);
+        decode_sample(&data, i - self.starts[shard], info)
+            .with_context(|| format!("{}: sample {}", path.display(), i - self.starts[shard]))
+    }
+
+    fn shard_bytes(&self, shard: usize) -> Result<std::sync::Arc<Vec<u8>>> {
+        let mut cached = self.cached.lock().unwrap();
+        if let Some((s, data)) = cached.as_ref() {
+            if *s == shard {
+                return Ok(data.clone());
+            }
+        }
+        let data = std::sync::Arc::new(self.read_shard(&self.shards[shard])?);
+        *cached = Some((shard, data.clone()));
+        Ok(data)
+    }
+
+    fn read_shard(&self, info: &ShardInfo) -> Result<Vec<u8>> {
+        let raw_path = self.dir.join(&info.raw_data.basename);
+        let data = match (&info.zip_data, &info.compression) {
+            (Some(zip), Some(codec)) if !raw_path.exists() => {
+                let path = self.dir.join(&zip.basename);
+                let packed = std::fs::read(&path)
+                    .with_context(|| format!("{}: missing or unreadable shard", path.display()))?;
+                decompress(codec, &packed)
+                    .with_context(|| format!("{}: corrupt {codec} shard", path.display()))?
+            }
+            _ => std::fs::read(&raw_path)
+                .with_context(|| format!("{}: missing or unreadable shard", raw_path.display()))?,
+        };
+        ensure!(
+            data.len() as u64 == info.raw_data.bytes,
+            "{}: shard is {} bytes, the index says {} (truncated or replaced?)",
+            raw_path.display(),
+            data.len(),
+            info.raw_data.bytes
+        );
+        Ok(data)
+    }
+}
+
+/// `zstd`, `gz` (optionally with a `:level` suffix, as the index records them).
+fn decompress(codec: &str, packed: &[u8]) -> Result<Vec<u8>> {
+    let name = codec.split(':').next().unwrap_or(codec);
+    let mut out = Vec::new();
+    match name {
+        "zstd" => out = zstd::decode_all(packed)?,
+        "gz" => {
+            flate2::read::GzDecoder::new(packed).read_to_end(&mut out)?;
+        }
+        other => bail!("compression {other:?} is not supported (zstd and gz are)"),
+    }
+    Ok(out)
+}
+
+fn u32_at(data: &[u8], pos: usize) -> Result<u32> {
+    let bytes = data
+        .get(pos..pos + 4)
+        .context("shard ends inside its header")?;
+    Ok(u32::from_le_bytes(bytes.try_into().unwrap()))
+}
+
+fn decode_sample(data: &[u8], index: usize, info: &ShardInfo) -> Result<Sample> {
+    let n = u32_at(data, 0)? as usize;
+    ensure!(
+        n == info.samples,
+        "shard holds {n} samples, the index says {}",
+        info.samples
+    );
+    let (start, end) = (
+        u32_at(data, 4 + 4 * index)? as usize,
+        u32_at(data, 8 + 4 * index)? as usize,
+    );
+    let sample = data
+        .get(start..end)
+        .with_context(|| format!("sample bytes {start}..{end} lie outside the shard"))?;
+    let variable = info.column_sizes.iter().filter(|s| s.is_none()).count();
+    let mut sizes = (0..variable).map(|k| u32_at(sample, 4 * k).map(|s| s as usize));
+    let mut pos = 4 * variable;
+    let mut out = Sample::new();
+    for ((name, encoding), size) in info
+        .column_names
+        .iter()
+        .zip(&info.column_encodings)
+        .zip(&info.column_sizes)
+    {
+        let len = match size {
+            Some(s) => *s,
+            None => sizes.next().expect("one size per variable column")?,
+        };
+        let bytes = sample
+            .get(pos..pos + len)
+            .with_context(|| format!("column {name} runs past the sample"))?;
+        out.insert(
+            name.clone(),
+            decode(encoding, bytes).with_context(|| format!("column {name} ({encoding})"))?,
+        );
+        pos += len;
+    }
+    Ok(out)
+}
+
+fn decode(encoding: &str, b: &[u8]) -> Result<Value> {
+    let fixed = |n: usize| -> Result<&[u8]> {
+        ensure!(b.len() == n, "{} bytes, expected {n}", b.len());
+        Ok(b)
+    };
+    Ok(match encoding {
+        "str" => Value::Str(String::from_utf8(b.to_vec()).context("not UTF-8")?),
+        "bytes" => Value::Bytes(b.to_vec()),
+        "int" | "int64" => Value::Int(i64::from_le_bytes(fixed(8)?.try_into().unwrap())),
+        "int8" => Value::Int(i8::from_le_bytes(fixed(1)?.try_into().unwrap()) as i64),
+        "int16" => Value::Int(i16::from_le_bytes(fixed(2)?.try_into().unwrap()) as i64),
+        "int32" => Value::Int(i32::from_le_bytes(fixed(4)?.try_into().unwrap()) as i64),
+        "uint8" => Value::Int(fixed(1)?[0] as i64),
+        "uint16" => Value::Int(u16::from_le_bytes(fixed(2)?.try_into().unwrap()) as i64),
+        "uint32" => Value::Int(u32::from_le_bytes(fixed(4)?.try_into().unwrap()) as i64),
+        "uint64" => Value::Int(u64::from_le_bytes(fixed(8)?.try_into().unwrap()) as i64),
+        "float16" => Value::Float(half::f16::from_le_bytes(fixed(2)?.try_into().unwrap()).to_f64()),
+        "float32" => Value::Float(f32::from_le_bytes(fixed(4)?.try_into().unwrap()) as f64),
+        "float64" => Value::Float(f64::from_le_bytes(fixed(8)?.try_into().unwrap())),
+        "str_int" => Value::Int(std::str::from_utf8(b)?.trim().parse()?),
+        "str_float" | "str_decimal" => Value::Float(std::str::from_utf8(b)?.trim().parse()?),
+        "json" => Value::Json(serde_json::from_slice(b)?),
+        "jpeg" | "jpg" | "png" | "pil" => Value::Image(b.to_vec()),
+        other => bail!("MDS encoding {other:?} is not supported"),
+    })
+}
+
+/// Little-endian float16 values (how the reference stores latents and caption embeddings)
+/// as f32.
+pub fn f16_values(bytes: &[u8]) -> Result<Vec<f32>> {
+    ensure!(
+        bytes.len().is_multiple_of(2),
+        "{} bytes cannot hold float16 values",
+        bytes.len()
+    );
+    Ok(bytes
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect())
+}

@@ -1,0 +1,5 @@
+//! Training data: MDS shards of precomputed latents and caption embeddings.
+
+pub mod mds;
+
+pub use mds::{MdsDataset, Sample, Value};
