@@ -88,3 +88,47 @@ fn damaged_datasets_give_errors_that_name_the_file() {
     let e = format!("{:#}", ds.get(ds.len()).unwrap_err());
     assert!(e.contains("out of range"), "{e}");
 }
+
+#[test]
+fn written_datasets_read_back_and_round_trip_through_the_fixture_contents() {
+    use microdit::data::mds::{f16_bytes, MdsWriter};
+    use microdit::data::Value;
+    let plain = common::fixture_dirs_with("expected.json")
+        .into_iter()
+        .find(|d| d.ends_with("mds-plain"))
+        .unwrap();
+    let source = MdsDataset::open(&plain.join("data")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, compression) in [("plain", None), ("zstd", Some(3))] {
+        let dir = tmp.path().join(name);
+        let columns = [
+            ("caption", "str"),
+            ("caption_latents", "bytes"),
+            ("latents_256", "bytes"),
+            ("index", "int"),
+        ];
+        let mut w = MdsWriter::create(&dir, &columns, compression, 8 << 10).unwrap();
+        for i in 0..source.len() {
+            let s = source.get(i).unwrap();
+            let latents = f16_values(s["latents_256"].as_bytes().unwrap()).unwrap();
+            w.write(&[
+                s["caption"].clone(),
+                s["caption_latents"].clone(),
+                Value::Bytes(f16_bytes(&latents)),
+                Value::Int(i as i64),
+            ])
+            .unwrap();
+        }
+        w.finish().unwrap();
+        let back = MdsDataset::open(&dir).unwrap();
+        assert!(back.shards().len() > 1, "size limit splits shards");
+        assert_eq!(back.len(), source.len());
+        for i in 0..source.len() {
+            let (a, b) = (source.get(i).unwrap(), back.get(i).unwrap());
+            assert_eq!(a["caption"], b["caption"]);
+            assert_eq!(a["caption_latents"], b["caption_latents"]);
+            assert_eq!(a["latents_256"], b["latents_256"]);
+            assert_eq!(b["index"], Value::Int(i as i64));
+        }
+    }
+}

@@ -293,3 +293,178 @@ pub fn f16_values(bytes: &[u8]) -> Result<Vec<f32>> {
         .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
         .collect())
 }
+
+/// Writes an MDS dataset that mosaicml-streaming reads: shards of at most `size_limit`
+/// bytes (before compression), optionally zstd-compressed, and `index.json` written last
+/// (atomically), so a directory with an index is always complete.
+pub struct MdsWriter {
+    dir: PathBuf,
+    names: Vec<String>,
+    encodings: Vec<String>,
+    sizes: Vec<Option<usize>>,
+    compression: Option<i32>,
+    size_limit: usize,
+    pending: Vec<Vec<u8>>,
+    pending_bytes: usize,
+    shards: Vec<serde_json::Value>,
+}
+
+impl MdsWriter {
+    /// `columns`: (name, encoding) in order; `compression`: a zstd level, or none.
+    pub fn create(
+        dir: &Path,
+        columns: &[(&str, &str)],
+        compression: Option<i32>,
+        size_limit: usize,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let sizes = columns
+            .iter()
+            .map(|(_, e)| fixed_size(e))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            names: columns.iter().map(|(n, _)| n.to_string()).collect(),
+            encodings: columns.iter().map(|(_, e)| e.to_string()).collect(),
+            sizes,
+            compression,
+            size_limit,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            shards: Vec::new(),
+        })
+    }
+
+    /// Appends a sample: one value per column, in column order.
+    pub fn write(&mut self, values: &[Value]) -> Result<()> {
+        ensure!(
+            values.len() == self.names.len(),
+            "{} values for {} columns",
+            values.len(),
+            self.names.len()
+        );
+        let mut head = Vec::new();
+        let mut body = Vec::new();
+        for ((value, encoding), size) in values.iter().zip(&self.encodings).zip(&self.sizes) {
+            let bytes = encode(encoding, value)?;
+            match size {
+                Some(s) => ensure!(
+                    bytes.len() == *s,
+                    "{encoding} value of {} bytes",
+                    bytes.len()
+                ),
+                None => head.extend((bytes.len() as u32).to_le_bytes()),
+            }
+            body.extend(bytes);
+        }
+        head.extend(body);
+        if !self.pending.is_empty() && self.pending_bytes + head.len() + 4 > self.size_limit {
+            self.flush_shard()?;
+        }
+        self.pending_bytes += head.len() + 4;
+        self.pending.push(head);
+        Ok(())
+    }
+
+    fn shard_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "column_encodings": self.encodings,
+            "column_names": self.names,
+            "column_sizes": self.sizes,
+            "compression": self.compression.map(|l| format!("zstd:{l}")),
+            "format": "mds",
+            "hashes": [],
+            "size_limit": self.size_limit,
+            "version": 2,
+        })
+    }
+
+    fn flush_shard(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let config = serde_json::to_vec(&self.shard_config())?;
+        let n = self.pending.len();
+        let header = 4 + 4 * (n + 1) + config.len();
+        let mut data = Vec::with_capacity(header + self.pending_bytes);
+        data.extend((n as u32).to_le_bytes());
+        let mut offset = header;
+        data.extend((offset as u32).to_le_bytes());
+        for s in &self.pending {
+            offset += s.len();
+            data.extend((offset as u32).to_le_bytes());
+        }
+        data.extend(&config);
+        for s in self.pending.drain(..) {
+            data.extend(s);
+        }
+        self.pending_bytes = 0;
+        let raw_name = format!("shard.{:05}.mds", self.shards.len());
+        let mut info = self.shard_config();
+        info["raw_data"] =
+            serde_json::json!({"basename": raw_name, "bytes": data.len(), "hashes": {}});
+        info["samples"] = n.into();
+        match self.compression {
+            Some(level) => {
+                let packed = zstd::encode_all(data.as_slice(), level)?;
+                let zip_name = format!("{raw_name}.zstd");
+                crate::io::write_atomic(&self.dir.join(&zip_name), |f| {
+                    std::io::Write::write_all(f, &packed)
+                })?;
+                info["zip_data"] =
+                    serde_json::json!({"basename": zip_name, "bytes": packed.len(), "hashes": {}});
+            }
+            None => {
+                crate::io::write_atomic(&self.dir.join(&raw_name), |f| {
+                    std::io::Write::write_all(f, &data)
+                })?;
+                info["zip_data"] = serde_json::Value::Null;
+            }
+        }
+        self.shards.push(info);
+        Ok(())
+    }
+
+    /// Writes the last shard and the index.
+    pub fn finish(mut self) -> Result<()> {
+        self.flush_shard()?;
+        let index =
+            serde_json::to_vec_pretty(&serde_json::json!({"shards": self.shards, "version": 2}))?;
+        crate::io::write_atomic(&self.dir.join("index.json"), |f| {
+            std::io::Write::write_all(f, &index)
+        })
+    }
+}
+
+fn fixed_size(encoding: &str) -> Result<Option<usize>> {
+    Ok(match encoding {
+        "str" | "bytes" | "json" | "jpeg" | "jpg" | "png" | "pil" | "str_int" | "str_float"
+        | "str_decimal" => None,
+        "int" | "int64" | "uint64" | "float64" => Some(8),
+        "int32" | "uint32" | "float32" => Some(4),
+        "int16" | "uint16" | "float16" => Some(2),
+        "int8" | "uint8" => Some(1),
+        other => bail!("MDS encoding {other:?} is not supported"),
+    })
+}
+
+fn encode(encoding: &str, value: &Value) -> Result<Vec<u8>> {
+    Ok(match (encoding, value) {
+        ("str", Value::Str(s)) => s.as_bytes().to_vec(),
+        ("bytes", Value::Bytes(b)) => b.clone(),
+        ("jpeg" | "jpg" | "png" | "pil", Value::Image(b)) => b.clone(),
+        ("json", Value::Json(j)) => serde_json::to_vec(j)?,
+        ("int" | "int64", Value::Int(v)) => v.to_le_bytes().to_vec(),
+        ("float32", Value::Float(v)) => (*v as f32).to_le_bytes().to_vec(),
+        ("float64", Value::Float(v)) => v.to_le_bytes().to_vec(),
+        (e, v) => bail!("cannot encode {v:?} as {e}"),
+    })
+}
+
+/// f32 values as little-endian float16 bytes (the reference's storage for latents).
+pub fn f16_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect()
+}
