@@ -1,7 +1,7 @@
 //! The `microdit` command line: thin; each subcommand lives in `commands/`.
 
 use clap::{Parser, Subcommand};
-use microdit::commands::{bench, bench_frozen, generate, info, ModelArgs};
+use microdit::commands::{bench, bench_frozen, generate, info, train, ModelArgs};
 
 /// MicroDiT: train and sample the Sparse Elucidated Latent Diffusion Transformer.
 #[derive(Parser)]
@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Generate images from prompts with a MicroDiT checkpoint (PNG files with their settings).
     Generate(Box<generate::GenerateArgs>),
+    /// Train a MicroDiT on MDS latent shards: one stage config, or several in sequence.
+    Train(train::TrainArgs),
     /// Print an architecture's parameter count, part by part (no weights are allocated).
     Info(ModelArgs),
     /// Time one denoiser training step and one guided sampler step.
@@ -30,6 +32,7 @@ fn main() {
     let result = match &cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Info(args) => info::run(args),
+        Command::Train(args) => train::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchText(args) => bench_frozen::run_text(args),
         Command::BenchVae(args) => bench_frozen::run_vae(args),

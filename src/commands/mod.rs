@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_frozen;
 pub mod generate;
 pub mod info;
+pub mod train;
 
 use anyhow::{bail, Result};
 use std::path::PathBuf;

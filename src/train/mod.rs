@@ -1,3 +1,6 @@
 //! Training.
 
+pub mod checkpoint;
+pub mod config;
 pub mod optim;
+pub mod trainer;

@@ -1,0 +1,156 @@
+//! Training checkpoints that lose nothing: weights, optimiser state, schedule position, RNG
+//! state and data position, written to a temporary directory that is renamed into place,
+//! so a checkpoint directory either exists whole or not at all.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::module::AutodiffModule;
+use burn::optim::Optimizer;
+use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::model::weights::save_weights;
+use crate::model::MicroDit;
+
+/// Everything besides the tensors that a run needs to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimiser steps taken.
+    pub step: usize,
+    /// Samples consumed (the data position: epoch and offset follow from it).
+    pub samples_seen: u64,
+    /// The training RNG (noise levels, noise, masks, caption dropout): seed and position.
+    pub rng_seed: [u8; 32],
+    /// ChaCha word position, as a decimal string (JSON numbers cannot hold a u128).
+    pub rng_word_pos: String,
+}
+
+impl TrainState {
+    pub fn new(seed: u64) -> (Self, ChaCha8Rng) {
+        let rng = ChaCha8Rng::seed_from_u64(seed);
+        (
+            Self {
+                step: 0,
+                samples_seen: 0,
+                rng_seed: rng.get_seed(),
+                rng_word_pos: "0".into(),
+            },
+            rng,
+        )
+    }
+
+    pub fn capture(&mut self, rng: &ChaCha8Rng) {
+        self.rng_seed = rng.get_seed();
+        self.rng_word_pos = rng.get_word_pos().to_string();
+    }
+
+    pub fn rng(&self) -> Result<ChaCha8Rng> {
+        let mut rng = ChaCha8Rng::from_seed(self.rng_seed);
+        rng.set_word_pos(
+            self.rng_word_pos
+                .parse()
+                .context("bad rng_word_pos in state.json")?,
+        );
+        Ok(rng)
+    }
+}
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::new()
+}
+
+fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+/// Writes `step-NNNNNNNN/` under the run's `checkpoints/` and keeps the newest `keep`.
+pub fn save<B: AutodiffBackend, O: Optimizer<MicroDit<B>, B>>(
+    run: &Path,
+    model: &MicroDit<B>,
+    optim: &O,
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = checkpoints_dir(run);
+    let name = format!("step-{:08}", state.step);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let write = || -> Result<()> {
+        recorder().record(model.clone().into_record(), tmp.join("model"))?;
+        recorder().record(optim.to_record(), tmp.join("optimizer"))?;
+        save_weights(&model.valid(), &tmp.join("weights.safetensors"))?;
+        let json = serde_json::to_vec_pretty(state)?;
+        crate::io::write_atomic(&tmp.join("state.json"), |f| {
+            std::io::Write::write_all(f, &json)
+        })?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "writing checkpoint {name} (the previous checkpoints are intact)"
+        )));
+    }
+    let target = dir.join(&name);
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::rename(&tmp, &target)
+        .with_context(|| format!("moving {} into place", target.display()))?;
+    prune(&dir, keep);
+    Ok(target)
+}
+
+fn complete_checkpoints(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                && p.join("state.json").exists()
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn prune(dir: &Path, keep: usize) {
+    let all = complete_checkpoints(dir);
+    for old in &all[..all.len().saturating_sub(keep)] {
+        let _ = std::fs::remove_dir_all(old);
+    }
+}
+
+/// The newest complete checkpoint of a run, if any (temporary, half-written ones are ignored).
+pub fn latest(run: &Path) -> Option<PathBuf> {
+    complete_checkpoints(&checkpoints_dir(run)).pop()
+}
+
+pub fn load<B: AutodiffBackend, O: Optimizer<MicroDit<B>, B>>(
+    checkpoint: &Path,
+    model: MicroDit<B>,
+    optim: O,
+    device: &B::Device,
+) -> Result<(MicroDit<B>, O, TrainState)> {
+    let ctx = || format!("reading checkpoint {}", checkpoint.display());
+    let model = model.load_record(
+        recorder()
+            .load(checkpoint.join("model"), device)
+            .with_context(ctx)?,
+    );
+    let optim = optim.load_record(
+        recorder()
+            .load(checkpoint.join("optimizer"), device)
+            .with_context(ctx)?,
+    );
+    let state: TrainState =
+        serde_json::from_slice(&std::fs::read(checkpoint.join("state.json")).with_context(ctx)?)
+            .with_context(ctx)?;
+    Ok((model, optim, state))
+}

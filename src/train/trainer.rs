@@ -1,0 +1,235 @@
+//! The training loop: data → model → EDM loss → clipped AdamW, with checkpoints that a
+//! killed run resumes from exactly.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
+
+use super::checkpoint::{self, TrainState};
+use super::config::TrainConfig;
+use super::optim::{clip_grad_norm, AdamWSettings};
+use crate::data::latents::LatentsDataset;
+use crate::edm::{edm_loss, LossNoise};
+use crate::model::weights::load_weights;
+use crate::model::{DitConfig, Init, MicroDit};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the run directory's newest complete checkpoint.
+    pub resume: bool,
+    /// Fault injection for tests: abort the process (no clean-up) right after this step.
+    pub abort_after_step: Option<usize>,
+    /// No progress bar (tests, logs).
+    pub quiet: bool,
+}
+
+/// What a finished (or interrupted) run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub step: usize,
+    pub losses: Vec<f64>,
+    pub interrupted: bool,
+}
+
+/// Caption embeddings and latents of the samples at `indices`, with caption dropout.
+fn batch<B: Backend>(
+    data: &LatentsDataset,
+    indices: &[usize],
+    dit: &DitConfig,
+    caption_len: usize,
+    dropout: f64,
+    rng: &mut ChaCha8Rng,
+    device: &B::Device,
+) -> Result<(Tensor<B, 3>, Tensor<B, 4>)> {
+    let (c, s) = (dit.in_channels, dit.input_size);
+    let (mut captions, mut latents) = (Vec::new(), Vec::new());
+    for &i in indices {
+        let sample = data.get(i, caption_len * dit.caption_channels, c * s * s)?;
+        let dropped = rng.random::<f64>() < dropout;
+        captions.extend(
+            sample
+                .caption
+                .into_iter()
+                .map(|v| if dropped { 0.0 } else { v }),
+        );
+        latents.extend(sample.latents);
+    }
+    let n = indices.len();
+    Ok((
+        Tensor::from_data(
+            TensorData::new(captions, [n, caption_len, dit.caption_channels]),
+            device,
+        ),
+        Tensor::from_data(TensorData::new(latents, [n, c, s, s]), device),
+    ))
+}
+
+pub fn train<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    run: &Path,
+    opts: &RunOptions,
+    device: &B::Device,
+) -> Result<Summary> {
+    let dit = cfg.dit_config()?;
+    let data = LatentsDataset::open(&cfg.data, &cfg.latents_column(), &cfg.caption_column)?;
+    let caption_len = data.caption_tokens(dit.caption_channels)?;
+    std::fs::create_dir_all(run)
+        .with_context(|| format!("creating run directory {}", run.display()))?;
+
+    let mut model = MicroDit::<B>::new(&dit, &mut Init::reference(cfg.seed, device));
+    let settings = AdamWSettings {
+        beta1: cfg.betas[0],
+        beta2: cfg.betas[1],
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut optim = settings.init::<B, MicroDit<B>>();
+    let (mut state, mut rng) = TrainState::new(cfg.seed.wrapping_add(1));
+    match checkpoint::latest(run) {
+        Some(ckpt) if opts.resume => {
+            (model, optim, state) = checkpoint::load(&ckpt, model, optim, device)?;
+            rng = state.rng()?;
+            eprintln!("resuming from {} (step {})", ckpt.display(), state.step);
+        }
+        Some(ckpt) => bail!(
+            "{} already holds checkpoints (newest {}): pass --resume to continue it, or choose another run directory",
+            run.display(),
+            ckpt.display()
+        ),
+        None => {
+            if let Some(init) = &cfg.init_from {
+                let weights = match checkpoint::latest(init) {
+                    Some(ckpt) => ckpt.join("weights.safetensors"),
+                    None => init.clone(),
+                };
+                model = load_weights(model, &weights).with_context(|| format!("initialising from {}", init.display()))?;
+                eprintln!("initialised from {}", weights.display());
+            }
+            let config = toml::to_string(cfg)?;
+            crate::io::write_atomic(&run.join("config.toml"), |f| f.write_all(config.as_bytes()))?;
+        }
+    }
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // A second handler cannot be installed in the same process (tests run several
+        // trainings): then Ctrl-C keeps its default meaning.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    let bar = if opts.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(cfg.steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(state.step as u64);
+
+    let edm = cfg.edm();
+    let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.join("metrics.jsonl"))?;
+    let micro_batches = cfg.global_batch / cfg.micro_batch;
+    let mut losses = Vec::new();
+    let started = Instant::now();
+    let first_step = state.step;
+    while state.step < cfg.steps {
+        let lr = cfg.lr_at(state.step);
+        let mut accumulated = GradientsAccumulator::<MicroDit<B>>::new();
+        let mut step_loss = 0.0;
+        for _ in 0..micro_batches {
+            let indices: Vec<usize> = (0..cfg.micro_batch as u64)
+                .map(|k| {
+                    let cursor = state.samples_seen + k;
+                    let epoch = cursor / data.len() as u64;
+                    let order = orders
+                        .entry(epoch)
+                        .or_insert_with(|| data.epoch_order(cfg.seed, epoch));
+                    order[(cursor % data.len() as u64) as usize]
+                })
+                .collect();
+            orders.retain(|&e, _| e + 1 >= state.samples_seen / data.len() as u64);
+            state.samples_seen += cfg.micro_batch as u64;
+            let (y, x0) = batch::<B>(
+                &data,
+                &indices,
+                &dit,
+                caption_len,
+                cfg.caption_dropout,
+                &mut rng,
+                device,
+            )?;
+            let draws =
+                LossNoise::draw(&mut rng, x0.dims(), dit.patch_size, cfg.mask_ratio, device);
+            let loss = edm_loss(&model, &edm, x0, y, &draws, dit.patch_size) / micro_batches as f64;
+            let value = loss.clone().into_scalar().elem::<f64>();
+            if !value.is_finite() {
+                bail!("the loss became {value} at step {}: stopping; the last good checkpoint is kept", state.step + 1);
+            }
+            step_loss += value;
+            accumulated.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+        }
+        let mut grads = accumulated.grads();
+        let grad_norm = clip_grad_norm(&model, &mut grads, cfg.grad_clip);
+        if !grad_norm.is_finite() {
+            bail!("the gradient norm became {grad_norm} at step {}: stopping; the last good checkpoint is kept", state.step + 1);
+        }
+        model = optim.step(lr, model, grads);
+        state.step += 1;
+        losses.push(step_loss);
+
+        let elapsed = started.elapsed().as_secs_f64();
+        let images_per_s = ((state.step - first_step) * cfg.global_batch) as f64 / elapsed;
+        bar.set_position(state.step as u64);
+        bar.set_message(format!(
+            "loss {step_loss:.4} lr {lr:.2e} {images_per_s:.1} img/s"
+        ));
+        if state.step.is_multiple_of(cfg.log_every) || state.step == cfg.steps {
+            let line = serde_json::json!({"step": state.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "images_per_s": images_per_s, "elapsed_s": elapsed});
+            writeln!(metrics, "{line}")?;
+        }
+        let stop = interrupted.load(Ordering::SeqCst);
+        if state.step.is_multiple_of(cfg.checkpoint_every) || state.step == cfg.steps || stop {
+            state.capture(&rng);
+            checkpoint::save(run, &model, &optim, &state, cfg.keep_last)?;
+        }
+        if opts.abort_after_step == Some(state.step) {
+            std::process::abort();
+        }
+        if stop {
+            bar.abandon_with_message(format!(
+                "interrupted: checkpoint at step {} written",
+                state.step
+            ));
+            return Ok(Summary {
+                step: state.step,
+                losses,
+                interrupted: true,
+            });
+        }
+    }
+    bar.finish_with_message(format!("done: {} steps", state.step));
+    Ok(Summary {
+        step: state.step,
+        losses,
+        interrupted: false,
+    })
+}
