@@ -39,7 +39,7 @@ fn write_dataset(dir: &Path, samples: usize, latent_side: usize) {
         let latents: Vec<f32> = (0..4 * latent_side * latent_side)
             .map(|k| {
                 ((k / latent_side + class * 3) as f32 * 0.7).sin()
-                    * if (k % latent_side + class) % 2 == 0 {
+                    * if (k % latent_side + class).is_multiple_of(2) {
                         1.0
                     } else {
                         -0.5
