@@ -257,3 +257,43 @@ fn broken_data_and_unwritable_checkpoints_fail_clearly() {
     assert_ne!(code, Some(0));
     assert!(log.contains("checkpoint"), "{log}");
 }
+
+#[test]
+fn the_recipe_stage_configs_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let stages = [
+        "stage1_res256_mask75",
+        "stage2_res256_unmasked",
+        "stage3_res512_mask75",
+        "stage4_res512_unmasked",
+    ];
+    let expected = [
+        (256, 0.75, 250_000, 1.0),
+        (256, 0.0, 30_000, 1.0),
+        (512, 0.75, 50_000, 2.0),
+        (512, 0.0, 5_000, 2.0),
+    ];
+    for (name, (res, mask, steps, interp)) in stages.iter().zip(expected) {
+        let cfg =
+            microdit::train::config::TrainConfig::from_file(&dir.join(format!("{name}.toml")))
+                .unwrap();
+        assert_eq!(
+            (cfg.resolution, cfg.mask_ratio, cfg.steps),
+            (res, mask, steps),
+            "{name}"
+        );
+        let dit = cfg.dit_config().unwrap();
+        assert_eq!(
+            (dit.input_size, dit.pos_interp_scale),
+            (res / 8, interp),
+            "{name}"
+        );
+        assert_eq!(cfg.latents_column(), format!("latents_{res}"));
+    }
+    let stage1 =
+        microdit::train::config::TrainConfig::from_file(&dir.join("stage1_res256_mask75.toml"))
+            .unwrap();
+    assert_eq!(stage1.lr_at(0), 0.0);
+    assert!((stage1.lr_at(2500) - 2.4e-4).abs() < 1e-12);
+    assert!((stage1.lr_at(250_000) - 0.33 * 2.4e-4).abs() < 1e-12);
+}
