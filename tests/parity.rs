@@ -305,3 +305,35 @@ fn torch_save_checkpoints_load_like_safetensors() {
     }
     assert!(checked > 0, "no fixture set has a weights.pt");
 }
+
+#[test]
+fn half_precision_forward_stays_close_to_reference() {
+    use burn::tensor::FloatDType;
+    let dev = Default::default();
+    for (s, dir) in sets() {
+        let c = &s.cases;
+        // bf16 keeps 8 mantissa bits (ε ≈ 4e-3), f16 11 (ε ≈ 5e-4); a few layers deep the
+        // output error is a few ε.
+        for (dtype, tol) in [(FloatDType::BF16, 5e-2), (FloatDType::F16, 1e-2)] {
+            let model: MicroDit<B> =
+                load::<B>(&s.cfg, &dir.join("weights.safetensors")).cast(dtype);
+            let out = model.forward(
+                c.tensor("forward.x", &dev),
+                c.tensor("forward.t", &dev),
+                c.captions("forward.y", &dev),
+                None,
+            );
+            assert_eq!(
+                out.dtype(),
+                burn::tensor::DType::F32,
+                "outputs keep the inputs' dtype"
+            );
+            assert_close(
+                &format!("{}: forward in {dtype:?}", s.name),
+                &to_vec(out),
+                &c.values("forward.out"),
+                tol,
+            );
+        }
+    }
+}

@@ -9,6 +9,17 @@ use super::embeddings::{sincos_pos_embed, unpatchify, PatchEmbed, TimestepEmbedd
 use super::init::Init;
 use super::layers::{Mlp, NormLinear};
 use super::masking::PatchMask;
+use burn::module::{ModuleMapper, Param};
+use burn::tensor::FloatDType;
+
+struct CastParams(FloatDType);
+
+impl<B: Backend> ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let dtype = self.0;
+        param.map(|t| t.cast(dtype))
+    }
+}
 
 #[derive(Module, Debug)]
 pub struct MicroDit<B: Backend> {
@@ -81,6 +92,15 @@ impl<B: Backend> MicroDit<B> {
         self.pos_embed.clone()
     }
 
+    /// The same model computing in `dtype` (bf16/f16 halve the weights' memory). Inputs
+    /// and outputs of [`Self::forward`] keep their own dtype.
+    pub fn cast(self, dtype: FloatDType) -> Self {
+        let mut model = self.map(&mut CastParams(dtype));
+        model.pos_embed = model.pos_embed.cast(dtype);
+        model.mask_token = model.mask_token.cast(dtype);
+        model
+    }
+
     /// The raw network output `F_x` [B, C, H, W] for latents `x` [B, C, H, W], noise-level
     /// input `t` [B] or [1] (already `c_noise`) and caption embeddings `y` [B, L, Cc].
     /// With a `mask`, only kept patches go through the backbone and dropped ones read as the
@@ -92,6 +112,11 @@ impl<B: Backend> MicroDit<B> {
         y: Tensor<B, 3>,
         mask: Option<&PatchMask<B>>,
     ) -> Tensor<B, 4> {
+        let (io_dtype, dtype) = (x.dtype(), self.pos_embed.dtype());
+        if io_dtype != dtype {
+            let (x, t, y) = (x.cast(dtype), t.cast(dtype), y.cast(dtype));
+            return self.forward(x, t, y, mask).cast(io_dtype);
+        }
         let batch = x.dims()[0];
         let x = self.x_embedder.forward(x) + self.pos_embed.clone();
         let t = self.t_embedder.forward(t.expand([batch]));

@@ -113,7 +113,8 @@ impl<B: Backend> TimestepEmbedder<B> {
         let freqs = Tensor::<B, 1, Int>::arange(0..half as i64, &t.device())
             .float()
             .mul_scalar(-(10000f64.ln()) / half as f64)
-            .exp();
+            .exp()
+            .cast(t.dtype());
         let args = t.unsqueeze_dim::<2>(1) * freqs.unsqueeze_dim(0);
         Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
     }
