@@ -170,7 +170,32 @@ fn a_tiny_model_learns_the_generated_dataset() {
 
 #[test]
 fn a_killed_run_resumes_to_the_same_weights() {
-    let s = setup("steps = 20\ncheckpoint_every = 5\n");
+    resumes_exactly(
+        "steps = 20\ncheckpoint_every = 5\n",
+        &["weights.safetensors"],
+    );
+}
+
+#[test]
+fn a_killed_run_with_ema_and_expert_rate_resumes_exactly() {
+    resumes_exactly(
+        "steps = 20\ncheckpoint_every = 5\nema_decay = 0.9\nema_start = 3\nexpert_lr_scale = 0.5\n",
+        &["weights.safetensors", "ema.safetensors"],
+    );
+}
+
+#[test]
+fn the_weight_average_lags_the_weights() {
+    let s = setup("steps = 10\ncheckpoint_every = 10\nema_decay = 0.9\n");
+    let (code, log) = train(&s, "run", &[]);
+    assert_eq!(code, Some(0), "{log}");
+    let ckpt = s.root.join("run/checkpoints/step-00000010");
+    let read = |f: &str| std::fs::read(ckpt.join(f)).unwrap();
+    assert!(read("ema.safetensors") != read("weights.safetensors"));
+}
+
+fn resumes_exactly(config: &str, files: &[&str]) {
+    let s = setup(config);
     let (code, log) = train(&s, "straight", &[]);
     assert_eq!(code, Some(0), "{log}");
 
@@ -189,18 +214,21 @@ fn a_killed_run_resumes_to_the_same_weights() {
         "{log}"
     );
 
-    let weights = |run: &str| {
-        std::fs::read(
-            s.root
-                .join(run)
-                .join("checkpoints/step-00000020/weights.safetensors"),
-        )
-        .unwrap()
-    };
-    assert!(
-        weights("straight") == weights("killed"),
-        "resumed weights differ from the uninterrupted run's"
-    );
+    for file in files {
+        let read = |run: &str| {
+            std::fs::read(
+                s.root
+                    .join(run)
+                    .join("checkpoints/step-00000020")
+                    .join(file),
+            )
+            .unwrap()
+        };
+        assert!(
+            read("straight") == read("killed"),
+            "resumed {file} differs from the uninterrupted run's"
+        );
+    }
 }
 
 #[test]
@@ -296,4 +324,51 @@ fn the_recipe_stage_configs_load() {
     assert_eq!(stage1.lr_at(0), 0.0);
     assert!((stage1.lr_at(2500) - 2.4e-4).abs() < 1e-12);
     assert!((stage1.lr_at(250_000) - 0.33 * 2.4e-4).abs() < 1e-12);
+}
+
+#[test]
+fn the_expert_learning_rate_scale_applies_to_expert_parameters_only() {
+    use burn::optim::GradientsParams;
+    use microdit::backend::{Cpu, Trainable};
+    use microdit::checkpoint::{reference_tensors, DIT_KEYS};
+    use microdit::edm::{edm_loss, EdmConfig, LossNoise};
+    use microdit::model::{Init, MicroDit};
+    use microdit::train::optim::{AdamWSettings, GroupedAdamW};
+    use rand::SeedableRng;
+    type AB = Trainable<Cpu>;
+
+    let device = Default::default();
+    let cfg = tiny_model();
+    let model = MicroDit::<AB>::new(&cfg, &mut Init::reference(0, &device));
+    let before = reference_tensors(&model, &DIT_KEYS).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let x0 = microdit::edm::loss::standard_normal::<AB, 4>(&mut rng, [2, 4, 8, 8], &device);
+    let y = microdit::edm::loss::standard_normal::<AB, 3>(
+        &mut rng,
+        [2, CAPTION_TOKENS, CAPTION_DIM],
+        &device,
+    );
+    let draws = LossNoise::draw(&mut rng, [2, 4, 8, 8], 2, 0.0, &device);
+    let loss = edm_loss(&model, &EdmConfig::default(), x0, y, &draws, 2);
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    // Scale 0: the experts must not move, everything else must.
+    let mut optim = GroupedAdamW::new(
+        &AdamWSettings {
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        Some(0.0),
+    );
+    let after = reference_tensors(&optim.step(1e-2, model, grads), &DIT_KEYS).unwrap();
+    for (name, old) in &before {
+        let moved = after[name] != *old;
+        let expert = name.contains(".mlp.w1") && !name.ends_with(".weight")
+            || name.contains(".mlp.w2") && !name.ends_with(".weight")
+            || name.contains(".mlp.gate.");
+        if expert {
+            assert!(!moved, "{name} (an expert parameter) moved at scale 0");
+        } else if name == "final_layer.linear.weight" {
+            assert!(moved, "{name} did not move");
+        }
+    }
 }

@@ -14,7 +14,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::weights::save_weights;
+use super::optim::{AdamWSettings, Ema, GroupedAdamW};
+use crate::model::weights::{load_weights, save_weights};
 use crate::model::MicroDit;
 
 /// Everything besides the tensors that a run needs to continue exactly.
@@ -69,10 +70,11 @@ fn checkpoints_dir(run: &Path) -> PathBuf {
 }
 
 /// Writes `step-NNNNNNNN/` under the run's `checkpoints/` and keeps the newest `keep`.
-pub fn save<B: AutodiffBackend, O: Optimizer<MicroDit<B>, B>>(
+pub fn save<B: AutodiffBackend>(
     run: &Path,
     model: &MicroDit<B>,
-    optim: &O,
+    optim: &GroupedAdamW<B>,
+    ema: Option<&Ema<B::InnerBackend>>,
     state: &TrainState,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -83,8 +85,14 @@ pub fn save<B: AutodiffBackend, O: Optimizer<MicroDit<B>, B>>(
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let write = || -> Result<()> {
         recorder().record(model.clone().into_record(), tmp.join("model"))?;
-        recorder().record(optim.to_record(), tmp.join("optimizer"))?;
+        recorder().record(optim.main.to_record(), tmp.join("optimizer"))?;
+        if let Some(group) = &optim.experts {
+            recorder().record(group.optim.to_record(), tmp.join("optimizer-experts"))?;
+        }
         save_weights(&model.valid(), &tmp.join("weights.safetensors"))?;
+        if let Some(ema) = ema {
+            save_weights(&ema.model, &tmp.join("ema.safetensors"))?;
+        }
         let json = serde_json::to_vec_pretty(state)?;
         crate::io::write_atomic(&tmp.join("state.json"), |f| {
             std::io::Write::write_all(f, &json)
@@ -132,25 +140,48 @@ pub fn latest(run: &Path) -> Option<PathBuf> {
     complete_checkpoints(&checkpoints_dir(run)).pop()
 }
 
-pub fn load<B: AutodiffBackend, O: Optimizer<MicroDit<B>, B>>(
+/// Restores model, optimiser(s), EMA (when the checkpoint has one) and state.
+pub fn load<B: AutodiffBackend>(
     checkpoint: &Path,
     model: MicroDit<B>,
-    optim: O,
+    mut optim: GroupedAdamW<B>,
+    ema_decay: Option<f64>,
     device: &B::Device,
-) -> Result<(MicroDit<B>, O, TrainState)> {
+) -> Result<(
+    MicroDit<B>,
+    GroupedAdamW<B>,
+    Option<Ema<B::InnerBackend>>,
+    TrainState,
+)> {
     let ctx = || format!("reading checkpoint {}", checkpoint.display());
     let model = model.load_record(
         recorder()
             .load(checkpoint.join("model"), device)
             .with_context(ctx)?,
     );
-    let optim = optim.load_record(
+    optim.main = optim.main.load_record(
         recorder()
             .load(checkpoint.join("optimizer"), device)
             .with_context(ctx)?,
     );
+    if let Some(group) = optim.experts.as_mut() {
+        let record = recorder()
+            .load(checkpoint.join("optimizer-experts"), device)
+            .with_context(ctx)?;
+        group.optim = std::mem::replace(&mut group.optim, AdamWSettings::default().init())
+            .load_record(record);
+    }
+    let ema_path = checkpoint.join("ema.safetensors");
+    let ema = match ema_decay.filter(|_| ema_path.exists()) {
+        // Built from the model so that its parameters share the model's ids.
+        Some(decay) => Some(Ema {
+            decay,
+            model: load_weights(model.valid(), &ema_path).with_context(ctx)?,
+        }),
+        None => None,
+    };
     let state: TrainState =
         serde_json::from_slice(&std::fs::read(checkpoint.join("state.json")).with_context(ctx)?)
             .with_context(ctx)?;
-    Ok((model, optim, state))
+    Ok((model, optim, ema, state))
 }

@@ -64,6 +64,16 @@ pub struct TrainConfig {
     pub keep_last: usize,
     #[serde(default = "default_log_every")]
     pub log_every: usize,
+    /// Train the expert-choice MoE parameters at `lr · expert_lr_scale` (the reference
+    /// intended 0.5 but applied 1; unset = one rate for all).
+    #[serde(default)]
+    pub expert_lr_scale: Option<f64>,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.99975).
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
+    /// Step from which the average starts (it starts as a copy of the weights then).
+    #[serde(default)]
+    pub ema_start: usize,
     /// Start from these weights (a previous stage's run directory or a weights file).
     #[serde(default)]
     pub init_from: Option<PathBuf>,

@@ -1,7 +1,11 @@
 //! Optimiser-step semantics the recipe relies on, as PyTorch defines them.
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param};
-use burn::optim::{AdamW, AdamWConfig, GradientsParams};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn_store::ModuleSnapshot;
+
+use crate::model::MicroDit;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
@@ -95,5 +99,123 @@ impl AdamWSettings {
         &self,
     ) -> burn::optim::adaptor::OptimizerAdaptor<AdamW, M, B> {
         self.config().init()
+    }
+}
+
+/// AdamW over every parameter or, with an expert learning-rate scale, over two groups: the
+/// expert-choice MoE parameters at `lr · scale` and the rest at `lr`. The reference meant to
+/// halve the experts' rate, but its name filter matched no parameter, so the released models
+/// were trained with one rate: the scale is off unless asked for.
+pub struct GroupedAdamW<B: AutodiffBackend> {
+    pub main: OptimizerAdaptor<AdamW, MicroDit<B>, B>,
+    pub experts: Option<ExpertGroup<B>>,
+}
+
+pub struct ExpertGroup<B: AutodiffBackend> {
+    pub scale: f64,
+    pub optim: OptimizerAdaptor<AdamW, MicroDit<B>, B>,
+}
+
+/// (id, rank) of every expert-choice MoE parameter. Looked up at each step: loading a
+/// checkpoint restores the saved parameter ids.
+fn expert_params<B: AutodiffBackend>(model: &MicroDit<B>) -> Vec<(ParamId, usize)> {
+    model
+        .collect(None, None, false)
+        .into_iter()
+        .filter(|s| {
+            s.container_stack
+                .as_ref()
+                .is_some_and(|c| c.iter().any(|t| t.ends_with("ExpertChoiceFeedForward")))
+        })
+        .filter_map(|s| s.tensor_id.map(|id| (id, s.shape.num_dims())))
+        .collect()
+}
+
+impl<B: AutodiffBackend> GroupedAdamW<B> {
+    pub fn new(settings: &AdamWSettings, expert_lr_scale: Option<f64>) -> Self {
+        let experts = expert_lr_scale.map(|scale| ExpertGroup {
+            scale,
+            optim: settings.init(),
+        });
+        Self {
+            main: settings.init(),
+            experts,
+        }
+    }
+
+    pub fn step(&mut self, lr: f64, model: MicroDit<B>, mut grads: GradientsParams) -> MicroDit<B> {
+        let model = match &mut self.experts {
+            Some(group) => {
+                let mut expert_grads = GradientsParams::new();
+                for (id, rank) in expert_params(&model) {
+                    match rank {
+                        2 => move_grad::<B, 2>(&mut grads, &mut expert_grads, id),
+                        3 => move_grad::<B, 3>(&mut grads, &mut expert_grads, id),
+                        _ => {}
+                    }
+                }
+                group.optim.step(lr * group.scale, model, expert_grads)
+            }
+            None => model,
+        };
+        self.main.step(lr, model, grads)
+    }
+}
+
+fn move_grad<B: AutodiffBackend, const D: usize>(
+    from: &mut GradientsParams,
+    to: &mut GradientsParams,
+    id: ParamId,
+) {
+    if let Some(g) = from.remove::<B::InnerBackend, D>(id) {
+        to.register(id, g);
+    }
+}
+
+/// An exponential moving average of the weights, `ema ← d·ema + (1 − d)·w` after each step.
+pub struct Ema<B: Backend> {
+    pub decay: f64,
+    pub model: MicroDit<B>,
+}
+
+impl<B: Backend> Ema<B> {
+    pub fn update<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &MicroDit<AB>) {
+        let mut current = CollectParams::<AB> {
+            params: GradientsParams::new(),
+            _b: Default::default(),
+        };
+        model.visit(&mut current);
+        let ema = std::mem::replace(&mut self.model, model.valid());
+        self.model = ema.map(&mut Blend {
+            current: current.params,
+            decay: self.decay,
+        });
+    }
+}
+
+struct CollectParams<B> {
+    params: GradientsParams,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.params.register(param.id, param.val().inner());
+    }
+}
+
+struct Blend {
+    current: GradientsParams,
+    decay: f64,
+}
+
+impl<B: Backend> ModuleMapper<B> for Blend {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, ema, mapper) = param.consume();
+        let blended = match self.current.remove::<B, D>(id) {
+            Some(w) => ema * self.decay + w * (1.0 - self.decay),
+            None => ema,
+        };
+        Param::from_mapped_value(id, blended, mapper)
     }
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
-use super::optim::{clip_grad_norm, AdamWSettings};
+use super::optim::{clip_grad_norm, AdamWSettings, Ema, GroupedAdamW};
 use crate::data::latents::LatentsDataset;
 use crate::edm::{edm_loss, LossNoise};
 use crate::model::weights::load_weights;
@@ -94,11 +95,12 @@ pub fn train<B: AutodiffBackend>(
         eps: cfg.eps,
         weight_decay: cfg.weight_decay,
     };
-    let mut optim = settings.init::<B, MicroDit<B>>();
+    let mut optim = GroupedAdamW::new(&settings, cfg.expert_lr_scale);
+    let mut ema: Option<Ema<B::InnerBackend>> = None;
     let (mut state, mut rng) = TrainState::new(cfg.seed.wrapping_add(1));
     match checkpoint::latest(run) {
         Some(ckpt) if opts.resume => {
-            (model, optim, state) = checkpoint::load(&ckpt, model, optim, device)?;
+            (model, optim, ema, state) = checkpoint::load(&ckpt, model, optim, cfg.ema_decay, device)?;
             rng = state.rng()?;
             eprintln!("resuming from {} (step {})", ckpt.display(), state.step);
         }
@@ -193,6 +195,16 @@ pub fn train<B: AutodiffBackend>(
         }
         model = optim.step(lr, model, grads);
         state.step += 1;
+        match (&mut ema, cfg.ema_decay) {
+            (Some(e), _) => e.update(&model),
+            (None, Some(decay)) if state.step >= cfg.ema_start => {
+                ema = Some(Ema {
+                    decay,
+                    model: model.valid(),
+                })
+            }
+            _ => {}
+        }
         losses.push(step_loss);
 
         let elapsed = started.elapsed().as_secs_f64();
@@ -209,7 +221,7 @@ pub fn train<B: AutodiffBackend>(
         let stop = interrupted.load(Ordering::SeqCst);
         if state.step.is_multiple_of(cfg.checkpoint_every) || state.step == cfg.steps || stop {
             state.capture(&rng);
-            checkpoint::save(run, &model, &optim, &state, cfg.keep_last)?;
+            checkpoint::save(run, &model, &optim, ema.as_ref(), &state, cfg.keep_last)?;
         }
         if opts.abort_after_step == Some(state.step) {
             std::process::abort();
