@@ -140,6 +140,14 @@ pub fn latest(run: &Path) -> Option<PathBuf> {
     complete_checkpoints(&checkpoints_dir(run)).pop()
 }
 
+/// A run as a checkpoint left it.
+pub struct Restored<B: AutodiffBackend> {
+    pub model: MicroDit<B>,
+    pub optim: GroupedAdamW<B>,
+    pub ema: Option<Ema<B::InnerBackend>>,
+    pub state: TrainState,
+}
+
 /// Restores model, optimiser(s), EMA (when the checkpoint has one) and state.
 pub fn load<B: AutodiffBackend>(
     checkpoint: &Path,
@@ -147,12 +155,7 @@ pub fn load<B: AutodiffBackend>(
     mut optim: GroupedAdamW<B>,
     ema_decay: Option<f64>,
     device: &B::Device,
-) -> Result<(
-    MicroDit<B>,
-    GroupedAdamW<B>,
-    Option<Ema<B::InnerBackend>>,
-    TrainState,
-)> {
+) -> Result<Restored<B>> {
     let ctx = || format!("reading checkpoint {}", checkpoint.display());
     let model = model.load_record(
         recorder()
@@ -183,5 +186,10 @@ pub fn load<B: AutodiffBackend>(
     let state: TrainState =
         serde_json::from_slice(&std::fs::read(checkpoint.join("state.json")).with_context(ctx)?)
             .with_context(ctx)?;
-    Ok((model, optim, ema, state))
+    Ok(Restored {
+        model,
+        optim,
+        ema,
+        state,
+    })
 }

@@ -100,7 +100,8 @@ pub fn train<B: AutodiffBackend>(
     let (mut state, mut rng) = TrainState::new(cfg.seed.wrapping_add(1));
     match checkpoint::latest(run) {
         Some(ckpt) if opts.resume => {
-            (model, optim, ema, state) = checkpoint::load(&ckpt, model, optim, cfg.ema_decay, device)?;
+            let restored = checkpoint::load(&ckpt, model, optim, cfg.ema_decay, device)?;
+            (model, optim, ema, state) = (restored.model, restored.optim, restored.ema, restored.state);
             rng = state.rng()?;
             eprintln!("resuming from {} (step {})", ckpt.display(), state.step);
         }
