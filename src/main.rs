@@ -17,6 +17,14 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Train a MicroDiT on MDS latent shards: one stage config, or several in sequence.
     Train(train::TrainArgs),
+    /// Plot a training run's loss curve (from its metrics.jsonl) as a PNG.
+    Plot {
+        /// The run directory.
+        run: std::path::PathBuf,
+        /// Output file (default: RUN/loss.png).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Print an architecture's parameter count, part by part (no weights are allocated).
     Info(ModelArgs),
     /// Time one denoiser training step and one guided sampler step.
@@ -33,6 +41,9 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Info(args) => info::run(args),
         Command::Train(args) => train::run(args),
+        Command::Plot { run, out } => {
+            microdit::train::plot::plot(run, &out.clone().unwrap_or_else(|| run.join("loss.png")))
+        }
         Command::Bench(args) => bench::run(args),
         Command::BenchText(args) => bench_frozen::run_text(args),
         Command::BenchVae(args) => bench_frozen::run_vae(args),

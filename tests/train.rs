@@ -160,6 +160,14 @@ fn a_tiny_model_learns_the_generated_dataset() {
         end < 0.6 * start,
         "loss fell from {start:.4} only to {end:.4}"
     );
+    let (code, log) = microdit(&["plot", s.root.join("run").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("steps 1..300"), "{log}");
+    let png = std::fs::read(s.root.join("run/loss.png")).unwrap();
+    let reader = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (800, 400));
     // keep_last = 3 by default: steps 100, 200, 300.
     let ckpts: Vec<_> = std::fs::read_dir(s.root.join("run/checkpoints"))
         .unwrap()
