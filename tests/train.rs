@@ -261,6 +261,24 @@ fn broken_data_and_unwritable_checkpoints_fail_clearly() {
         "{log}"
     );
 
+    // The same data with skip_bad_samples: every sample is unreadable for this model, so the
+    // run reports that none is left rather than looping.
+    let cfg =
+        std::fs::read_to_string(s.root.join("wrong.toml")).unwrap() + "skip_bad_samples = true\n";
+    std::fs::write(s.root.join("skip.toml"), cfg).unwrap();
+    let (code, log) = microdit(&[
+        "train",
+        s.root.join("skip.toml").to_str().unwrap(),
+        "--run",
+        s.root.join("r0").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(
+        log.contains("skipping sample") && log.contains("no readable sample left"),
+        "{log}"
+    );
+
     // A missing index.
     std::fs::remove_file(s.root.join("wrong/index.json")).unwrap();
     let (code, log) = microdit(&[
@@ -283,6 +301,31 @@ fn broken_data_and_unwritable_checkpoints_fail_clearly() {
     let (code, log) = train(&s, "r3", &[]);
     assert_ne!(code, Some(0));
     assert!(log.contains("shard.00000.mds.zstd"), "{log}");
+    std::fs::write(&shard, &bytes).unwrap();
+
+    // With skip_bad_samples, a damaged shard's samples are skipped and counted.
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let cfg =
+        std::fs::read_to_string(s.root.join("stage.toml")).unwrap() + "skip_bad_samples = true\n";
+    std::fs::write(s.root.join("skip2.toml"), cfg).unwrap();
+    let (code, log) = microdit(&[
+        "train",
+        s.root.join("skip2.toml").to_str().unwrap(),
+        "--run",
+        s.root.join("r5").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(code, Some(0), "{log}");
+    let last = std::fs::read_to_string(s.root.join("r5/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let skipped = serde_json::from_str::<serde_json::Value>(&last).unwrap()["skipped_samples"]
+        .as_u64()
+        .unwrap();
+    assert!(skipped > 0, "{last}");
     std::fs::write(&shard, &bytes).unwrap();
 
     // The checkpoint cannot be written (something in the way, as a full disk would): the

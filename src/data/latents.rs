@@ -58,14 +58,21 @@ impl LatentsDataset {
         self.len() == 0
     }
 
-    /// Caption tokens per sample (the first sample's caption size over `channels`).
+    /// Caption tokens per sample (the first readable sample's caption size over `channels`).
     pub fn caption_tokens(&self, channels: usize) -> Result<usize> {
+        // The first sample that reads (a damaged shard may come first when skipping).
         let first = self
             .streams
             .iter()
-            .find(|s| !s.is_empty())
-            .expect("non-empty")
-            .get(0)?;
+            .flat_map(|s| (0..s.len()).map(move |i| s.get(i)))
+            .find(|r| r.is_ok())
+            .unwrap_or_else(|| {
+                self.streams
+                    .iter()
+                    .find(|s| !s.is_empty())
+                    .expect("non-empty")
+                    .get(0)
+            })?;
         let bytes = first[&self.caption_column]
             .as_bytes()
             .context("caption column is not bytes")?;

@@ -25,6 +25,9 @@ pub struct TrainState {
     pub step: usize,
     /// Samples consumed (the data position: epoch and offset follow from it).
     pub samples_seen: u64,
+    /// Unreadable samples skipped so far (with `skip_bad_samples`).
+    #[serde(default)]
+    pub skipped_samples: u64,
     /// The training RNG (noise levels, noise, masks, caption dropout): seed and position.
     pub rng_seed: [u8; 32],
     /// ChaCha word position, as a decimal string (JSON numbers cannot hold a u128).
@@ -38,6 +41,7 @@ impl TrainState {
             Self {
                 step: 0,
                 samples_seen: 0,
+                skipped_samples: 0,
                 rng_seed: rng.get_seed(),
                 rng_word_pos: "0".into(),
             },

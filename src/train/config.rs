@@ -74,6 +74,9 @@ pub struct TrainConfig {
     /// Step from which the average starts (it starts as a copy of the weights then).
     #[serde(default)]
     pub ema_start: usize,
+    /// Skip unreadable or wrongly shaped samples (counted in metrics.jsonl) instead of stopping.
+    #[serde(default)]
+    pub skip_bad_samples: bool,
     /// Start from these weights (a previous stage's run directory or a weights file).
     #[serde(default)]
     pub init_from: Option<PathBuf>,

@@ -50,13 +50,32 @@ fn batch<B: Backend>(
     dit: &DitConfig,
     caption_len: usize,
     dropout: f64,
+    skipped: Option<&mut u64>,
     rng: &mut ChaCha8Rng,
     device: &B::Device,
 ) -> Result<(Tensor<B, 3>, Tensor<B, 4>)> {
     let (c, s) = (dit.in_channels, dit.input_size);
     let (mut captions, mut latents) = (Vec::new(), Vec::new());
+    let mut skipped = skipped;
     for &i in indices {
-        let sample = data.get(i, caption_len * dit.caption_channels, c * s * s)?;
+        let read = |i: usize| data.get(i, caption_len * dit.caption_channels, c * s * s);
+        let sample = match (read(i), skipped.as_deref_mut()) {
+            (Ok(sample), _) => sample,
+            // Skipping: the next readable sample stands in, so the batch keeps its size
+            // and the choice is the same on every run.
+            (Err(e), Some(count)) => {
+                eprintln!("skipping sample {i}: {e:#}");
+                *count += 1;
+                (1..data.len())
+                    .find_map(|k| read((i + k) % data.len()).ok())
+                    .context("no readable sample left in the dataset")?
+            }
+            (Err(e), None) => {
+                return Err(
+                    e.context("a bad sample (set skip_bad_samples = true to skip such samples)")
+                )
+            }
+        };
         let dropped = rng.random::<f64>() < dropout;
         captions.extend(
             sample
@@ -176,6 +195,7 @@ pub fn train<B: AutodiffBackend>(
                 &dit,
                 caption_len,
                 cfg.caption_dropout,
+                cfg.skip_bad_samples.then_some(&mut state.skipped_samples),
                 &mut rng,
                 device,
             )?;
@@ -216,7 +236,7 @@ pub fn train<B: AutodiffBackend>(
         ));
         if state.step.is_multiple_of(cfg.log_every) || state.step == cfg.steps {
             let line = serde_json::json!({"step": state.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                "images_per_s": images_per_s, "elapsed_s": elapsed});
+                "images_per_s": images_per_s, "elapsed_s": elapsed, "skipped_samples": state.skipped_samples});
             writeln!(metrics, "{line}")?;
         }
         let stop = interrupted.load(Ordering::SeqCst);
