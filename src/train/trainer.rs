@@ -43,56 +43,63 @@ pub struct Summary {
     pub interrupted: bool,
 }
 
-/// Caption embeddings and latents of the samples at `indices`, with caption dropout.
-fn batch<B: Backend>(
-    data: &LatentsDataset,
-    indices: &[usize],
-    dit: &DitConfig,
+/// Turns sample indices into a batch: caption embeddings (with caption dropout) and latents.
+struct BatchReader<'a> {
+    data: &'a LatentsDataset,
+    dit: &'a DitConfig,
     caption_len: usize,
     dropout: f64,
-    skipped: Option<&mut u64>,
-    rng: &mut ChaCha8Rng,
-    device: &B::Device,
-) -> Result<(Tensor<B, 3>, Tensor<B, 4>)> {
-    let (c, s) = (dit.in_channels, dit.input_size);
-    let (mut captions, mut latents) = (Vec::new(), Vec::new());
-    let mut skipped = skipped;
-    for &i in indices {
-        let read = |i: usize| data.get(i, caption_len * dit.caption_channels, c * s * s);
-        let sample = match (read(i), skipped.as_deref_mut()) {
-            (Ok(sample), _) => sample,
-            // Skipping: the next readable sample stands in, so the batch keeps its size
-            // and the choice is the same on every run.
-            (Err(e), Some(count)) => {
-                eprintln!("skipping sample {i}: {e:#}");
-                *count += 1;
-                (1..data.len())
-                    .find_map(|k| read((i + k) % data.len()).ok())
-                    .context("no readable sample left in the dataset")?
-            }
-            (Err(e), None) => {
-                return Err(
-                    e.context("a bad sample (set skip_bad_samples = true to skip such samples)")
-                )
-            }
-        };
-        let dropped = rng.random::<f64>() < dropout;
-        captions.extend(
-            sample
-                .caption
-                .into_iter()
-                .map(|v| if dropped { 0.0 } else { v }),
-        );
-        latents.extend(sample.latents);
+    skip_bad: bool,
+}
+
+impl BatchReader<'_> {
+    fn read<B: Backend>(
+        &self,
+        indices: &[usize],
+        skipped: &mut u64,
+        rng: &mut ChaCha8Rng,
+        device: &B::Device,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 4>)> {
+        let (data, dit) = (self.data, self.dit);
+        let (c, s) = (dit.in_channels, dit.input_size);
+        let read = |i: usize| data.get(i, self.caption_len * dit.caption_channels, c * s * s);
+        let (mut captions, mut latents) = (Vec::new(), Vec::new());
+        for &i in indices {
+            let sample = match read(i) {
+                Ok(sample) => sample,
+                // Skipping: the next readable sample stands in, so the batch keeps its size
+                // and the choice is the same on every run.
+                Err(e) if self.skip_bad => {
+                    eprintln!("skipping sample {i}: {e:#}");
+                    *skipped += 1;
+                    (1..data.len())
+                        .find_map(|k| read((i + k) % data.len()).ok())
+                        .context("no readable sample left in the dataset")?
+                }
+                Err(e) => {
+                    return Err(e.context(
+                        "a bad sample (set skip_bad_samples = true to skip such samples)",
+                    ))
+                }
+            };
+            let dropped = rng.random::<f64>() < self.dropout;
+            captions.extend(
+                sample
+                    .caption
+                    .into_iter()
+                    .map(|v| if dropped { 0.0 } else { v }),
+            );
+            latents.extend(sample.latents);
+        }
+        let n = indices.len();
+        Ok((
+            Tensor::from_data(
+                TensorData::new(captions, [n, self.caption_len, dit.caption_channels]),
+                device,
+            ),
+            Tensor::from_data(TensorData::new(latents, [n, c, s, s]), device),
+        ))
     }
-    let n = indices.len();
-    Ok((
-        Tensor::from_data(
-            TensorData::new(captions, [n, caption_len, dit.caption_channels]),
-            device,
-        ),
-        Tensor::from_data(TensorData::new(latents, [n, c, s, s]), device),
-    ))
 }
 
 pub fn train<B: AutodiffBackend>(
@@ -103,7 +110,13 @@ pub fn train<B: AutodiffBackend>(
 ) -> Result<Summary> {
     let dit = cfg.dit_config()?;
     let data = LatentsDataset::open(&cfg.data, &cfg.latents_column(), &cfg.caption_column)?;
-    let caption_len = data.caption_tokens(dit.caption_channels)?;
+    let reader = BatchReader {
+        data: &data,
+        dit: &dit,
+        caption_len: data.caption_tokens(dit.caption_channels)?,
+        dropout: cfg.caption_dropout,
+        skip_bad: cfg.skip_bad_samples,
+    };
     std::fs::create_dir_all(run)
         .with_context(|| format!("creating run directory {}", run.display()))?;
 
@@ -189,16 +202,8 @@ pub fn train<B: AutodiffBackend>(
                 .collect();
             orders.retain(|&e, _| e + 1 >= state.samples_seen / data.len() as u64);
             state.samples_seen += cfg.micro_batch as u64;
-            let (y, x0) = batch::<B>(
-                &data,
-                &indices,
-                &dit,
-                caption_len,
-                cfg.caption_dropout,
-                cfg.skip_bad_samples.then_some(&mut state.skipped_samples),
-                &mut rng,
-                device,
-            )?;
+            let (y, x0) =
+                reader.read::<B>(&indices, &mut state.skipped_samples, &mut rng, device)?;
             let draws =
                 LossNoise::draw(&mut rng, x0.dims(), dit.patch_size, cfg.mask_ratio, device);
             let loss = edm_loss(&model, &edm, x0, y, &draws, dit.patch_size) / micro_batches as f64;
