@@ -122,7 +122,12 @@ fn microdit(args: &[&str]) -> (Option<i32>, String) {
 }
 
 fn train(s: &Setup, run: &str, extra: &[&str]) -> (Option<i32>, String) {
-    let cfg = s.root.join("stage.toml");
+    train_with(s, "stage.toml", run, extra)
+}
+
+/// `microdit train ROOT/CONFIG --run ROOT/RUN --quiet EXTRA…`
+fn train_with(s: &Setup, config: &str, run: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let cfg = s.root.join(config);
     let run = s.root.join(run);
     let mut args = vec![
         "train",
@@ -248,13 +253,7 @@ fn broken_data_and_unwritable_checkpoints_fail_clearly() {
         .unwrap()
         .replace("data = [\"data\"]", "data = [\"wrong\"]");
     std::fs::write(s.root.join("wrong.toml"), cfg).unwrap();
-    let (code, log) = microdit(&[
-        "train",
-        s.root.join("wrong.toml").to_str().unwrap(),
-        "--run",
-        s.root.join("r1").to_str().unwrap(),
-        "--quiet",
-    ]);
+    let (code, log) = train_with(&s, "wrong.toml", "r1", &[]);
     assert_ne!(code, Some(0));
     assert!(
         log.contains("latents holds 64 values, the model expects 256"),
@@ -266,13 +265,7 @@ fn broken_data_and_unwritable_checkpoints_fail_clearly() {
     let cfg =
         std::fs::read_to_string(s.root.join("wrong.toml")).unwrap() + "skip_bad_samples = true\n";
     std::fs::write(s.root.join("skip.toml"), cfg).unwrap();
-    let (code, log) = microdit(&[
-        "train",
-        s.root.join("skip.toml").to_str().unwrap(),
-        "--run",
-        s.root.join("r0").to_str().unwrap(),
-        "--quiet",
-    ]);
+    let (code, log) = train_with(&s, "skip.toml", "r0", &[]);
     assert_ne!(code, Some(0));
     assert!(
         log.contains("skipping sample") && log.contains("no readable sample left"),
@@ -281,13 +274,7 @@ fn broken_data_and_unwritable_checkpoints_fail_clearly() {
 
     // A missing index.
     std::fs::remove_file(s.root.join("wrong/index.json")).unwrap();
-    let (code, log) = microdit(&[
-        "train",
-        s.root.join("wrong.toml").to_str().unwrap(),
-        "--run",
-        s.root.join("r2").to_str().unwrap(),
-        "--quiet",
-    ]);
+    let (code, log) = train_with(&s, "wrong.toml", "r2", &[]);
     assert_ne!(code, Some(0));
     assert!(
         log.contains("index.json") && log.contains("no MDS index"),
@@ -308,13 +295,7 @@ fn broken_data_and_unwritable_checkpoints_fail_clearly() {
     let cfg =
         std::fs::read_to_string(s.root.join("stage.toml")).unwrap() + "skip_bad_samples = true\n";
     std::fs::write(s.root.join("skip2.toml"), cfg).unwrap();
-    let (code, log) = microdit(&[
-        "train",
-        s.root.join("skip2.toml").to_str().unwrap(),
-        "--run",
-        s.root.join("r5").to_str().unwrap(),
-        "--quiet",
-    ]);
+    let (code, log) = train_with(&s, "skip2.toml", "r5", &[]);
     assert_eq!(code, Some(0), "{log}");
     let last = std::fs::read_to_string(s.root.join("r5/metrics.jsonl"))
         .unwrap()
