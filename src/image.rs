@@ -3,7 +3,8 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
+use burn::prelude::*;
 
 /// Writes interleaved RGB bytes as a PNG with `text` as tEXt chunks.
 pub fn write_png(
@@ -60,4 +61,15 @@ pub fn write_grid(path: &Path, tiles: &[&[u8]], size: usize) -> Result<()> {
         }
     }
     write_png(path, &sheet, w, h, &[])
+}
+
+/// [1, 3, H, W] in nominal [-1, 1] -> interleaved RGB bytes, as diffusers' `numpy_to_pil`.
+pub fn to_rgb8<B: Backend>(image: Tensor<B, 4>) -> Result<Vec<u8>> {
+    let [_, c, h, w] = image.dims();
+    ensure!(c == 3, "the VAE decodes {c} channels, not RGB");
+    let rgb = ((image / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
+        .reshape([c, h * w])
+        .swap_dims(0, 1);
+    let values: Vec<f32> = rgb.into_data().convert::<f32>().to_vec()?;
+    Ok(values.into_iter().map(|v| v.round() as u8).collect())
 }

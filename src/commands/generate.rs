@@ -8,13 +8,11 @@ use anyhow::{bail, ensure, Context, Result};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 use super::DeviceChoice;
 use crate::checkpoint::read_state_dict;
-use crate::edm::loss::standard_normal;
-use crate::edm::{denoise, karras_sigmas, sample, Churn, EdmConfig, Guidance, Solver};
+use crate::edm::generate::{sample_latents, SamplerSettings};
+use crate::edm::{karras_sigmas, Churn, EdmConfig, Solver};
 use crate::hub::{known, Hub};
 use crate::model::weights::{denoiser_part, load_state_dict};
 use crate::model::{DitConfig, Init, MicroDit};
@@ -229,16 +227,20 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     eprintln!("loaded models in {:.1} s", start.elapsed().as_secs_f64());
 
     let edm = EdmConfig::default();
-    let sigmas = karras_sigmas(&edm, args.steps);
-    let churn = Churn {
-        s_churn: args.s_churn,
-        s_min: args.s_min,
-        s_max: args.s_max,
-        s_noise: args.s_noise,
-    };
-    let (lo, hi) = match args.guidance_interval.as_deref() {
-        Some([lo, hi]) => (*lo, *hi),
-        _ => (0.0, f64::INFINITY),
+    let settings = SamplerSettings {
+        sigmas: karras_sigmas(&edm, args.steps),
+        solver: args.sampler,
+        churn: Churn {
+            s_churn: args.s_churn,
+            s_min: args.s_min,
+            s_max: args.s_max,
+            s_noise: args.s_noise,
+        },
+        guidance: args.guidance,
+        guidance_interval: match args.guidance_interval.as_deref() {
+            Some([lo, hi]) => (*lo, *hi),
+            _ => (0.0, f64::INFINITY),
+        },
     };
     let single_file = jobs.len() == 1 && args.out.extension().is_some_and(|e| e == "png");
     let mut images = Vec::new();
@@ -253,40 +255,15 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
         }
         let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
         let y = text.forward(Tensor::from_data(TensorData::new(ids, [1, 77]), device));
-        let mut rng = ChaCha8Rng::seed_from_u64(*seed);
         let shape = [1, cfg.in_channels, cfg.input_size, cfg.input_size];
-        let latents: Tensor<B, 4> = standard_normal(&mut rng, shape, device);
         let bar = progress_bar(
             args.steps,
             &format!("image {}/{}", images.len() + 1, jobs.len()),
         );
-        let z = sample(
-            latents,
-            &sigmas,
-            args.sampler,
-            churn,
-            |x, sigma| {
-                evaluations += 1;
-                let guidance = if (lo..=hi).contains(&sigma) {
-                    Guidance::from_scale(args.guidance)
-                } else {
-                    Guidance::None
-                };
-                denoise(
-                    &model,
-                    &edm,
-                    x,
-                    Tensor::from_floats([sigma as f32], device),
-                    y.clone(),
-                    None,
-                    guidance,
-                )
-            },
-            |_| standard_normal(&mut rng, shape, device),
-            |_| bar.inc(1),
-        );
+        let z = sample_latents(&model, &edm, y, shape, *seed, &settings, |_| bar.inc(1));
+        evaluations += crate::edm::generate::evaluations(args.steps, args.sampler);
         bar.finish_and_clear();
-        let pixels = to_rgb8(vae.decode(vae_cfg.from_model_latents(z)))?;
+        let pixels = crate::image::to_rgb8(vae.decode(vae_cfg.from_model_latents(z)))?;
         let path = if single_file {
             args.out.clone()
         } else {
@@ -331,17 +308,6 @@ fn progress_bar(steps: usize, label: &str) -> ProgressBar {
     );
     bar.set_prefix(label.to_string());
     bar
-}
-
-/// [1, 3, H, W] in nominal [-1, 1] -> interleaved RGB bytes, as diffusers' `numpy_to_pil`.
-fn to_rgb8<B: Backend>(image: Tensor<B, 4>) -> Result<Vec<u8>> {
-    let [_, c, h, w] = image.dims();
-    ensure!(c == 3, "the VAE decodes {c} channels, not RGB");
-    let rgb = ((image / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
-        .reshape([c, h * w])
-        .swap_dims(0, 1);
-    let values: Vec<f32> = rgb.into_data().convert::<f32>().to_vec()?;
-    Ok(values.into_iter().map(|v| v.round() as u8).collect())
 }
 
 /// The settings that determine an image, stored in its PNG so `--from-png` can redo it.
