@@ -1,6 +1,8 @@
 //! Training through the real CLI on a small generated dataset: the loss falls, a killed run
 //! resumes to the same weights, and broken inputs fail clearly.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -402,5 +404,37 @@ fn the_expert_learning_rate_scale_applies_to_expert_parameters_only() {
         } else if name == "final_layer.linear.weight" {
             assert!(moved, "{name} did not move");
         }
+    }
+}
+
+#[test]
+fn preview_grids_are_written_every_few_steps() {
+    let vae = common::fixture_dirs_with("diffusion_pytorch_model.safetensors").remove(0);
+    let s = setup(&format!(
+        "steps = 4\ncheckpoint_every = 4\nsample_every = 2\nsample_steps = 2\nsample_captions = \"captions.safetensors\"\nsample_vae = \"{}\"\n",
+        vae.display()
+    ));
+    let mut tensors = std::collections::BTreeMap::new();
+    let captions: Vec<f32> = (0..2 * CAPTION_TOKENS * CAPTION_DIM)
+        .map(|k| (k % 5) as f32 * 0.1)
+        .collect();
+    tensors.insert(
+        "caption_latents".to_string(),
+        burn::tensor::TensorData::new(captions, [2, CAPTION_TOKENS, CAPTION_DIM]),
+    );
+    microdit::io::write_safetensors(&s.root.join("captions.safetensors"), &tensors).unwrap();
+    let (code, log) = train(&s, "run", &[]);
+    assert_eq!(code, Some(0), "{log}");
+    for step in ["step-00000002.png", "step-00000004.png"] {
+        let png = std::fs::read(s.root.join("run/samples").join(step)).unwrap();
+        let reader = png::Decoder::new(std::io::Cursor::new(png))
+            .read_info()
+            .unwrap();
+        // Two 16 px tiles (8x8 latents, a VAE that upsamples twice) side by side.
+        assert_eq!(
+            (reader.info().width, reader.info().height),
+            (32, 16),
+            "{step}"
+        );
     }
 }

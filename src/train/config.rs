@@ -77,11 +77,30 @@ pub struct TrainConfig {
     /// Skip unreadable or wrongly shaped samples (counted in metrics.jsonl) instead of stopping.
     #[serde(default)]
     pub skip_bad_samples: bool,
+    /// Every this many steps, sample a grid for the preview captions (0 = never).
+    #[serde(default)]
+    pub sample_every: usize,
+    /// safetensors file with `caption_latents` [N, L, Cc] for the preview grid.
+    #[serde(default)]
+    pub sample_captions: Option<PathBuf>,
+    /// VAE to decode previews with (directory or Hub repo); without one the grid shows latents.
+    #[serde(default)]
+    pub sample_vae: Option<String>,
+    #[serde(default = "default_sample_steps")]
+    pub sample_steps: usize,
+    #[serde(default = "default_sample_guidance")]
+    pub sample_guidance: f64,
     /// Start from these weights (a previous stage's run directory or a weights file).
     #[serde(default)]
     pub init_from: Option<PathBuf>,
 }
 
+fn default_sample_steps() -> usize {
+    30
+}
+fn default_sample_guidance() -> f64 {
+    5.0
+}
 fn default_p_mean() -> f64 {
     -0.6
 }
@@ -141,8 +160,13 @@ impl TrainConfig {
                 *d = base.join(&*d);
             }
         }
-        if let Some(p) = cfg.init_from.as_mut().filter(|p| p.is_relative()) {
-            *p = base.join(&*p);
+        for p in [cfg.init_from.as_mut(), cfg.sample_captions.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
         }
         cfg.validate()?;
         Ok(cfg)

@@ -20,6 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
 use super::optim::{clip_grad_norm, AdamWSettings, Ema, GroupedAdamW};
+use super::preview::Preview;
 use crate::data::latents::LatentsDataset;
 use crate::edm::{edm_loss, LossNoise};
 use crate::model::weights::load_weights;
@@ -156,6 +157,20 @@ pub fn train<B: AutodiffBackend>(
         }
     }
 
+    let preview = match (cfg.sample_every, &cfg.sample_captions) {
+        (0, _) => None,
+        (_, Some(captions)) => Some(Preview::<B::InnerBackend>::new(
+            captions,
+            cfg.sample_vae.as_deref(),
+            cfg.sample_steps,
+            cfg.sample_guidance,
+            run,
+            device,
+        )?),
+        (_, None) => {
+            bail!("sample_every is set but sample_captions (a file of caption embeddings) is not")
+        }
+    };
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -248,6 +263,21 @@ pub fn train<B: AutodiffBackend>(
         if state.step.is_multiple_of(cfg.checkpoint_every) || state.step == cfg.steps || stop {
             state.capture(&rng);
             checkpoint::save(run, &model, &optim, ema.as_ref(), &state, cfg.keep_last)?;
+        }
+        if let Some(p) = preview
+            .as_ref()
+            .filter(|_| state.step.is_multiple_of(cfg.sample_every))
+        {
+            let path = p.render(
+                &model.valid(),
+                [dit.in_channels, dit.input_size, dit.input_size],
+                state.step,
+            )?;
+            bar.println(format!(
+                "step {}: samples in {}",
+                state.step,
+                path.display()
+            ));
         }
         if opts.abort_after_step == Some(state.step) {
             std::process::abort();
