@@ -15,13 +15,6 @@ pub mod known {
     pub const SDXL_VAE_FP16_FIX: &str = "madebyollin/sdxl-vae-fp16-fix";
     pub const VAE_16_CHANNEL: &str = "ostris/vae-kl-f8-d16";
     pub const MICRODIT: &str = "VSehwag24/MicroDiT";
-    /// The released MicroDiT_XL_2 checkpoints (512 px), in `VSehwag24/MicroDiT`.
-    pub const CHECKPOINTS: [&str; 4] = [
-        "ckpts/dit_4_channel_37M_real_and_synthetic_data.pt",
-        "ckpts/dit_4_channel_22M_real_only_data.pt",
-        "ckpts/dit_16_channel_37M_real_and_synthetic_data.pt",
-        "ckpts/dit_4_channel_0.5B_synthetic_data.pt",
-    ];
 }
 
 pub struct Hub {

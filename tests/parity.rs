@@ -70,6 +70,17 @@ fn mask_from<Bk: Backend>(cases: &Cases, prefix: &str, device: &Bk::Device) -> P
     )
 }
 
+/// The unmasked network output on the set's `forward.*` inputs.
+fn forward_case(model: &MicroDit<B>, c: &Cases) -> Tensor<B, 4> {
+    let dev = Default::default();
+    model.forward(
+        c.tensor("forward.x", &dev),
+        c.tensor("forward.t", &dev),
+        c.captions("forward.y", &dev),
+        None,
+    )
+}
+
 #[test]
 fn forward_masked_and_guided_outputs_match_reference() {
     let dev = Default::default();
@@ -77,12 +88,7 @@ fn forward_masked_and_guided_outputs_match_reference() {
         let model: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"));
         let c = &s.cases;
 
-        let out = model.forward(
-            c.tensor("forward.x", &dev),
-            c.tensor("forward.t", &dev),
-            c.captions("forward.y", &dev),
-            None,
-        );
+        let out = forward_case(&model, c);
         assert_close(
             &format!("{}: forward", s.name),
             &to_vec(out),
@@ -273,7 +279,6 @@ fn samplers_match_reference() {
 
 #[test]
 fn torch_save_checkpoints_load_like_safetensors() {
-    let dev = Default::default();
     let mut checked = 0;
     for (s, dir) in sets() {
         let pt = dir.join("weights.pt");
@@ -289,12 +294,7 @@ fn torch_save_checkpoints_load_like_safetensors() {
             s.name
         );
         let c = &s.cases;
-        let out = a.forward(
-            c.tensor("forward.x", &dev),
-            c.tensor("forward.t", &dev),
-            c.captions("forward.y", &dev),
-            None,
-        );
+        let out = forward_case(&a, c);
         assert_close(
             &format!("{}: forward from .pt", s.name),
             &to_vec(out),
@@ -309,7 +309,6 @@ fn torch_save_checkpoints_load_like_safetensors() {
 #[test]
 fn half_precision_forward_stays_close_to_reference() {
     use burn::tensor::FloatDType;
-    let dev = Default::default();
     for (s, dir) in sets() {
         let c = &s.cases;
         // bf16 keeps 8 mantissa bits (ε ≈ 4e-3), f16 11 (ε ≈ 5e-4); a few layers deep the
@@ -317,12 +316,7 @@ fn half_precision_forward_stays_close_to_reference() {
         for (dtype, tol) in [(FloatDType::BF16, 5e-2), (FloatDType::F16, 1e-2)] {
             let model: MicroDit<B> =
                 load::<B>(&s.cfg, &dir.join("weights.safetensors")).cast(dtype);
-            let out = model.forward(
-                c.tensor("forward.x", &dev),
-                c.tensor("forward.t", &dev),
-                c.captions("forward.y", &dev),
-                None,
-            );
+            let out = forward_case(&model, c);
             assert_eq!(
                 out.dtype(),
                 burn::tensor::DType::F32,
