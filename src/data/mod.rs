@@ -2,5 +2,6 @@
 
 pub mod latents;
 pub mod mds;
+pub mod preprocess;
 
 pub use mds::{MdsDataset, Sample, Value};
