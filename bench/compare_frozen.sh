@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Text encoding and VAE decoding at full size (random weights): microdit, then open_clip /
+# Text encoding, VAE decoding and precompute's decode + resize + VAE encoding at full size (random weights): microdit, then open_clip /
 # diffusers, back to back on this machine, each under /usr/bin/time for peak memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,3 +12,8 @@ for s in 32 64; do
   run ./target/release/microdit bench-vae --latent-size "$s" --iters 1
   run python3 bench/pytorch_frozen.py vae --latent-size "$s" --iters 1
 done
+photos=$(mktemp -d)
+python3 bench/pytorch_frozen.py photos "$photos"
+run ./target/release/microdit bench-encode "$photos" --resolution 256 --batch 4
+run python3 bench/pytorch_frozen.py encode "$photos" --resolution 256 --batch 4
+rm -rf "$photos"

@@ -2,6 +2,8 @@
 
     python3 bench/pytorch_frozen.py text --batch 8 --iters 3
     python3 bench/pytorch_frozen.py vae --latent-size 32 --iters 1
+    python3 bench/pytorch_frozen.py photos DIR        # 16 JPEG photographs (scikit-image's)
+    python3 bench/pytorch_frozen.py encode DIR --resolution 256 --batch 4
 """
 import argparse, statistics, time
 
@@ -35,11 +37,7 @@ def text(a):
 
 def vae(a):
     import diffusers
-    from diffusers import AutoencoderKL
-    # The SDXL VAE's architecture.
-    model = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                          down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                          norm_num_groups=32, scaling_factor=0.13025).eval()
+    model = sdxl_vae()
     z = torch.randn(1, 4, a.latent_size, a.latent_size)
     print(f"diffusers {diffusers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
@@ -50,11 +48,66 @@ def vae(a):
     print(f"{'decode':<40} {t:>9.3f} s   {1 / t:>8.2f} images/s")
 
 
+def sdxl_vae():
+    from diffusers import AutoencoderKL
+    # The SDXL VAE's architecture.
+    return AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                         norm_num_groups=32, scaling_factor=0.13025).eval()
+
+
+def photos(a):
+    """Public-domain/CC0 photographs shipped with scikit-image, flipped and re-saved as JPEG."""
+    import os
+    import skimage.data
+    from PIL import Image, ImageOps
+    os.makedirs(a.dir, exist_ok=True)
+    names = ["astronaut", "chelsea", "coffee", "rocket"]
+    for i in range(16):
+        img = Image.fromarray(getattr(skimage.data, names[i % 4])()).convert("RGB")
+        if i // 4 % 2:
+            img = ImageOps.mirror(img)
+        if i // 8:
+            img = ImageOps.flip(img)
+        img.save(os.path.join(a.dir, f"{i:02d}.jpg"), quality=90)
+
+
+def encode(a):
+    """The reference's precompute image path: a DataLoader (2 workers) decoding with PIL and
+    resizing with torchvision, then the VAE's encoder and a latent sample."""
+    import os
+    from PIL import Image
+    from torchvision import transforms
+    files = sorted(os.path.join(a.dir, f) for f in os.listdir(a.dir) if f.endswith((".jpg", ".png")))
+    tf = transforms.Compose([
+        transforms.Resize(a.resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(a.resolution), transforms.ToTensor(), transforms.Normalize(0.5, 0.5)])
+
+    class Files(torch.utils.data.Dataset):
+        def __init__(self, files): self.files = files
+        def __len__(self): return len(self.files)
+        def __getitem__(self, i): return tf(Image.open(self.files[i]).convert("RGB"))
+
+    model = sdxl_vae()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    @torch.no_grad()
+    def run(files):
+        for images in torch.utils.data.DataLoader(Files(files), batch_size=a.batch, num_workers=2):
+            model.encode(images).latent_dist.sample()
+    run(files[:a.batch])
+    timed_files = files[a.batch:]
+    t0 = time.perf_counter(); run(timed_files); t = time.perf_counter() - t0
+    print(f"{'decode + resize + encode':<40} {t:>9.3f} s   {len(timed_files) / t:>8.2f} images/s")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["text", "vae"])
+    ap.add_argument("what", choices=["text", "vae", "photos", "encode"])
+    ap.add_argument("dir", nargs="?")
+    ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--latent-size", type=int, default=32)
     ap.add_argument("--iters", type=int, default=1)
     a = ap.parse_args()
-    {"text": text, "vae": vae}[a.what](a)
+    {"text": text, "vae": vae, "photos": photos, "encode": encode}[a.what](a)

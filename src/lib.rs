@@ -13,6 +13,7 @@ pub mod hub;
 pub mod image;
 pub mod io;
 pub mod model;
+pub mod precompute;
 pub mod text;
 pub mod train;
 pub mod vae;

@@ -1,7 +1,7 @@
 //! The `microdit` command line: thin; each subcommand lives in `commands/`.
 
 use clap::{Parser, Subcommand};
-use microdit::commands::{bench, bench_frozen, generate, info, train, ModelArgs};
+use microdit::commands::{bench, bench_frozen, generate, info, precompute, train, ModelArgs};
 
 /// MicroDiT: train and sample the Sparse Elucidated Latent Diffusion Transformer.
 #[derive(Parser)]
@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Generate images from prompts with a MicroDiT checkpoint (PNG files with their settings).
     Generate(Box<generate::GenerateArgs>),
+    /// Turn image–caption pairs into MDS shards of VAE latents and caption embeddings.
+    Precompute(Box<precompute::PrecomputeArgs>),
     /// Train a MicroDiT on MDS latent shards: one stage config, or several in sequence.
     Train(train::TrainArgs),
     /// Plot a training run's loss curve (from its metrics.jsonl) as a PNG.
@@ -33,6 +35,8 @@ enum Command {
     BenchText(bench_frozen::TextBenchArgs),
     /// Time decoding one latent with the full-size SDXL VAE (random weights).
     BenchVae(bench_frozen::VaeBenchArgs),
+    /// Time precompute's image path: decode, resize and SDXL VAE encoding (random weights).
+    BenchEncode(bench_frozen::EncodeBenchArgs),
 }
 
 fn main() {
@@ -40,6 +44,7 @@ fn main() {
     let result = match &cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Info(args) => info::run(args),
+        Command::Precompute(args) => precompute::run(args),
         Command::Train(args) => train::run(args),
         Command::Plot { run, out } => {
             microdit::train::plot::plot(run, &out.clone().unwrap_or_else(|| run.join("loss.png")))
@@ -47,6 +52,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::BenchText(args) => bench_frozen::run_text(args),
         Command::BenchVae(args) => bench_frozen::run_vae(args),
+        Command::BenchEncode(args) => bench_frozen::run_encode(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

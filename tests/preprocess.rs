@@ -21,8 +21,12 @@ fn resize_and_crop_match_torchvision_within_one_grey_level() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let parts: Vec<&str> = name.split('.').collect();
-        let [case, size, "png"] = parts[..] else { continue };
-        let Ok(size) = size.parse::<usize>() else { continue };
+        let [case, size, "png"] = parts[..] else {
+            continue;
+        };
+        let Ok(size) = size.parse::<usize>() else {
+            continue;
+        };
         let input = ["png", "jpg"]
             .iter()
             .map(|e| dir.join(format!("{case}.input.{e}")))
@@ -40,13 +44,22 @@ fn resize_and_crop_match_torchvision_within_one_grey_level() {
             .collect();
         let max = *diffs.iter().max().unwrap();
         let exact = diffs.iter().filter(|d| **d == 0).count() as f64 / diffs.len() as f64;
-        println!("{name}: max |diff| {max}, {:.2}% of values equal", 100.0 * exact);
+        println!(
+            "{name}: max |diff| {max}, {:.2}% of values equal",
+            100.0 * exact
+        );
         if input.extension().unwrap() == "png" {
-            assert!(max <= 1, "{name}: differs from torchvision by {max} grey levels");
+            assert!(
+                max <= 1,
+                "{name}: differs from torchvision by {max} grey levels"
+            );
         } else {
             // Pillow decodes JPEG with libjpeg-turbo and microdit with zune-jpeg: their
             // IDCT and chroma upsampling round differently, a few grey levels at most.
-            assert!(max <= 6 && exact > 0.85, "{name}: JPEG decoders disagree too much");
+            assert!(
+                max <= 6 && exact > 0.85,
+                "{name}: JPEG decoders disagree too much"
+            );
         }
         checked += 1;
     }

@@ -1,14 +1,16 @@
-//! `microdit bench text|vae`: the frozen parts at full size (ViT-H text tower, SDXL VAE) with
-//! random weights, timed. `bench/pytorch_frozen.py` does the same work with open_clip and
-//! diffusers.
+//! `microdit bench-text|bench-vae|bench-encode`: the frozen parts at full size (ViT-H text
+//! tower, SDXL VAE) with random weights, timed. `bench/pytorch_frozen.py` does the same work
+//! with open_clip, torchvision and diffusers.
 
 use anyhow::Result;
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::bench::{report, time};
 use super::DeviceChoice;
+use crate::data::preprocess::{decode_rgb, resize_center_crop, to_model_input};
 use crate::edm::loss::standard_normal;
 use crate::text::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
 use crate::vae::{AutoencoderKl, VaeConfig};
@@ -35,12 +37,28 @@ pub struct VaeBenchArgs {
     pub device: DeviceChoice,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct EncodeBenchArgs {
+    /// A folder of images (e.g. from `python3 bench/pytorch_frozen.py photos DIR`).
+    pub images: std::path::PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub resolution: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+}
+
 pub fn run_text(args: &TextBenchArgs) -> Result<()> {
     crate::with_backend!(args.device, |Bk, device| text::<Bk>(args, &device))
 }
 
 pub fn run_vae(args: &VaeBenchArgs) -> Result<()> {
     crate::with_backend!(args.device, |Bk, device| vae::<Bk>(args, &device))
+}
+
+pub fn run_encode(args: &EncodeBenchArgs) -> Result<()> {
+    crate::with_backend!(args.device, |Bk, device| encode::<Bk>(args, &device))
 }
 
 fn text<B: Backend>(args: &TextBenchArgs, device: &B::Device) -> Result<()> {
@@ -88,5 +106,55 @@ fn vae<B: Backend>(args: &VaeBenchArgs, device: &B::Device) -> Result<()> {
         let _ = vae.decode(z.clone()).into_data();
     });
     report("decode", seconds, 1, "images");
+    Ok(())
+}
+
+/// Precompute's image path: read, decode, resize + crop (in parallel), then the SDXL VAE's
+/// encoder and a latent sample, batch by batch; the first batch is a warm-up.
+fn encode<B: Backend>(args: &EncodeBenchArgs, device: &B::Device) -> Result<()> {
+    let mut files: Vec<_> = std::fs::read_dir(&args.images)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg" || e == "png"))
+        .collect();
+    files.sort();
+    anyhow::ensure!(
+        files.len() > args.batch,
+        "{}: needs more than {} images",
+        args.images.display(),
+        args.batch
+    );
+    let cfg = VaeConfig::sdxl();
+    let vae = AutoencoderKl::<B>::new(&cfg, device);
+    let r = args.resolution;
+    let side = r / cfg.downscale();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut run = |batch: &[std::path::PathBuf]| -> Result<()> {
+        let pixels = batch
+            .par_iter()
+            .map(|p| {
+                let image = decode_rgb(&std::fs::read(p)?)?;
+                Ok(to_model_input(&resize_center_crop(&image, r)?))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .concat();
+        let n = batch.len();
+        let images = Tensor::from_data(TensorData::new(pixels, [n, 3, r, r]), device);
+        let noise = standard_normal(&mut rng, [n, cfg.latent_channels, side, side], device);
+        let _ = vae.encode(images).sample(noise).into_data();
+        Ok(())
+    };
+    let (warmup, timed) = files.split_at(args.batch);
+    run(warmup)?;
+    println!(
+        "SDXL VAE encoder, {} images at {r} px, batch {}",
+        timed.len(),
+        args.batch
+    );
+    let start = std::time::Instant::now();
+    for batch in timed.chunks(args.batch) {
+        run(batch)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    report("decode + resize + encode", seconds, timed.len(), "images");
     Ok(())
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_frozen;
 pub mod generate;
 pub mod info;
+pub mod precompute;
 pub mod train;
 
 use anyhow::{bail, Result};

@@ -3,5 +3,6 @@
 pub mod latents;
 pub mod mds;
 pub mod preprocess;
+pub mod sources;
 
 pub use mds::{MdsDataset, Sample, Value};

@@ -19,9 +19,14 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     Ok(image.to_rgb8())
 }
 
-/// `Resize(size)` then `CenterCrop(size)`: the short side becomes `size` (the long side
-/// `int(size * long / short)`, torchvision's rule), then the centre `size`×`size` square.
+/// `Resize(size)` then `CenterCrop(size)`.
 pub fn resize_center_crop(image: &RgbImage, size: usize) -> Result<RgbImage> {
+    Ok(center_crop(&resize_short_side(image, size)?, size))
+}
+
+/// torchvision's `Resize(size)`: the short side becomes `size`, the long side
+/// `int(size * long / short)`.
+pub fn resize_short_side(image: &RgbImage, size: usize) -> Result<RgbImage> {
     let (w, h) = (image.width() as usize, image.height() as usize);
     if w == 0 || h == 0 || size == 0 {
         bail!("cannot resize a {w}x{h} image to {size}");
@@ -33,12 +38,11 @@ pub fn resize_center_crop(image: &RgbImage, size: usize) -> Result<RgbImage> {
     } else {
         (long_out, size)
     };
-    let resized = if (out_w, out_h) == (w, h) {
+    Ok(if (out_w, out_h) == (w, h) {
         image.clone()
     } else {
         resize_bicubic(image, out_w, out_h)
-    };
-    Ok(center_crop(&resized, size))
+    })
 }
 
 /// torchvision's `center_crop` offsets: `int(round((in - out) / 2))`, Python's round
