@@ -8,6 +8,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod commands;
 pub mod data;
+pub mod demo;
 pub mod edm;
 pub mod hub;
 pub mod image;

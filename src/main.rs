@@ -1,7 +1,7 @@
 //! The `microdit` command line: thin; each subcommand lives in `commands/`.
 
 use clap::{Parser, Subcommand};
-use microdit::commands::{bench, bench_frozen, generate, info, precompute, train, ModelArgs};
+use microdit::commands::{bench, bench_frozen, demo, generate, info, precompute, train, ModelArgs};
 
 /// MicroDiT: train and sample the Sparse Elucidated Latent Diffusion Transformer.
 #[derive(Parser)]
@@ -27,6 +27,8 @@ enum Command {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Watch a small text-to-image model learn captioned shapes on a CPU (no downloads).
+    Demo(demo::DemoArgs),
     /// Print an architecture's parameter count, part by part (no weights are allocated).
     Info(ModelArgs),
     /// Time one denoiser training step and one guided sampler step.
@@ -44,6 +46,7 @@ fn main() {
     let result = match &cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Info(args) => info::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Precompute(args) => precompute::run(args),
         Command::Train(args) => train::run(args),
         Command::Plot { run, out } => {

@@ -25,7 +25,7 @@ use crate::data::preprocess::{decode_rgb, resize_center_crop, resize_short_side,
 use crate::data::sources::ImageCaptionSource;
 use crate::edm::loss::standard_normal;
 use crate::text::{ClipTextEncoder, ClipTokenizer};
-use crate::vae::{AutoencoderKl, VaeConfig};
+use crate::vae::{AutoencoderKl, SpaceToDepth, VaeConfig};
 
 #[derive(Debug, Clone)]
 pub struct PrecomputeOptions {
@@ -60,23 +60,41 @@ impl Default for PrecomputeOptions {
     }
 }
 
-/// Images to latents: the VAE's distribution, sampled and scaled as training expects.
-pub struct ImageEncoder<B: Backend> {
-    pub vae: AutoencoderKl<B>,
-    pub config: VaeConfig,
+/// Images to latents.
+pub enum ImageEncoder<B: Backend> {
+    /// The VAE's distribution, sampled and scaled as training expects.
+    Vae {
+        vae: AutoencoderKl<B>,
+        config: VaeConfig,
+    },
+    /// A fixed rearrangement of pixels (the demo's tiny images).
+    SpaceToDepth(SpaceToDepth),
 }
 
 impl<B: Backend> ImageEncoder<B> {
     /// `[B, 3, R, R]` in [−1, 1] → model latents; `noise` is standard normal of the latent
     /// shape (the reference's `latent_dist.sample() * scaling_factor`).
     fn encode(&self, images: Tensor<B, 4>, noise: Tensor<B, 4>) -> Tensor<B, 4> {
-        let z = self.vae.encode(images).sample(noise);
-        self.config.to_model_latents(z)
+        match self {
+            Self::Vae { vae, config } => config.to_model_latents(vae.encode(images).sample(noise)),
+            Self::SpaceToDepth(codec) => codec.encode(images),
+        }
+    }
+
+    fn downscale(&self) -> usize {
+        match self {
+            Self::Vae { config, .. } => config.downscale(),
+            Self::SpaceToDepth(codec) => codec.factor,
+        }
     }
 
     fn latent_shape(&self, resolution: usize) -> [usize; 3] {
-        let side = resolution / self.config.downscale();
-        [self.config.latent_channels, side, side]
+        let channels = match self {
+            Self::Vae { config, .. } => config.latent_channels,
+            Self::SpaceToDepth(codec) => codec.channels(),
+        };
+        let side = resolution / self.downscale();
+        [channels, side, side]
     }
 }
 
@@ -168,10 +186,10 @@ fn validate<B: Backend>(options: &PrecomputeOptions, images: &ImageEncoder<B>) -
             options.workers
         );
     }
-    let downscale = images.config.downscale();
+    let downscale = images.downscale();
     for r in &options.resolutions {
         if r % downscale != 0 {
-            bail!("resolution {r} is not a multiple of the VAE's downscale factor {downscale}");
+            bail!("resolution {r} is not a multiple of the encoder's downscale factor {downscale}");
         }
     }
     Ok(())

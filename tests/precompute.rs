@@ -27,7 +27,7 @@ fn encoders() -> Encoders<Cpu> {
     Encoders {
         text,
         tokenizer: ClipTokenizer::new(),
-        images: ImageEncoder { vae, config },
+        images: ImageEncoder::Vae { vae, config },
     }
 }
 
@@ -122,8 +122,10 @@ fn a_folder_becomes_latent_shards_with_a_skip_report() {
     assert_eq!(reasons.len(), 3);
 
     let enc = encoders();
-    let c = enc.images.config.latent_channels;
-    let ds = enc.images.config.downscale();
+    let ImageEncoder::Vae { config, .. } = &enc.images else {
+        unreachable!()
+    };
+    let (c, ds) = (config.latent_channels, config.downscale());
     let samples = samples(&out);
     assert_eq!(samples.len(), good);
     let first = &samples["a picture number 0"];
@@ -152,7 +154,10 @@ fn latents_are_scaled_samples_of_the_vae_distribution() {
     let out = dir.path().join("out");
     run(&dir.path().join("in"), &out, &options());
     let enc = encoders();
-    let scale = enc.images.config.scaling_factor as f32;
+    let ImageEncoder::Vae { vae, config } = &enc.images else {
+        unreachable!()
+    };
+    let scale = config.scaling_factor as f32;
     let file = dir.path().join("in/02.png");
     let pixels = to_model_input(
         &resize_center_crop(&decode_rgb(&std::fs::read(file).unwrap()).unwrap(), 32).unwrap(),
@@ -161,7 +166,7 @@ fn latents_are_scaled_samples_of_the_vae_distribution() {
         TensorData::new(pixels, [1, 3, 32, 32]),
         &CpuDevice::default(),
     );
-    let dist = enc.images.vae.encode(images);
+    let dist = vae.encode(images);
     let mean: Vec<f32> = dist.mean.into_data().into_vec().unwrap();
     let std: Vec<f32> = (dist.logvar * 0.5).exp().into_data().into_vec().unwrap();
     let stored = f16_values(

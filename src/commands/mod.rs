@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_frozen;
+pub mod demo;
 pub mod generate;
 pub mod info;
 pub mod precompute;

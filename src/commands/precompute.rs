@@ -75,7 +75,7 @@ fn run_on<B: Backend>(args: &PrecomputeArgs, device: &B::Device) -> Result<()> {
     let encoders = Encoders {
         text,
         tokenizer: ClipTokenizer::new(),
-        images: ImageEncoder { vae, config },
+        images: ImageEncoder::Vae { vae, config },
     };
     let options = PrecomputeOptions {
         resolutions: args.resolutions.clone(),

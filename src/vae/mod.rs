@@ -2,6 +2,7 @@
 
 pub mod autoencoder;
 pub mod config;
+pub mod space_to_depth;
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ use burn::prelude::*;
 
 pub use autoencoder::{AutoencoderKl, LatentDistribution};
 pub use config::VaeConfig;
+pub use space_to_depth::SpaceToDepth;
 
 use crate::checkpoint::{
     apply_state_dict, read_state_dict, upgrade_keys, VAE_KEYS, VAE_LEGACY_KEYS,

@@ -1,0 +1,7 @@
+//! `microdit demo`: the whole system learning text conditioning on captioned shapes, on a CPU.
+
+pub mod run;
+pub mod score;
+pub mod shapes;
+
+pub use run::{run, DemoOptions, Scores, Variant};

@@ -1,0 +1,505 @@
+//! The demo run, step by step, each step skipped when its output already exists (so a
+//! stopped demo resumes): captioned shapes → a random CLIP-architecture text tower →
+//! `precompute` (space-to-depth latents) → `train` (a masked stage with the patch-mixer,
+//! then an unmasked finetune, or an ablation variant) → sampling held-out and seen prompts
+//! → adherence scores, a Fréchet distance, a grid, loss plots and a report.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::score::{features, frechet_distance, judge, Tally, CHANCE};
+use super::shapes::{scene_and_image, Scene};
+use crate::checkpoint::{reference_tensors, CLIP_TEXT_KEYS};
+use crate::data::sources::ImageCaptionSource;
+use crate::edm::generate::{sample_latents, SamplerSettings};
+use crate::edm::{karras_sigmas, Churn, EdmConfig, Solver};
+use crate::hub::Hub;
+use crate::model::weights::load_weights;
+use crate::model::{DitConfig, Init, MicroDit};
+use crate::precompute::{precompute, Encoders, ImageEncoder, PrecomputeOptions};
+use crate::text::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
+use crate::train::config::TrainConfig;
+use crate::train::trainer::{train, RunOptions};
+use crate::vae::SpaceToDepth;
+
+/// How the training budget is spent (the paper's central comparison, in miniature).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Variant {
+    /// 75% of patches masked, with the patch-mixer, then an unmasked finetune (MicroDiT).
+    Masked,
+    /// No masking at all.
+    Unmasked,
+    /// 75% masked without the patch-mixer, then an unmasked finetune.
+    MaskedNoMixer,
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub out: PathBuf,
+    /// Wall-clock budget for the whole run, data and evaluation included.
+    pub minutes: f64,
+    pub variant: Variant,
+    pub train_images: usize,
+    /// Prompts sampled per group (seen and held-out combinations).
+    pub eval_prompts: usize,
+    pub seed: u64,
+    pub quiet: bool,
+}
+
+const IMAGE_SIZE: usize = 32;
+const CODEC: SpaceToDepth = SpaceToDepth { factor: 2 };
+const TEXT_WIDTH: usize = 64;
+/// Share of the training time given to the unmasked finetune after a masked stage.
+const FINETUNE_SHARE: f64 = 0.2;
+/// Share of the budget kept for sampling and scoring.
+const EVAL_SHARE: f64 = 0.12;
+const SAMPLER_STEPS: usize = 18;
+const GUIDANCE: f64 = 3.0;
+
+/// The steps chosen for the budget, saved so that a resumed run keeps them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Plan {
+    stages: Vec<(String, f64, usize)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Scores {
+    pub accuracy: Vec<(String, f64, f64, f64)>,
+    pub frechet_distance: f64,
+    pub frechet_distance_between_real_sets: f64,
+    pub scorer_accuracy_on_real_images: f64,
+}
+
+pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result<Scores> {
+    let start = Instant::now();
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let tower = opts.out.join("text-tower");
+    let data = opts.out.join("data");
+    if !data.join("index.json").exists() {
+        write_images(opts)?;
+        let text = text_tower::<B::InnerBackend>(&tower, opts.seed, device)?;
+        let encoders = Encoders {
+            text,
+            tokenizer: ClipTokenizer::new(),
+            images: ImageEncoder::SpaceToDepth(CODEC),
+        };
+        let source = ImageCaptionSource::open(&opts.out.join("images"))?;
+        let options = PrecomputeOptions {
+            resolutions: vec![IMAGE_SIZE],
+            min_size: IMAGE_SIZE,
+            batch_size: 256,
+            part_size: 2000,
+            quiet: opts.quiet,
+            ..Default::default()
+        };
+        eprintln!("precomputing {} pairs", source.len());
+        precompute(&source, &data, &encoders, &options, device)?;
+    }
+    let stages = stage_configs::<B>(opts, &data, start, device)?;
+    for (k, (dir, cfg)) in stages.iter().enumerate() {
+        eprintln!(
+            "stage {}: {} steps, mask ratio {}",
+            k + 1,
+            cfg.steps,
+            cfg.mask_ratio
+        );
+        let run_opts = RunOptions {
+            resume: true,
+            quiet: opts.quiet,
+            ..Default::default()
+        };
+        train::<B>(cfg, dir, &run_opts, device)?;
+        crate::train::plot::plot(dir, &opts.out.join(format!("loss-stage{}.png", k + 1)))?;
+    }
+    let (last_dir, last_cfg) = stages.last().context("no stages")?;
+    let scores = evaluate::<B::InnerBackend>(opts, &tower, last_dir, last_cfg, device)?;
+    write_report(opts, &stages, &scores, start.elapsed().as_secs_f64())?;
+    Ok(scores)
+}
+
+/// Training pairs as PNG + caption files, the input `precompute` expects.
+fn write_images(opts: &DemoOptions) -> Result<()> {
+    let dir = opts.out.join("images");
+    std::fs::create_dir_all(&dir)?;
+    (0..opts.train_images).into_par_iter().try_for_each(|i| {
+        let (scene, image) = scene_and_image(opts.seed, i, IMAGE_SIZE, false);
+        let path = dir.join(format!("{i:06}.png"));
+        crate::image::write_png(&path, image.as_raw(), IMAGE_SIZE, IMAGE_SIZE, &[])?;
+        std::fs::write(path.with_extension("txt"), scene.caption())?;
+        anyhow::Ok(())
+    })
+}
+
+/// A small CLIP-architecture text tower with random, frozen weights (the real tokenizer),
+/// saved as an open_clip directory the first time so that every later step encodes with
+/// the same weights.
+fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<ClipTextEncoder<B>> {
+    let weights = dir.join("open_clip_model.safetensors");
+    if !weights.exists() {
+        B::seed(device, seed);
+        let cfg = ClipTextConfig {
+            context_length: 77,
+            vocab_size: 49408,
+            width: TEXT_WIDTH,
+            heads: 2,
+            layers: 2,
+            mlp_ratio: 4.0,
+            quick_gelu: false,
+        };
+        let tower = ClipTextEncoder::<B>::new(&cfg, device);
+        let config = serde_json::json!({"model_cfg": {"quick_gelu": false, "text_cfg": {
+            "context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 2,
+            "layers": 2}}});
+        crate::io::write_atomic(&dir.join("open_clip_config.json"), |f| {
+            serde_json::to_writer_pretty(f, &config).map_err(std::io::Error::other)
+        })?;
+        crate::io::write_safetensors(&weights, &reference_tensors(&tower, &CLIP_TEXT_KEYS)?)?;
+    }
+    let hub = Hub::new(dir.to_path_buf(), true);
+    Ok(ClipTextEncoder::from_source(dir.to_str().context("path")?, &hub, device)?.0)
+}
+
+fn dit_config(variant: Variant) -> DitConfig {
+    let depth = 4;
+    DitConfig {
+        input_size: IMAGE_SIZE / CODEC.factor,
+        patch_size: 2,
+        in_channels: CODEC.channels(),
+        dim: 64,
+        depth,
+        head_dim: 32,
+        multiple_of: 32,
+        caption_channels: TEXT_WIDTH,
+        pos_interp_scale: 1.0,
+        norm_eps: 1e-6,
+        depth_init: true,
+        qkv_multipliers: crate::model::config::linspace(0.5, 1.0, depth),
+        ffn_multipliers: crate::model::config::linspace(0.5, 4.0, depth),
+        use_patch_mixer: variant != Variant::MaskedNoMixer,
+        patch_mixer_depth: 1,
+        patch_mixer_dim: 64,
+        patch_mixer_qkv_ratio: 1.0,
+        patch_mixer_mlp_ratio: 2.0,
+        use_bias: false,
+        num_experts: 4,
+        expert_capacity: 2.0,
+        experts_every_n: 2,
+    }
+}
+
+fn train_config(
+    opts: &DemoOptions,
+    model: &Path,
+    data: &Path,
+    mask: f64,
+    steps: usize,
+) -> Result<TrainConfig> {
+    let text = format!(
+        r#"
+model = {model:?}
+resolution = {IMAGE_SIZE}
+in_channels = {channels}
+data = [{data:?}]
+latents_column = "latents_{IMAGE_SIZE}"
+mask_ratio = {mask}
+steps = {steps}
+global_batch = 32
+micro_batch = 32
+lr = 1e-3
+warmup_steps = {warmup}
+alpha_f = 0.33
+grad_clip = 1.0
+seed = {seed}
+checkpoint_every = 100
+keep_last = 2
+log_every = 10
+"#,
+        channels = CODEC.channels(),
+        warmup = (steps / 10).min(100),
+        seed = opts.seed,
+    );
+    let cfg: TrainConfig = toml::from_str(&text)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The stages and their steps: chosen once from timed trial steps so that training fits
+/// the budget left after the data, then read back from `plan.json`.
+fn stage_configs<B: AutodiffBackend>(
+    opts: &DemoOptions,
+    data: &Path,
+    start: Instant,
+    device: &B::Device,
+) -> Result<Vec<(PathBuf, TrainConfig)>> {
+    let model = opts.out.join("dit.json");
+    crate::io::write_atomic(&model, |f| {
+        serde_json::to_writer_pretty(f, &dit_config(opts.variant)).map_err(std::io::Error::other)
+    })?;
+    let masks: Vec<(String, f64, f64)> = match opts.variant {
+        Variant::Unmasked => vec![("unmasked".into(), 0.0, 1.0)],
+        _ => vec![
+            ("masked".into(), 0.75, 1.0 - FINETUNE_SHARE),
+            ("finetune".into(), 0.0, FINETUNE_SHARE),
+        ],
+    };
+    let plan_path = opts.out.join("plan.json");
+    let plan: Plan = match std::fs::read(&plan_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).context("reading plan.json")?,
+        Err(_) => {
+            let per_step = masks
+                .iter()
+                .map(|(_, mask, _)| time_step::<B>(opts, &model, data, *mask, device))
+                .collect::<Result<Vec<f64>>>()?;
+            let budget = opts.minutes * 60.0 * (1.0 - EVAL_SHARE) - start.elapsed().as_secs_f64();
+            let mut stages = Vec::new();
+            for ((name, mask, share), per_step) in masks.iter().zip(per_step) {
+                let steps = ((budget.max(0.0) * share / per_step) as usize).max(20);
+                eprintln!("{name}: {per_step:.3} s per step → {steps} steps");
+                stages.push((name.clone(), *mask, steps));
+            }
+            let plan = Plan { stages };
+            crate::io::write_atomic(&plan_path, |f| {
+                serde_json::to_writer_pretty(f, &plan).map_err(std::io::Error::other)
+            })?;
+            plan
+        }
+    };
+    let mut previous: Option<PathBuf> = None;
+    let mut stages = Vec::new();
+    for (k, (name, mask, steps)) in plan.stages.iter().enumerate() {
+        let dir = opts.out.join(format!("stage{}-{name}", k + 1));
+        let mut cfg = train_config(opts, &model, data, *mask, *steps)?;
+        cfg.init_from = previous.replace(dir.clone());
+        stages.push((dir, cfg));
+    }
+    Ok(stages)
+}
+
+/// Seconds per training step, from a short throw-away run (the first step is not counted).
+fn time_step<B: AutodiffBackend>(
+    opts: &DemoOptions,
+    model: &Path,
+    data: &Path,
+    mask: f64,
+    device: &B::Device,
+) -> Result<f64> {
+    let dir = opts.out.join("timing");
+    let quiet = RunOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let mut elapsed = Vec::new();
+    for steps in [1, 6] {
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = Instant::now();
+        train::<B>(
+            &train_config(opts, model, data, mask, steps)?,
+            &dir,
+            &quiet,
+            device,
+        )?;
+        elapsed.push(t.elapsed().as_secs_f64());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(((elapsed[1] - elapsed[0]) / 5.0).max(1e-3))
+}
+
+/// The evaluation prompts: `n` with seen (colour, shape) combinations, `n` held out, each
+/// with the generator's own image for it.
+fn eval_scenes(opts: &DemoOptions) -> Vec<(bool, Scene, image::RgbImage)> {
+    let seed = opts.seed.wrapping_add(1);
+    let mut all = Vec::new();
+    for held_out in [false, true] {
+        for i in 0..opts.eval_prompts {
+            let stream = i + if held_out { opts.eval_prompts } else { 0 };
+            let (scene, image) = scene_and_image(seed, stream, IMAGE_SIZE, held_out);
+            all.push((held_out, scene, image));
+        }
+    }
+    all
+}
+
+fn evaluate<B: Backend>(
+    opts: &DemoOptions,
+    tower: &Path,
+    stage: &Path,
+    cfg: &TrainConfig,
+    device: &B::Device,
+) -> Result<Scores> {
+    let text = text_tower::<B>(tower, opts.seed, device)?;
+    let tokenizer = ClipTokenizer::new();
+    let dit = cfg.dit_config()?;
+    let weights = crate::train::checkpoint::latest(stage)
+        .context("the last stage has no checkpoint")?
+        .join("weights.safetensors");
+    let model = load_weights(MicroDit::<B>::new(&dit, &mut Init::empty(device)), &weights)?;
+    let edm = EdmConfig::default();
+    let settings = SamplerSettings {
+        sigmas: karras_sigmas(&edm, SAMPLER_STEPS),
+        solver: Solver::Heun,
+        churn: Churn::default(),
+        guidance: GUIDANCE,
+        guidance_interval: (0.0, f64::INFINITY),
+    };
+    let scenes = eval_scenes(opts);
+    let bar = indicatif::ProgressBar::new(scenes.len() as u64);
+    if opts.quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut generated = Vec::new();
+    for (i, (_, scene, _)) in scenes.iter().enumerate() {
+        let ids: Vec<i64> = tokenizer
+            .tokenize(&scene.caption())
+            .0
+            .iter()
+            .map(|&t| t as i64)
+            .collect();
+        let y = text.forward(Tensor::from_data(TensorData::new(ids, [1, 77]), device));
+        let shape = [1, dit.in_channels, dit.input_size, dit.input_size];
+        let z = sample_latents(
+            &model,
+            &edm,
+            y,
+            shape,
+            opts.seed + i as u64,
+            &settings,
+            |_| {},
+        );
+        let pixels = crate::image::to_rgb8(CODEC.decode(z))?;
+        generated.push(
+            image::RgbImage::from_raw(IMAGE_SIZE as u32, IMAGE_SIZE as u32, pixels)
+                .context("image size")?,
+        );
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    write_grid(&opts.out.join("samples.png"), &scenes, &generated)?;
+    Ok(score(opts, &scenes, &generated))
+}
+
+fn score(
+    opts: &DemoOptions,
+    scenes: &[(bool, Scene, image::RgbImage)],
+    generated: &[image::RgbImage],
+) -> Scores {
+    let (mut seen, mut held, mut real) = (Tally::default(), Tally::default(), Tally::default());
+    for ((held_out, scene, reference), image) in scenes.iter().zip(generated) {
+        let verdict = judge(scene, image);
+        if *held_out {
+            held.add(&verdict)
+        } else {
+            seen.add(&verdict)
+        }
+        real.add(&judge(scene, reference));
+    }
+    let rate = |(ok, n): (usize, usize)| {
+        if n == 0 {
+            f64::NAN
+        } else {
+            ok as f64 / n as f64
+        }
+    };
+    let pick = |t: &Tally| [t.color, t.shape, t.count, t.position];
+    let accuracy = CHANCE
+        .iter()
+        .enumerate()
+        .map(|(k, (name, chance))| {
+            (
+                name.to_string(),
+                rate(pick(&seen)[k]),
+                rate(pick(&held)[k]),
+                *chance,
+            )
+        })
+        .collect();
+    let real_features: Vec<Vec<f64>> = scenes.iter().map(|s| features(&s.2)).collect();
+    let generated_features: Vec<Vec<f64>> = generated.iter().map(features).collect();
+    // A second draw of real images for the same prompts: the distance's floor at this size.
+    let other_real: Vec<Vec<f64>> = (0..scenes.len())
+        .map(|i| {
+            features(&scene_and_image(opts.seed.wrapping_add(2), i, IMAGE_SIZE, scenes[i].0).1)
+        })
+        .collect();
+    let (ok, n) = pick(&real)
+        .iter()
+        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+    Scores {
+        accuracy,
+        frechet_distance: frechet_distance(&real_features, &generated_features),
+        frechet_distance_between_real_sets: frechet_distance(&real_features, &other_real),
+        scorer_accuracy_on_real_images: ok as f64 / n.max(1) as f64,
+    }
+}
+
+/// Each prompt's generated image beside the generator's own, four times enlarged.
+fn write_grid(
+    path: &Path,
+    scenes: &[(bool, Scene, image::RgbImage)],
+    generated: &[image::RgbImage],
+) -> Result<()> {
+    let size = IMAGE_SIZE as u32 * 4;
+    let enlarge = |im: &image::RgbImage| {
+        image::imageops::resize(im, size, size, image::imageops::FilterType::Nearest).into_raw()
+    };
+    let tiles: Vec<Vec<u8>> = scenes
+        .iter()
+        .zip(generated)
+        .flat_map(|((_, _, real), fake)| [enlarge(fake), enlarge(real)])
+        .collect();
+    let refs: Vec<&[u8]> = tiles.iter().map(|t| t.as_slice()).collect();
+    crate::image::write_grid(path, &refs, size as usize)
+}
+
+fn write_report(
+    opts: &DemoOptions,
+    stages: &[(PathBuf, TrainConfig)],
+    scores: &Scores,
+    seconds: f64,
+) -> Result<()> {
+    let mut md = format!(
+        "# microdit demo: {:?}\n\nBudget {} min, this run {:.1} min. {} training images ({} px), {} \
+         prompts per group.\n\n",
+        opts.variant, opts.minutes, seconds / 60.0, opts.train_images, IMAGE_SIZE, opts.eval_prompts
+    );
+    for (dir, cfg) in stages {
+        md += &format!(
+            "- {}: {} steps, mask ratio {}\n",
+            dir.display(),
+            cfg.steps,
+            cfg.mask_ratio
+        );
+    }
+    md += "\n| attribute | seen combinations | held-out combinations | chance |\n| --- | ---: | ---: | ---: |\n";
+    for (name, seen, held, chance) in &scores.accuracy {
+        md += &format!(
+            "| {name} | {:.0}% | {:.0}% | {:.0}% |\n",
+            100.0 * seen,
+            100.0 * held,
+            100.0 * chance
+        );
+    }
+    md += &format!(
+        "\nFréchet distance to the generator's images (scorer features): {:.4} (two draws of \
+         real images: {:.4}). The scorer reads the generator's own images right {:.0}% of the \
+         time.\n\n`samples.png`: each prompt's sample beside a real image for it (seen prompts \
+         first, then held-out); `loss-stage*.png`: training losses.\n",
+        scores.frechet_distance,
+        scores.frechet_distance_between_real_sets,
+        100.0 * scores.scorer_accuracy_on_real_images
+    );
+    crate::io::write_atomic(&opts.out.join("report.md"), |f| {
+        std::io::Write::write_all(f, md.as_bytes())
+    })?;
+    crate::io::write_atomic(&opts.out.join("report.json"), |f| {
+        serde_json::to_writer_pretty(f, scores).map_err(std::io::Error::other)
+    })?;
+    eprintln!("{md}");
+    Ok(())
+}
