@@ -438,3 +438,77 @@ fn preview_grids_are_written_every_few_steps() {
         );
     }
 }
+
+/// The weights of a run's step-20 checkpoint, flattened.
+fn final_weights(s: &Setup, run: &str) -> Vec<f32> {
+    let path = s
+        .root
+        .join(run)
+        .join("checkpoints/step-00000020/weights.safetensors");
+    microdit::checkpoint::read_state_dict(&path)
+        .unwrap()
+        .into_values()
+        .flat_map(|t| {
+            t.to_data()
+                .unwrap()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn two_data_parallel_replicas_train_like_one_device() {
+    let s = setup("steps = 20\ncheckpoint_every = 10\n");
+    let (code, log) = train(&s, "one", &[]);
+    assert_eq!(code, Some(0), "{log}");
+    let (code, log) = train(&s, "two", &["--device", "cpu,cpu"]);
+    assert_eq!(code, Some(0), "{log}");
+    // Same batches and randomness; only the order of summing micro-batch gradients differs.
+    for (a, b) in losses(&s.root.join("one"))
+        .iter()
+        .zip(losses(&s.root.join("two")))
+    {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "loss {a} vs {b}");
+    }
+    let (one, two) = (final_weights(&s, "one"), final_weights(&s, "two"));
+    assert_eq!(one.len(), two.len());
+    let worst = one
+        .iter()
+        .zip(&two)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "weights differ by up to {worst}");
+
+    // A data-parallel run's checkpoints resume on another number of devices.
+    let (code, _) = train(
+        &s,
+        "mixed",
+        &["--device", "cpu,cpu", "--abort-after-step", "12"],
+    );
+    assert_ne!(code, Some(0));
+    let (code, log) = train(&s, "mixed", &["--resume"]);
+    assert_eq!(code, Some(0), "{log}");
+    let mixed = final_weights(&s, "mixed");
+    let worst = one
+        .iter()
+        .zip(&mixed)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "weights differ by up to {worst}");
+}
+
+#[test]
+fn data_parallel_devices_must_split_the_micro_batches() {
+    let s = setup("steps = 2\n");
+    let (code, log) = train(&s, "three", &["--device", "cpu,cpu,cpu"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        log.contains("cannot be split evenly over 3 devices"),
+        "{log}"
+    );
+    let (code, log) = train(&s, "mixed", &["--device", "cpu,cuda:0"]);
+    assert_ne!(code, Some(0));
+    assert!(log.contains("mixes cpu and cuda"), "{log}");
+}

@@ -96,3 +96,61 @@ macro_rules! with_backend {
         }
     }};
 }
+
+/// Like [`with_backend!`] for a list of devices of one kind (data-parallel training):
+/// `$devs` is a `Vec` of the backend's devices.
+#[macro_export]
+macro_rules! with_backend_devices {
+    ($devices:expr, |$B:ident, $devs:ident| $body:expr) => {{
+        let choices: &[$crate::commands::DeviceChoice] = $devices;
+        match choices.first() {
+            None => Err(anyhow::anyhow!("no device given")),
+            Some($crate::commands::DeviceChoice::Cpu) => {
+                type $B = $crate::backend::Cpu;
+                let $devs: Vec<$crate::backend::CpuDevice> = choices
+                    .iter()
+                    .map(|_| $crate::backend::CpuDevice::default())
+                    .collect();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            Some($crate::commands::DeviceChoice::Cuda(_)) => {
+                type $B = $crate::backend::Cuda;
+                let $devs: Vec<burn::backend::cuda::CudaDevice> = choices
+                    .iter()
+                    .map(|d| match d {
+                        $crate::commands::DeviceChoice::Cuda(i) => burn::backend::cuda::CudaDevice::new(*i),
+                        $crate::commands::DeviceChoice::Cpu => unreachable!("checked by same_kind"),
+                    })
+                    .collect();
+                $body
+            }
+            #[cfg(not(feature = "cuda"))]
+            Some($crate::commands::DeviceChoice::Cuda(_)) => Err(anyhow::anyhow!(
+                "this microdit was built without CUDA support: rebuild with `cargo build --release --features cuda`"
+            )),
+        }
+    }};
+}
+
+/// Data-parallel devices must share one backend: all `cpu` or all `cuda:N`, no repeats
+/// among GPUs.
+pub fn same_kind(devices: &[DeviceChoice]) -> Result<()> {
+    let gpus: Vec<usize> = devices
+        .iter()
+        .filter_map(|d| match d {
+            DeviceChoice::Cuda(i) => Some(*i),
+            DeviceChoice::Cpu => None,
+        })
+        .collect();
+    if !gpus.is_empty() && gpus.len() != devices.len() {
+        bail!("--device mixes cpu and cuda devices");
+    }
+    let mut unique = gpus.clone();
+    unique.sort();
+    unique.dedup();
+    if unique.len() != gpus.len() {
+        bail!("--device names a GPU twice");
+    }
+    Ok(())
+}

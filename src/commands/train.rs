@@ -8,7 +8,7 @@ use super::DeviceChoice;
 use crate::backend::Trainable;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
-use crate::train::trainer::{train, RunOptions};
+use crate::train::trainer::{train_data_parallel, RunOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -23,8 +23,10 @@ pub struct TrainArgs {
     /// resumes from its newest complete checkpoint.
     #[arg(long)]
     pub resume: bool,
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceChoice,
+    /// Device, or a comma-separated list for data-parallel training (`cuda:0,cuda:1,…`;
+    /// `cpu,cpu` runs two CPU replicas, which only tests the code path).
+    #[arg(long, default_value = "cpu", value_delimiter = ',')]
+    pub device: Vec<DeviceChoice>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -45,6 +47,7 @@ fn stage_dir(args: &TrainArgs, k: usize, config: &Path) -> PathBuf {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
+    super::same_kind(&args.device)?;
     let mut previous: Option<PathBuf> = None;
     for (k, path) in args.configs.iter().enumerate() {
         let mut cfg = TrainConfig::from_file(path)?;
@@ -73,9 +76,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             abort_after_step: args.abort_after_step,
             quiet: args.quiet,
         };
-        let summary = crate::with_backend!(args.device, |Bk, device| train::<Trainable<Bk>>(
-            &cfg, &dir, &opts, &device
-        ))
+        let summary = crate::with_backend_devices!(&args.device, |Bk, devices| {
+            train_data_parallel::<Trainable<Bk>>(&cfg, &dir, &opts, &devices)
+        })
         .with_context(|| format!("stage {} ({})", k + 1, path.display()))?;
         if summary.interrupted {
             eprintln!("stopped at step {}; continue with --resume", summary.step);
