@@ -64,7 +64,7 @@ impl Default for PrecomputeOptions {
 pub enum ImageEncoder<B: Backend> {
     /// The VAE's distribution, sampled and scaled as training expects.
     Vae {
-        vae: AutoencoderKl<B>,
+        vae: Box<AutoencoderKl<B>>,
         config: VaeConfig,
     },
     /// A fixed rearrangement of pixels (the demo's tiny images).

@@ -27,7 +27,10 @@ fn encoders() -> Encoders<Cpu> {
     Encoders {
         text,
         tokenizer: ClipTokenizer::new(),
-        images: ImageEncoder::Vae { vae, config },
+        images: ImageEncoder::Vae {
+            vae: Box::new(vae),
+            config,
+        },
     }
 }
 

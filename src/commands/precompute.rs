@@ -75,7 +75,10 @@ fn run_on<B: Backend>(args: &PrecomputeArgs, device: &B::Device) -> Result<()> {
     let encoders = Encoders {
         text,
         tokenizer: ClipTokenizer::new(),
-        images: ImageEncoder::Vae { vae, config },
+        images: ImageEncoder::Vae {
+            vae: Box::new(vae),
+            config,
+        },
     };
     let options = PrecomputeOptions {
         resolutions: args.resolutions.clone(),

@@ -115,26 +115,4 @@ impl LatentsDataset {
         ));
         order
     }
-
-    /// Rank `rank`'s share of `order` for data parallelism: every `world`-th sample.
-    pub fn partition(order: &[usize], rank: usize, world: usize) -> Vec<usize> {
-        order.iter().skip(rank).step_by(world).copied().collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LatentsDataset;
-
-    #[test]
-    fn rank_partitions_are_disjoint_and_cover_the_order() {
-        let order: Vec<usize> = (0..103).rev().collect();
-        let parts: Vec<Vec<usize>> = (0..4)
-            .map(|r| LatentsDataset::partition(&order, r, 4))
-            .collect();
-        let mut all: Vec<usize> = parts.concat();
-        all.sort();
-        assert_eq!(all, (0..103).collect::<Vec<_>>());
-        assert!(parts.iter().all(|p| p.len().abs_diff(103 / 4) <= 1));
-    }
 }

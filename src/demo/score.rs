@@ -101,7 +101,7 @@ pub fn components(image: &RgbImage) -> Vec<Component> {
             });
         }
     }
-    found.sort_by(|a, b| b.area.cmp(&a.area));
+    found.sort_by_key(|c| std::cmp::Reverse(c.area));
     found
 }
 
@@ -267,20 +267,16 @@ fn symmetric_eigen(mut a: Vec<Vec<f64>>) -> (Vec<f64>, Vec<Vec<f64>>) {
                 let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
                 let t = if theta == 0.0 { 1.0 } else { t };
                 let (c, s) = (1.0 / (t * t + 1.0).sqrt(), t / (t * t + 1.0).sqrt());
-                for k in 0..n {
-                    let (akp, akq) = (a[k][p], a[k][q]);
-                    a[k][p] = c * akp - s * akq;
-                    a[k][q] = s * akp + c * akq;
+                // A ← Jᵀ A J: columns p and q, then rows p and q; V ← V J.
+                for row in a.iter_mut().chain(v.iter_mut()) {
+                    let (x, y) = (row[p], row[q]);
+                    row[p] = c * x - s * y;
+                    row[q] = s * x + c * y;
                 }
-                for k in 0..n {
-                    let (apk, aqk) = (a[p][k], a[q][k]);
-                    a[p][k] = c * apk - s * aqk;
-                    a[q][k] = s * apk + c * aqk;
-                }
-                for row in v.iter_mut() {
-                    let (vp, vq) = (row[p], row[q]);
-                    row[p] = c * vp - s * vq;
-                    row[q] = s * vp + c * vq;
+                let (row_p, row_q) = (a[p].clone(), a[q].clone());
+                for (k, (x, y)) in row_p.iter().zip(&row_q).enumerate() {
+                    a[p][k] = c * x - s * y;
+                    a[q][k] = s * x + c * y;
                 }
             }
         }
