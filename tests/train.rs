@@ -512,3 +512,91 @@ fn data_parallel_devices_must_split_the_micro_batches() {
     assert_ne!(code, Some(0));
     assert!(log.contains("mixes cpu and cuda"), "{log}");
 }
+
+#[test]
+fn bf16_compute_trains_f32_master_weights_like_f32() {
+    let s = setup("steps = 20\ncheckpoint_every = 10\n");
+    let bf16 =
+        std::fs::read_to_string(s.root.join("stage.toml")).unwrap() + "precision = \"bf16\"\n";
+    std::fs::write(s.root.join("bf16.toml"), bf16).unwrap();
+    let (code, log) = train(&s, "f32", &[]);
+    assert_eq!(code, Some(0), "{log}");
+    let (code, log) = train_with(&s, "bf16.toml", "bf16", &[]);
+    assert_eq!(code, Some(0), "{log}");
+    let (a, b) = (losses(&s.root.join("f32")), losses(&s.root.join("bf16")));
+    assert_ne!(a, b, "bf16 compute should round differently");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 0.05 * x.abs(),
+            "loss {x} (f32) vs {y} (bf16)"
+        );
+    }
+    let path = s
+        .root
+        .join("bf16/checkpoints/step-00000020/weights.safetensors");
+    for (name, t) in microdit::checkpoint::read_state_dict(&path).unwrap() {
+        assert_eq!(t.dtype, burn::tensor::DType::F32, "{name} is not f32");
+    }
+    let (one, two) = (final_weights(&s, "f32"), final_weights(&s, "bf16"));
+    let worst = one
+        .iter()
+        .zip(&two)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 0.05, "weights differ by up to {worst}");
+}
+
+/// The weights of a run's newest checkpoint, flattened.
+fn latest_weights(run: &Path) -> Vec<f32> {
+    let ckpt = microdit::train::checkpoint::latest(run).unwrap();
+    microdit::checkpoint::read_state_dict(&ckpt.join("weights.safetensors"))
+        .unwrap()
+        .into_values()
+        .flat_map(|t| {
+            t.to_data()
+                .unwrap()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_later_stage_continues_the_previous_stages_optimiser_state() {
+    let s = setup("steps = 10\ncheckpoint_every = 10\n");
+    let (code, log) = train(&s, "stage1", &[]);
+    assert_eq!(code, Some(0), "{log}");
+    let lr = 1e-3;
+    for carry in [true, false] {
+        let config = std::fs::read_to_string(s.root.join("stage.toml"))
+            .unwrap()
+            .replace("warmup_steps = 10", "warmup_steps = 0")
+            .replace("\nsteps = 10", "\nsteps = 1")
+            .replace("lr = 2e-3", &format!("lr = {lr}"))
+            + &format!("weight_decay = 0.0\ninit_from = \"stage1\"\ncarry_optimizer = {carry}\n");
+        std::fs::write(s.root.join(format!("stage2-{carry}.toml")), config).unwrap();
+        let run = format!("stage2-{carry}");
+        let (code, log) = train_with(&s, &format!("stage2-{carry}.toml"), &run, &[]);
+        assert_eq!(code, Some(0), "{log}");
+        // A fresh AdamW's first step moves a weight by lr·g/(|g| + ε): ±lr unless its
+        // gradient is tiny. Continued moments make much smaller steps of many sizes.
+        let before = latest_weights(&s.root.join("stage1"));
+        let after = latest_weights(&s.root.join(&run));
+        let mut moved: Vec<f32> = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| (a - b).abs() / lr)
+            .collect();
+        moved.sort_by(f32::total_cmp);
+        let median = moved[moved.len() / 2];
+        if carry {
+            assert!(median < 0.5, "median step {median}·lr: moments not carried");
+        } else {
+            assert!(
+                median > 0.7,
+                "median step {median}·lr for a fresh optimiser"
+            );
+        }
+    }
+}

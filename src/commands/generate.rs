@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use burn::prelude::*;
-use burn::tensor::FloatDType;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::DeviceChoice;
@@ -15,6 +14,7 @@ use crate::edm::generate::{sample_latents, SamplerSettings};
 use crate::edm::{karras_sigmas, Churn, EdmConfig, Solver};
 use crate::hub::{known, Hub};
 use crate::model::weights::{denoiser_part, load_state_dict};
+use crate::model::Precision;
 use crate::model::{DitConfig, Init, MicroDit};
 use crate::text::{ClipTextEncoder, ClipTokenizer};
 use crate::vae::{vae_subfolder, AutoencoderKl};
@@ -85,23 +85,6 @@ pub struct GenerateArgs {
     /// Reproduce an image from the settings stored in its PNG text chunks.
     #[arg(long, value_name = "IMAGE", conflicts_with_all = ["prompts", "prompts_file"])]
     pub from_png: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Precision {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl Precision {
-    fn dtype(self) -> FloatDType {
-        match self {
-            Self::F32 => FloatDType::F32,
-            Self::Bf16 => FloatDType::BF16,
-            Self::F16 => FloatDType::F16,
-        }
-    }
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {

@@ -2,6 +2,7 @@
 //! patches dropped and the deep backbone run on the rest.
 
 use burn::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::block::{BlockOptions, CaptionBlock, DitBlock, FinalLayer};
 use super::config::DitConfig;
@@ -11,6 +12,26 @@ use super::layers::{Mlp, NormLinear};
 use super::masking::PatchMask;
 use burn::module::{ModuleMapper, Param};
 use burn::tensor::FloatDType;
+
+/// The float type a model computes in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> FloatDType {
+        match self {
+            Self::F32 => FloatDType::F32,
+            Self::Bf16 => FloatDType::BF16,
+            Self::F16 => FloatDType::F16,
+        }
+    }
+}
 
 struct CastParams(FloatDType);
 

@@ -14,6 +14,6 @@ pub mod params;
 pub mod weights;
 
 pub use config::DitConfig;
-pub use dit::MicroDit;
+pub use dit::{MicroDit, Precision};
 pub use init::Init;
 pub use masking::PatchMask;

@@ -152,20 +152,15 @@ pub struct Restored<B: AutodiffBackend> {
     pub state: TrainState,
 }
 
-/// Restores model, optimiser(s), EMA (when the checkpoint has one) and state.
-pub fn load<B: AutodiffBackend>(
+/// The optimiser state (AdamW moments and step counts, per parameter id) of a checkpoint.
+/// Parameters are numbered in module order, so the state fits any model of the same
+/// architecture, such as the next stage's at another resolution.
+pub fn load_optimizer<B: AutodiffBackend>(
     checkpoint: &Path,
-    model: MicroDit<B>,
     mut optim: GroupedAdamW<B>,
-    ema_decay: Option<f64>,
     device: &B::Device,
-) -> Result<Restored<B>> {
-    let ctx = || format!("reading checkpoint {}", checkpoint.display());
-    let model = model.load_record(
-        recorder()
-            .load(checkpoint.join("model"), device)
-            .with_context(ctx)?,
-    );
+) -> Result<GroupedAdamW<B>> {
+    let ctx = || format!("reading the optimiser state of {}", checkpoint.display());
     optim.main = optim.main.load_record(
         recorder()
             .load(checkpoint.join("optimizer"), device)
@@ -178,6 +173,24 @@ pub fn load<B: AutodiffBackend>(
         group.optim = std::mem::replace(&mut group.optim, AdamWSettings::default().init())
             .load_record(record);
     }
+    Ok(optim)
+}
+
+/// Restores model, optimiser(s), EMA (when the checkpoint has one) and state.
+pub fn load<B: AutodiffBackend>(
+    checkpoint: &Path,
+    model: MicroDit<B>,
+    optim: GroupedAdamW<B>,
+    ema_decay: Option<f64>,
+    device: &B::Device,
+) -> Result<Restored<B>> {
+    let ctx = || format!("reading checkpoint {}", checkpoint.display());
+    let model = model.load_record(
+        recorder()
+            .load(checkpoint.join("model"), device)
+            .with_context(ctx)?,
+    );
+    let optim = load_optimizer(checkpoint, optim, device)?;
     let ema_path = checkpoint.join("ema.safetensors");
     let ema = match ema_decay.filter(|_| ema_path.exists()) {
         // Built from the model so that its parameters share the model's ids.

@@ -6,6 +6,7 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::model::DitConfig;
+use crate::model::Precision;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +26,10 @@ pub struct TrainConfig {
     pub latents_column: Option<String>,
     #[serde(default = "default_caption_column")]
     pub caption_column: String,
+    /// What the forward and backward passes compute in: `f32`, or `bf16` with f32 master
+    /// weights (the reference's `amp_bf16`; weights, optimiser state and the loss stay f32).
+    #[serde(default)]
+    pub precision: Precision,
     /// Probability that a caption is replaced by zeros (for classifier-free guidance).
     #[serde(default = "default_caption_dropout")]
     pub caption_dropout: f64,
@@ -93,6 +98,15 @@ pub struct TrainConfig {
     /// Start from these weights (a previous stage's run directory or a weights file).
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// With `init_from` a run directory: also continue its optimiser state (AdamW moments),
+    /// as the reference does when a stage loads the previous stage's checkpoint (its
+    /// learning rate and schedule come from this stage's config).
+    #[serde(default = "default_true")]
+    pub carry_optimizer: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_sample_steps() -> usize {
@@ -174,6 +188,10 @@ impl TrainConfig {
 
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.data.is_empty(), "no data directories given");
+        ensure!(
+            self.precision != Precision::F16,
+            "precision f16 needs loss scaling, which training does not do: use bf16 or f32"
+        );
         ensure!(
             self.micro_batch > 0 && self.global_batch.is_multiple_of(self.micro_batch),
             "global_batch {} must be a multiple of micro_batch {}",

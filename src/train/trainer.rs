@@ -27,7 +27,7 @@ use super::preview::Preview;
 use crate::data::latents::LatentsDataset;
 use crate::edm::{edm_loss, LossNoise};
 use crate::model::weights::load_weights;
-use crate::model::{DitConfig, Init, MicroDit};
+use crate::model::{DitConfig, Init, MicroDit, Precision};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -296,10 +296,14 @@ fn train_steps<B: AutodiffBackend>(
         ),
         None => {
             if let Some(init) = &cfg.init_from {
-                let weights = match checkpoint::latest(init) {
+                let previous = checkpoint::latest(init);
+                let weights = match &previous {
                     Some(ckpt) => ckpt.join("weights.safetensors"),
                     None => init.clone(),
                 };
+                if let Some(ckpt) = previous.as_ref().filter(|_| cfg.carry_optimizer) {
+                    optim = checkpoint::load_optimizer(ckpt, optim, device)?;
+                }
                 model = load_weights(model, &weights).with_context(|| format!("initialising from {}", init.display()))?;
                 if rank.is_main() {
                     eprintln!("initialised from {}", weights.display());
@@ -371,6 +375,11 @@ fn train_steps<B: AutodiffBackend>(
         // status exchange below.
         let mut failure: Option<anyhow::Error> = None;
         let skipped_before = state.skipped_samples;
+        // Mixed precision: a bf16 copy computes, and since the cast is part of the graph the
+        // gradients arrive on the f32 master weights.
+        let low_precision =
+            (cfg.precision != Precision::F32).then(|| model.clone().cast(cfg.precision.dtype()));
+        let compute = low_precision.as_ref().unwrap_or(&model);
         for m in 0..micro_batches {
             let indices: Vec<usize> = (0..cfg.micro_batch as u64)
                 .map(|k| {
@@ -406,7 +415,8 @@ fn train_steps<B: AutodiffBackend>(
                 };
             let draws =
                 LossNoise::draw(&mut rng, x0.dims(), dit.patch_size, cfg.mask_ratio, device);
-            let loss = edm_loss(&model, &edm, x0, y, &draws, dit.patch_size) / micro_batches as f64;
+            let loss =
+                edm_loss(compute, &edm, x0, y, &draws, dit.patch_size) / micro_batches as f64;
             let value = loss.clone().into_scalar().elem::<f64>();
             step_loss += value;
             if !value.is_finite() {
