@@ -175,17 +175,25 @@ pub fn precompute<B: Backend>(
     Ok(report)
 }
 
+impl PrecomputeOptions {
+    /// The checks that need no model (run before loading one).
+    pub fn check(&self) -> Result<()> {
+        if self.resolutions.is_empty() || self.batch_size == 0 || self.part_size == 0 {
+            bail!("resolutions, batch size and part size must be non-empty/positive");
+        }
+        if self.workers == 0 || self.worker >= self.workers {
+            bail!(
+                "worker {} of {}: --worker counts from 0 and must be below --workers",
+                self.worker,
+                self.workers
+            );
+        }
+        Ok(())
+    }
+}
+
 fn validate<B: Backend>(options: &PrecomputeOptions, images: &ImageEncoder<B>) -> Result<()> {
-    if options.resolutions.is_empty() || options.batch_size == 0 || options.part_size == 0 {
-        bail!("resolutions, batch size and part size must be non-empty/positive");
-    }
-    if options.workers == 0 || options.worker >= options.workers {
-        bail!(
-            "worker {} of {}: --worker counts from 0 and must be below --workers",
-            options.worker,
-            options.workers
-        );
-    }
+    options.check()?;
     let downscale = images.downscale();
     for r in &options.resolutions {
         if r % downscale != 0 {

@@ -64,6 +64,18 @@ pub fn run(args: &PrecomputeArgs) -> Result<()> {
 }
 
 fn run_on<B: Backend>(args: &PrecomputeArgs, device: &B::Device) -> Result<()> {
+    let options = PrecomputeOptions {
+        resolutions: args.resolutions.clone(),
+        min_size: args.min_size,
+        batch_size: args.batch_size,
+        part_size: args.part_size,
+        seed: args.seed,
+        keep_images: args.keep_images,
+        worker: args.worker,
+        workers: args.workers,
+        quiet: args.quiet,
+    };
+    options.check()?;
     let source = ImageCaptionSource::open(&args.input)?;
     eprintln!("{}: {} pairs", args.input.display(), source.len());
     let hub = Hub::from_env();
@@ -79,17 +91,6 @@ fn run_on<B: Backend>(args: &PrecomputeArgs, device: &B::Device) -> Result<()> {
             vae: Box::new(vae),
             config,
         },
-    };
-    let options = PrecomputeOptions {
-        resolutions: args.resolutions.clone(),
-        min_size: args.min_size,
-        batch_size: args.batch_size,
-        part_size: args.part_size,
-        seed: args.seed,
-        keep_images: args.keep_images,
-        worker: args.worker,
-        workers: args.workers,
-        quiet: args.quiet,
     };
     let report = precompute(&source, &args.out, &encoders, &options, device)?;
     let reasons: Vec<String> = skip_reasons(&report)
