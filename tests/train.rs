@@ -439,25 +439,6 @@ fn preview_grids_are_written_every_few_steps() {
     }
 }
 
-/// The weights of a run's step-20 checkpoint, flattened.
-fn final_weights(s: &Setup, run: &str) -> Vec<f32> {
-    let path = s
-        .root
-        .join(run)
-        .join("checkpoints/step-00000020/weights.safetensors");
-    microdit::checkpoint::read_state_dict(&path)
-        .unwrap()
-        .into_values()
-        .flat_map(|t| {
-            t.to_data()
-                .unwrap()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn two_data_parallel_replicas_train_like_one_device() {
     let s = setup("steps = 20\ncheckpoint_every = 10\n");
@@ -472,7 +453,10 @@ fn two_data_parallel_replicas_train_like_one_device() {
     {
         assert!((a - b).abs() <= 1e-4 * a.abs(), "loss {a} vs {b}");
     }
-    let (one, two) = (final_weights(&s, "one"), final_weights(&s, "two"));
+    let (one, two) = (
+        latest_weights(&s.root.join("one")),
+        latest_weights(&s.root.join("two")),
+    );
     assert_eq!(one.len(), two.len());
     let worst = one
         .iter()
@@ -490,7 +474,7 @@ fn two_data_parallel_replicas_train_like_one_device() {
     assert_ne!(code, Some(0));
     let (code, log) = train(&s, "mixed", &["--resume"]);
     assert_eq!(code, Some(0), "{log}");
-    let mixed = final_weights(&s, "mixed");
+    let mixed = latest_weights(&s.root.join("mixed"));
     let worst = one
         .iter()
         .zip(&mixed)
@@ -537,7 +521,10 @@ fn bf16_compute_trains_f32_master_weights_like_f32() {
     for (name, t) in microdit::checkpoint::read_state_dict(&path).unwrap() {
         assert_eq!(t.dtype, burn::tensor::DType::F32, "{name} is not f32");
     }
-    let (one, two) = (final_weights(&s, "f32"), final_weights(&s, "bf16"));
+    let (one, two) = (
+        latest_weights(&s.root.join("f32")),
+        latest_weights(&s.root.join("bf16")),
+    );
     let worst = one
         .iter()
         .zip(&two)
