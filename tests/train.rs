@@ -495,6 +495,14 @@ fn data_parallel_devices_must_split_the_micro_batches() {
     let (code, log) = train(&s, "mixed", &["--device", "cpu,cuda:0"]);
     assert_ne!(code, Some(0));
     assert!(log.contains("mixes cpu and cuda"), "{log}");
+    // A failure only rank 0 meets (its preview captions are missing) stops every rank
+    // instead of leaving the others waiting for it.
+    let config = std::fs::read_to_string(s.root.join("stage.toml")).unwrap()
+        + "sample_every = 1\nsample_captions = \"missing.safetensors\"\n";
+    std::fs::write(s.root.join("preview.toml"), config).unwrap();
+    let (code, log) = train_with(&s, "preview.toml", "preview", &["--device", "cpu,cpu"]);
+    assert_ne!(code, Some(0));
+    assert!(log.contains("missing.safetensors"), "{log}");
 }
 
 #[test]

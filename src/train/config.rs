@@ -189,6 +189,10 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.data.is_empty(), "no data directories given");
         ensure!(
+            self.sample_every == 0 || self.sample_captions.is_some(),
+            "sample_every is set but sample_captions (a file of caption embeddings) is not"
+        );
+        ensure!(
             self.precision != Precision::F16,
             "precision f16 needs loss scaling, which training does not do: use bf16 or f32"
         );

@@ -113,6 +113,9 @@ impl BatchReader<'_> {
     }
 }
 
+/// What only rank 0 keeps: the preview renderer and the metrics file.
+type MainOnly<B> = (Option<Preview<B>>, Option<std::fs::File>);
+
 /// Trains one stage on one device.
 pub fn train<B: AutodiffBackend>(
     cfg: &TrainConfig,
@@ -280,6 +283,7 @@ fn train_steps<B: AutodiffBackend>(
     let mut optim = GroupedAdamW::new(&settings, cfg.expert_lr_scale);
     let mut ema: Option<Ema<B::InnerBackend>> = None;
     let (mut state, mut rng) = TrainState::new(cfg.seed.wrapping_add(1));
+    let fresh = checkpoint::latest(run).is_none();
     match checkpoint::latest(run) {
         Some(ckpt) if opts.resume => {
             let restored = checkpoint::load(&ckpt, model, optim, cfg.ema_decay, device)?;
@@ -309,28 +313,41 @@ fn train_steps<B: AutodiffBackend>(
                     eprintln!("initialised from {}", weights.display());
                 }
             }
-            if rank.is_main() {
-                let config = toml::to_string(cfg)?;
-                crate::io::write_atomic(&run.join("config.toml"), |f| f.write_all(config.as_bytes()))?;
-            }
         }
     }
 
-    let preview = match (cfg.sample_every, &cfg.sample_captions) {
-        (0, _) => None,
-        _ if !rank.is_main() => None,
-        (_, Some(captions)) => Some(Preview::<B::InnerBackend>::new(
-            captions,
-            cfg.sample_vae.as_deref(),
-            cfg.sample_steps,
-            cfg.sample_guidance,
-            run,
-            device,
-        )?),
-        (_, None) => {
-            bail!("sample_every is set but sample_captions (a file of caption embeddings) is not")
+    // Rank 0's own setup (the config copy, previews, the metrics file) can fail where the
+    // other ranks' cannot; they learn of it before waiting on rank 0 in a step's all-reduce.
+    let main_setup = || -> Result<MainOnly<B::InnerBackend>> {
+        if !rank.is_main() {
+            return Ok((None, None));
         }
+        if fresh {
+            let config = toml::to_string(cfg)?;
+            crate::io::write_atomic(&run.join("config.toml"), |f| f.write_all(config.as_bytes()))?;
+        }
+        let preview = match (cfg.sample_every, &cfg.sample_captions) {
+            (every, Some(captions)) if every > 0 => Some(Preview::new(
+                captions,
+                cfg.sample_vae.as_deref(),
+                cfg.sample_steps,
+                cfg.sample_guidance,
+                run,
+                device,
+            )?),
+            _ => None,
+        };
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run.join("metrics.jsonl"))
+            .with_context(|| format!("opening {}", run.join("metrics.jsonl").display()))?;
+        Ok((preview, Some(metrics)))
     };
+    let setup = main_setup();
+    let main_failed = rank.sum::<B::InnerBackend>(&[setup.is_err() as u8 as f64], device)?[0] > 0.0;
+    let (preview, mut metrics) = setup?;
+    ensure!(!main_failed, "rank 0 could not start");
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -352,16 +369,6 @@ fn train_steps<B: AutodiffBackend>(
 
     let edm = cfg.edm();
     let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
-    let mut metrics = if rank.is_main() {
-        Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(run.join("metrics.jsonl"))?,
-        )
-    } else {
-        None
-    };
     let micro_batches = cfg.global_batch / cfg.micro_batch;
     let mut losses = Vec::new();
     let started = Instant::now();
