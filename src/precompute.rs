@@ -142,7 +142,7 @@ pub fn precompute<B: Backend>(
     let todo: Vec<usize> = mine
         .iter()
         .copied()
-        .filter(|p| !part_dir(out, *p).join("index.json").exists())
+        .filter(|p| !part_done(out, *p))
         .collect();
     let pairs_in = |p: usize| part_range(p, options.part_size, source.len()).len();
     let bar = progress_bar(mine.iter().map(|p| pairs_in(*p)).sum(), options.quiet);
@@ -157,9 +157,7 @@ pub fn precompute<B: Backend>(
         write_part(source, out, part, encoders, options, &bar, device)?;
     }
     bar.finish_and_clear();
-    let done = (0..parts)
-        .filter(|p| part_dir(out, *p).join("index.json").exists())
-        .count();
+    let done = (0..parts).filter(|p| part_done(out, *p)).count();
     if done == parts {
         merge_index(out, parts)?;
     } else if !options.quiet {
@@ -207,6 +205,11 @@ fn part_dir(out: &Path, part: usize) -> PathBuf {
     out.join(format!("part-{part:05}"))
 }
 
+/// A part is finished once its directory holds an index (written last, then renamed).
+fn part_done(out: &Path, part: usize) -> bool {
+    part_dir(out, part).join("index.json").exists()
+}
+
 fn part_range(part: usize, part_size: usize, len: usize) -> std::ops::Range<usize> {
     part * part_size..((part + 1) * part_size).min(len)
 }
@@ -234,7 +237,7 @@ fn write_part<B: Backend>(
     bar: &ProgressBar,
     device: &B::Device,
 ) -> Result<()> {
-    let partial = out.join(format!("part-{part:05}.partial"));
+    let partial = part_dir(out, part).with_extension("partial");
     if partial.exists() {
         std::fs::remove_dir_all(&partial)
             .with_context(|| format!("removing the unfinished {}", partial.display()))?;
