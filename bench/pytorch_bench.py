@@ -116,7 +116,7 @@ class MicroDiT(nn.Module):
     def forward(s, x, t, y, ids_keep=None, ids_restore=None):
         b = x.shape[0]
         x = s.x_emb(x).flatten(2).transpose(1, 2) + s.pos
-        half = 256; freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        half = 256; freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         a = t.expand(b)[:, None] * freqs[None]
         c = s.t2(F.gelu(s.t1(torch.cat([a.cos(), a.sin()], -1)), approximate="tanh"))
         y = s.y_proj(y); y = y + s.cattn(s.cn1(y)); y = y + s.cmlp(s.cn2(y))
@@ -156,14 +156,17 @@ def main():
     ap.add_argument("--mask-ratios", default="0.75,0"); ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--device", default="cpu"); ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--sampler-only", action="store_true"); ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="bf16: torch.autocast, as the reference's amp_bf16")
     a = ap.parse_args()
     dev = torch.device(a.device); torch.manual_seed(0)
+    # PyTorch's defaults: f32 products in true f32 (no TF32); bf16 through autocast.
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
     side = a.resolution // 8; T = (side // 2) ** 2
     m = MicroDiT(**PRESETS[a.preset], size=side).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=2.4e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
     b = a.batch; x0 = torch.randn(b, 4, side, side, device=dev); y = torch.randn(b, a.caption_len, 1024, device=dev)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
-    print(f"{sum(p.numel() for p in m.parameters())} parameters, batch {b}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{sum(p.numel() for p in m.parameters())} parameters, batch {b}, torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}, {a.device}")
 
     def timed(f):
         for _ in range(a.warmup): f()
@@ -180,8 +183,9 @@ def main():
             if ratio > 0:
                 keep = int(T * (1 - ratio)); shuffle = torch.rand(b, T, device=dev).argsort(1)
                 mask = (shuffle[:, :keep], shuffle.argsort(1))
-            d = denoise(m, x0 + torch.randn_like(x0) * s, sigma, y, mask=mask)
-            loss = w * (d - x0) ** 2
+            with autocast():
+                d = denoise(m, x0 + torch.randn_like(x0) * s, sigma, y, mask=mask)
+            loss = w * (d.float() - x0) ** 2
             if mask is not None:
                 per = F.avg_pool2d(loss.mean(1), 2).flatten(1); vis = torch.ones(b, T, device=dev); vis.scatter_(1, mask[0], 0); vis = 1 - vis
                 loss = (per * vis).sum(1) / vis.sum(1)
@@ -191,6 +195,7 @@ def main():
     sig = [(80 ** (1 / 7) + i / 29 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(2)]
     x = x0 * sig[0]
     @torch.no_grad()
+    @autocast()
     def heun():
         t0, t1 = torch.tensor([sig[0]], device=dev), torch.tensor([sig[1]], device=dev)
         d = (x - denoise(m, x, t0, y, cfg=a.guidance)) / sig[0]; xn = x + (sig[1] - sig[0]) * d

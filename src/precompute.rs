@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::backend::Backend;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};

@@ -4,16 +4,16 @@ mod common;
 
 use burn::prelude::*;
 use common::{assert_close, fixture_dirs_with, to_vec, Cases};
-use microdit::backend::Cpu;
+use microdit::backend::{test_device, TestBackend};
 use microdit::hub::Hub;
 use microdit::text::{ClipTextEncoder, ClipTokenizer};
 
-type B = Cpu;
+type B = TestBackend;
 const TOL: f64 = 1e-4;
 
 #[test]
 fn clip_text_embeddings_match_open_clip() {
-    let dev = Default::default();
+    let dev = test_device();
     for dir in fixture_dirs_with("open_clip_config.json") {
         let hub = Hub::new(dir.join("no-cache"), true);
         let (encoder, _) =
@@ -49,7 +49,7 @@ fn clip_text_embeddings_match_open_clip() {
 #[test]
 fn vae_encode_and_decode_match_diffusers() {
     use microdit::vae::AutoencoderKl;
-    let dev = Default::default();
+    let dev = test_device();
     for dir in fixture_dirs_with("diffusion_pytorch_model.safetensors") {
         let hub = Hub::new(dir.join("no-cache"), true);
         let (vae, _) =

@@ -9,7 +9,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use common::{assert_close, fixture_sets, to_vec, Cases};
-use microdit::backend::{Cpu, Trainable};
+use microdit::backend::{test_device, Backend, TestBackend, Trainable};
 use microdit::checkpoint::{reference_tensors, DIT_KEYS};
 use microdit::edm::{
     denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Solver,
@@ -18,8 +18,8 @@ use microdit::model::weights::{load_weights, ToGradients};
 use microdit::model::{DitConfig, Init, MicroDit, PatchMask};
 use microdit::train::optim::{clip_grad_norm, AdamWSettings};
 
-type B = Cpu;
-type AB = Trainable<Cpu>;
+type B = TestBackend;
+type AB = Trainable<TestBackend>;
 
 const FORWARD_TOL: f64 = 1e-4;
 const SAMPLER_TOL: f64 = 1e-3;
@@ -49,9 +49,8 @@ fn sets() -> Vec<(Set, std::path::PathBuf)> {
         .collect()
 }
 
-fn load<Bk: Backend>(cfg: &DitConfig, path: &Path) -> MicroDit<Bk> {
-    let device = Default::default();
-    load_weights(MicroDit::new(cfg, &mut Init::empty(&device)), path).unwrap()
+fn load<Bk: Backend>(cfg: &DitConfig, path: &Path, device: &Bk::Device) -> MicroDit<Bk> {
+    load_weights(MicroDit::new(cfg, &mut Init::empty(device)), path).unwrap()
 }
 
 fn mask_from<Bk: Backend>(cases: &Cases, prefix: &str, device: &Bk::Device) -> PatchMask<Bk> {
@@ -72,7 +71,7 @@ fn mask_from<Bk: Backend>(cases: &Cases, prefix: &str, device: &Bk::Device) -> P
 
 /// The unmasked network output on the set's `forward.*` inputs.
 fn forward_case(model: &MicroDit<B>, c: &Cases) -> Tensor<B, 4> {
-    let dev = Default::default();
+    let dev = test_device();
     model.forward(
         c.tensor("forward.x", &dev),
         c.tensor("forward.t", &dev),
@@ -83,9 +82,9 @@ fn forward_case(model: &MicroDit<B>, c: &Cases) -> Tensor<B, 4> {
 
 #[test]
 fn forward_masked_and_guided_outputs_match_reference() {
-    let dev = Default::default();
+    let dev = test_device();
     for (s, dir) in sets() {
-        let model: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"));
+        let model: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"), &test_device());
         let c = &s.cases;
 
         let out = forward_case(&model, c);
@@ -133,10 +132,10 @@ fn forward_masked_and_guided_outputs_match_reference() {
 
 #[test]
 fn loss_gradients_clipping_and_adamw_match_reference() {
-    let dev = Default::default();
+    let dev = test_device();
     for (s, dir) in sets() {
         let c = &s.cases;
-        let model: MicroDit<AB> = load(&s.cfg, &dir.join("weights.safetensors"));
+        let model: MicroDit<AB> = load(&s.cfg, &dir.join("weights.safetensors"), &test_device());
         let draws = LossNoise {
             rnd_normal: c.tensor::<AB, 4>("loss.rnd_normal", &dev).flatten(0, 3),
             noise: c.tensor("loss.noise", &dev),
@@ -209,7 +208,7 @@ fn loss_gradients_clipping_and_adamw_match_reference() {
 }
 
 fn run_sampler(s: &Set, model: &MicroDit<B>, prefix: &str, churn: Churn) -> Vec<f32> {
-    let dev = Default::default();
+    let dev = test_device();
     let c = &s.cases;
     let steps = c.scalar(&format!("{prefix}.steps")) as usize;
     let guidance = if c.has(&format!("{prefix}.cfg")) {
@@ -250,7 +249,7 @@ fn run_sampler(s: &Set, model: &MicroDit<B>, prefix: &str, churn: Churn) -> Vec<
 #[test]
 fn samplers_match_reference() {
     for (s, dir) in sets() {
-        let model: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"));
+        let model: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"), &test_device());
         let c = &s.cases;
         for prefix in ["sample", "sample_cfg"] {
             let out = run_sampler(&s, &model, prefix, Churn::default());
@@ -285,8 +284,8 @@ fn torch_save_checkpoints_load_like_safetensors() {
         if !pt.exists() {
             continue;
         }
-        let a: MicroDit<B> = load(&s.cfg, &pt);
-        let b: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"));
+        let a: MicroDit<B> = load(&s.cfg, &pt, &test_device());
+        let b: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"), &test_device());
         assert_eq!(
             reference_tensors(&a, &DIT_KEYS).unwrap(),
             reference_tensors(&b, &DIT_KEYS).unwrap(),
@@ -315,7 +314,7 @@ fn half_precision_forward_stays_close_to_reference() {
         // output error is a few ε.
         for (dtype, tol) in [(FloatDType::BF16, 5e-2), (FloatDType::F16, 1e-2)] {
             let model: MicroDit<B> =
-                load::<B>(&s.cfg, &dir.join("weights.safetensors")).cast(dtype);
+                load::<B>(&s.cfg, &dir.join("weights.safetensors"), &test_device()).cast(dtype);
             let out = forward_case(&model, c);
             assert_eq!(
                 out.dtype(),

@@ -1,23 +1,32 @@
 //! `microdit bench`: one training step (forward + backward + clip + AdamW) at each mask
 //! ratio and one guided Heun sampler step, timed. `bench/pytorch_bench.py` does the same
 //! work in PyTorch, so the two can be run side by side on one machine.
+//!
+//! Every run's time is printed as it finishes (the first includes compiling GPU kernels on
+//! a cold start), then the median of the timed runs with images/s and, on a GPU, model
+//! FLOPs utilisation against the bf16 tensor-core peak.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{DeviceChoice, ModelArgs};
-use crate::backend::Trainable;
+use crate::backend::{AutodiffBackend, Trainable};
 use crate::edm::loss::standard_normal;
 use crate::edm::{denoise, edm_loss, karras_sigmas, EdmConfig, Guidance, LossNoise};
-use crate::model::{DitConfig, Init, MicroDit};
+use crate::model::flops::{forward_flops, train_step_flops};
+use crate::model::masking::kept_tokens;
+use crate::model::{DitConfig, Init, MicroDit, Precision};
 use crate::train::optim::{clip_grad_norm, AdamWSettings};
+
+/// Dense bf16 tensor-core peak of an H100/H200 SXM (NVIDIA's datasheet), the usual MFU
+/// denominator.
+const GPU_PEAK_FLOPS: f64 = 989e12;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -33,17 +42,24 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "0.75,0")]
     pub mask_ratios: Vec<f64>,
     /// Time only the sampler step (what `generate` spends its time on).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "train_only")]
     pub sampler_only: bool,
+    /// Time only the training steps.
+    #[arg(long)]
+    pub train_only: bool,
     /// Untimed runs before the timed ones.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Guidance scale of the timed sampler step.
     #[arg(long, default_value_t = 5.0)]
     pub guidance: f64,
-    /// Timed repetitions of each measurement (after one untimed warm-up).
+    /// Timed repetitions of each measurement (after the warm-up runs).
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
+    /// Precision of the denoiser's products: training as `precision = "bf16"` trains (f32
+    /// master weights, autocast rules), sampling as `generate --dtype`.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
 }
@@ -55,20 +71,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     ))
 }
 
-/// Median of `iters` timed runs after `warmup` untimed ones.
-pub fn time(warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..warmup {
+/// Median of `iters` timed runs after `warmup` untimed ones; each run's time goes to stderr
+/// as it finishes, labelled with `what`.
+pub fn time(what: &str, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+    let mut timed = Vec::new();
+    for i in 0..warmup + iters.max(1) {
+        let start = Instant::now();
         f();
+        let seconds = start.elapsed().as_secs_f64();
+        let kind = if i < warmup { "warm-up" } else { "timed" };
+        eprintln!("  {what}: run {} ({kind}) {seconds:.3} s", i + 1);
+        if i >= warmup {
+            timed.push(seconds);
+        }
     }
-    let mut t: Vec<f64> = (0..iters.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+    timed.sort_by(f64::total_cmp);
+    timed[timed.len() / 2]
 }
 
 pub fn report(what: &str, seconds: f64, count: usize, unit: &str) {
@@ -76,6 +94,21 @@ pub fn report(what: &str, seconds: f64, count: usize, unit: &str) {
         "{what:<40} {seconds:>9.3} s   {:>8.2} {unit}/s",
         count as f64 / seconds
     );
+}
+
+/// Achieved model FLOP/s, and on a GPU its share of the bf16 peak.
+fn report_flops(flops: f64, seconds: f64, device: DeviceChoice) {
+    let rate = flops / seconds;
+    match device {
+        DeviceChoice::Cuda(_) => println!(
+            "{:<40} {:>9.1} TFLOP/s  MFU {:.1}% of {:.0} TFLOP/s",
+            "",
+            rate / 1e12,
+            100.0 * rate / GPU_PEAK_FLOPS,
+            GPU_PEAK_FLOPS / 1e12
+        ),
+        DeviceChoice::Cpu => println!("{:<40} {:>9.1} GFLOP/s", "", rate / 1e9),
+    }
 }
 
 fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Device) -> Result<()> {
@@ -91,12 +124,13 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
     let mut model = Some(MicroDit::<B>::new(cfg, &mut Init::reference(0, device)));
     let mut optim = AdamWSettings::default().init::<B, MicroDit<B>>();
     println!(
-        "{} parameters, batch {}, latents {:?}, captions {}x{}, {:?}",
+        "{} parameters, batch {}, latents {:?}, captions {}x{}, {:?}, {:?}",
         crate::model::params::param_count(cfg),
         args.batch,
         shape,
         args.caption_len,
         cfg.caption_channels,
+        args.dtype,
         args.device
     );
 
@@ -106,24 +140,44 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
         &args.mask_ratios
     };
     for &ratio in ratios {
-        let seconds = time(args.warmup, args.iters, || {
+        let what = format!("train step, mask ratio {ratio}");
+        let seconds = time(&what, args.warmup, args.iters, || {
             let m = model.take().expect("model");
             let draws = LossNoise::draw(&mut rng, shape, cfg.patch_size, ratio, device);
-            let loss = edm_loss(&m, &edm, x0.clone(), y.clone(), &draws, cfg.patch_size);
+            // As the trainer does: a low-precision copy inside the graph computes, the
+            // gradients land on the f32 master weights.
+            let compute =
+                (args.dtype != Precision::F32).then(|| m.clone().cast(args.dtype.dtype()));
+            let loss = edm_loss(
+                compute.as_ref().unwrap_or(&m),
+                &edm,
+                x0.clone(),
+                y.clone(),
+                &draws,
+                cfg.patch_size,
+            );
             let mut grads = GradientsParams::from_grads(loss.backward(), &m);
             clip_grad_norm(&m, &mut grads, 0.25);
-            model = Some(optim.step(2.4e-4, m, grads));
+            model = Some(burn::optim::Optimizer::step(&mut optim, 2.4e-4, m, grads));
             B::sync(device).expect("device sync");
         });
-        report(
-            &format!("train step, mask ratio {ratio}"),
+        report(&what, seconds, args.batch, "images");
+        let kept = kept_tokens(cfg.num_tokens(), ratio);
+        report_flops(
+            train_step_flops(cfg, args.caption_len, kept, args.batch),
             seconds,
-            args.batch,
-            "images",
+            args.device,
         );
     }
 
+    if args.train_only {
+        return Ok(());
+    }
     let inference = model.take().expect("model").valid();
+    let inference = match args.dtype {
+        Precision::F32 => inference,
+        other => inference.cast(other.dtype()),
+    };
     let dev = device.clone();
     let y = y.inner();
     let sigmas = karras_sigmas(&edm, 30);
@@ -141,18 +195,21 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
             guidance,
         )
     };
-    let seconds = time(args.warmup, args.iters, || {
+    let what = format!("Heun step, guidance {}", args.guidance);
+    let seconds = time(&what, args.warmup, args.iters, || {
         let d_cur = (x.clone() - call(x.clone(), t_cur)) / t_cur;
         let x_next = x.clone() + d_cur.clone() * (t_next - t_cur);
         let d_prime = (x_next.clone() - call(x_next, t_next)) / t_next;
         let _ = x.clone() + (d_cur + d_prime) * (0.5 * (t_next - t_cur));
         B::InnerBackend::sync(&dev).expect("device sync");
     });
-    report(
-        &format!("Heun step, guidance {}", args.guidance),
+    report(&what, seconds, args.batch, "images");
+    // Two network evaluations, each of the batch twice (guided and unguided halves).
+    let rows = if guidance == Guidance::None { 1 } else { 2 } * args.batch;
+    report_flops(
+        2.0 * rows as f64 * forward_flops(cfg, args.caption_len, cfg.num_tokens()),
         seconds,
-        args.batch,
-        "images",
+        args.device,
     );
     Ok(())
 }

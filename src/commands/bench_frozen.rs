@@ -2,6 +2,7 @@
 //! tower, SDXL VAE) with random weights, timed. `bench/pytorch_frozen.py` does the same work
 //! with open_clip, torchvision and diffusers.
 
+use crate::backend::Backend;
 use anyhow::Result;
 use burn::prelude::*;
 use rand::SeedableRng;
@@ -72,7 +73,7 @@ fn text<B: Backend>(args: &TextBenchArgs, device: &B::Device) -> Result<()> {
         "text tower: width {}, {} layers, {} heads; {} prompts",
         cfg.width, cfg.layers, cfg.heads, args.batch
     );
-    let seconds = time(1, args.iters, || {
+    let seconds = time("run", 1, args.iters, || {
         let ids: Vec<i64> = prompts
             .iter()
             .flat_map(|p| tokenizer.tokenize(p).0)
@@ -102,7 +103,7 @@ fn vae<B: Backend>(args: &VaeBenchArgs, device: &B::Device) -> Result<()> {
         s * 8,
         s * 8
     );
-    let seconds = time(1, args.iters, || {
+    let seconds = time("run", 1, args.iters, || {
         let _ = vae.decode(z.clone()).into_data();
     });
     report("decode", seconds, 1, "images");

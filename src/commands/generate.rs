@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::backend::Backend;
 use anyhow::{bail, ensure, Context, Result};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};

@@ -85,8 +85,9 @@ macro_rules! with_backend {
             }
             #[cfg(feature = "cuda")]
             $crate::commands::DeviceChoice::Cuda(index) => {
+                $crate::backend::cuda_runtime::configure();
                 type $B = $crate::backend::Cuda;
-                let $dev = burn::backend::cuda::CudaDevice::new(index);
+                let $dev = $crate::backend::CudaDevice::new(index);
                 $body
             }
             #[cfg(not(feature = "cuda"))]
@@ -115,11 +116,12 @@ macro_rules! with_backend_devices {
             }
             #[cfg(feature = "cuda")]
             Some($crate::commands::DeviceChoice::Cuda(_)) => {
+                $crate::backend::cuda_runtime::configure();
                 type $B = $crate::backend::Cuda;
-                let $devs: Vec<burn::backend::cuda::CudaDevice> = choices
+                let $devs: Vec<$crate::backend::CudaDevice> = choices
                     .iter()
                     .map(|d| match d {
-                        $crate::commands::DeviceChoice::Cuda(i) => burn::backend::cuda::CudaDevice::new(*i),
+                        $crate::commands::DeviceChoice::Cuda(i) => $crate::backend::CudaDevice::new(*i),
                         $crate::commands::DeviceChoice::Cpu => unreachable!("checked by same_kind"),
                     })
                     .collect();

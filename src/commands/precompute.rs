@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::backend::Backend;
 use anyhow::{Context, Result};
-use burn::prelude::*;
 
 use super::DeviceChoice;
 use crate::data::sources::ImageCaptionSource;

@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::backend::{AutodiffBackend, Backend};
 use anyhow::{Context, Result};
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 

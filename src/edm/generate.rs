@@ -2,6 +2,7 @@
 //! (optionally only inside a noise-level window). Shared by `microdit generate` and the
 //! training previews.
 
+use crate::backend::Backend;
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

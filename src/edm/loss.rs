@@ -1,5 +1,6 @@
 //! The EDM training loss (NVlabs `EDMLoss`), with MicroDiT's patch masking.
 
+use crate::backend::Backend;
 use burn::prelude::*;
 use rand::{Rng, RngExt};
 use rand_distr::StandardNormal;

@@ -1,6 +1,7 @@
 //! EDM preconditioning (Karras et al. 2022, Table 1; NVlabs `EDMPrecond`):
 //! `D(x; σ) = c_skip(σ) x + c_out(σ) F(c_in(σ) x; c_noise(σ))`.
 
+use crate::backend::Backend;
 use burn::prelude::*;
 
 use super::config::EdmConfig;

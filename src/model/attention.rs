@@ -3,14 +3,14 @@
 
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 
 use super::init::{Dist, Init};
-use super::layers::{normalize, split_last};
+use super::layers::split_last;
+use super::precision::{cast, linear, normalize};
+use crate::backend::{attention, Backend};
 
 /// Scaled dot-product attention of `q` [B, N, H] over `k`, `v` [B, L, H] with `heads` heads,
-/// after normalising q and k; returns [B, N, H].
+/// after normalising q and k (in f32); attention itself in v's type; returns [B, N, H].
 fn attend<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -23,13 +23,12 @@ fn attend<B: Backend>(
         let len = t.dims()[1];
         t.reshape([b, len, heads, h / heads]).swap_dims(1, 2)
     };
+    let dtype = v.dtype();
     let out = attention(
-        split(normalize(q, eps)),
-        split(normalize(k, eps)),
+        split(cast(normalize(q, eps), dtype)),
+        split(cast(normalize(k, eps), dtype)),
         split(v),
-        None,
-        None,
-        AttentionModuleOptions::default(),
+        false,
     );
     out.swap_dims(1, 2).reshape([b, n, h])
 }
@@ -63,8 +62,8 @@ impl<B: Backend> SelfAttention<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [q, k, v] = split_last(self.qkv.forward(x));
-        self.proj.forward(attend(q, k, v, self.num_heads, self.eps))
+        let [q, k, v] = split_last(linear(&self.qkv, x));
+        linear(&self.proj, attend(q, k, v, self.num_heads, self.eps))
     }
 }
 
@@ -97,8 +96,8 @@ impl<B: Backend> CrossAttention<B> {
 
     /// Image tokens `x` [B, N, D] attend to caption tokens `cond` [B, L, D].
     pub fn forward(&self, x: Tensor<B, 3>, cond: Tensor<B, 3>) -> Tensor<B, 3> {
-        let q = self.q_linear.forward(x);
-        let [k, v] = split_last(self.kv_linear.forward(cond));
-        self.proj.forward(attend(q, k, v, self.num_heads, self.eps))
+        let q = linear(&self.q_linear, x);
+        let [k, v] = split_last(linear(&self.kv_linear, cond));
+        linear(&self.proj, attend(q, k, v, self.num_heads, self.eps))
     }
 }

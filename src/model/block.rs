@@ -10,7 +10,9 @@ use super::config::BlockShape;
 use super::expert_choice::ExpertChoiceFeedForward;
 use super::feed_forward::FeedForward;
 use super::init::{Dist, Init};
-use super::layers::{layer_norm, modulate, split_last};
+use super::layers::{gated_residual, layer_norm, modulate, residual, split_last};
+use super::precision::{layer_norm_f32, linear};
+use crate::backend::Backend;
 
 /// Every second block swaps its dense feed-forward for experts.
 // Built once per model; boxing would only add an indirection.
@@ -95,20 +97,23 @@ impl<B: Backend> DitBlock<B> {
     /// `x` [B, N, D] image tokens, `y` [B, L, D] caption tokens, `c` [B, cond_dim].
     pub fn forward(&self, x: Tensor<B, 3>, y: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
-            split_last(self.ada_ln_modulation.forward(gelu_approximate(c)));
+            split_last(linear(&self.ada_ln_modulation, gelu_approximate(c)));
         let attn = self.attn.forward(modulate(
-            self.norm1.forward(x.clone()),
+            layer_norm_f32(&self.norm1, x.clone()),
             shift_msa,
             scale_msa,
         ));
-        let x = x + gate_msa.unsqueeze_dim(1) * attn;
-        let x = x.clone() + self.cross_attn.forward(self.norm2.forward(x), y);
+        let x = gated_residual(x, gate_msa, attn);
+        let x = residual(
+            x.clone(),
+            self.cross_attn.forward(layer_norm_f32(&self.norm2, x), y),
+        );
         let ff = self.mlp.forward(modulate(
-            self.norm3.forward(x.clone()),
+            layer_norm_f32(&self.norm3, x.clone()),
             shift_mlp,
             scale_mlp,
         ));
-        x + gate_mlp.unsqueeze_dim(1) * ff
+        gated_residual(x, gate_mlp, ff)
     }
 }
 
@@ -134,8 +139,8 @@ impl<B: Backend> CaptionBlock<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x));
-        x.clone() + self.mlp.forward(self.norm2.forward(x))
+        let x = residual(x.clone(), self.attn.forward(layer_norm_f32(&self.norm1, x)));
+        residual(x.clone(), self.mlp.forward(layer_norm_f32(&self.norm2, x)))
     }
 }
 
@@ -157,8 +162,10 @@ impl<B: Backend> FinalLayer<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let [shift, scale] = split_last(self.ada_ln_modulation.forward(gelu_approximate(c)));
-        self.linear
-            .forward(modulate(self.norm_final.forward(x), shift, scale))
+        let [shift, scale] = split_last(linear(&self.ada_ln_modulation, gelu_approximate(c)));
+        linear(
+            &self.linear,
+            modulate(layer_norm_f32(&self.norm_final, x), shift, scale),
+        )
     }
 }

@@ -2,45 +2,16 @@
 //! patches dropped and the deep backbone run on the rest.
 
 use burn::prelude::*;
-use serde::{Deserialize, Serialize};
+use burn::tensor::FloatDType;
 
 use super::block::{BlockOptions, CaptionBlock, DitBlock, FinalLayer};
 use super::config::DitConfig;
 use super::embeddings::{sincos_pos_embed, unpatchify, PatchEmbed, TimestepEmbedder};
 use super::init::Init;
-use super::layers::{Mlp, NormLinear};
+use super::layers::{cast_like, residual, Mlp, NormLinear};
 use super::masking::PatchMask;
-use burn::module::{ModuleMapper, Param};
-use burn::tensor::FloatDType;
-
-/// The float type a model computes in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    F32,
-    Bf16,
-    F16,
-}
-
-impl Precision {
-    pub fn dtype(self) -> FloatDType {
-        match self {
-            Self::F32 => FloatDType::F32,
-            Self::Bf16 => FloatDType::BF16,
-            Self::F16 => FloatDType::F16,
-        }
-    }
-}
-
-struct CastParams(FloatDType);
-
-impl<B: Backend> ModuleMapper<B> for CastParams {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let dtype = self.0;
-        param.map(|t| t.cast(dtype))
-    }
-}
+use super::precision::{cast, to_f32, LowPrecisionCopy};
+use crate::backend::Backend;
 
 #[derive(Module, Debug)]
 pub struct MicroDit<B: Backend> {
@@ -57,7 +28,8 @@ pub struct MicroDit<B: Backend> {
     pub patch_mixer_map_y: Option<NormLinear<B>>,
     pub blocks: Vec<DitBlock<B>>,
     pub final_layer: FinalLayer<B>,
-    /// [1, T, D] fixed 2-D sin-cos positions (a buffer, not trained).
+    /// [1, T, D] fixed 2-D sin-cos positions (a buffer, not trained; always f32, as the
+    /// reference's float32 buffer stays under autocast).
     pos_embed: Tensor<B, 3>,
     /// [1, 1, p*p*C] what dropped patches read as in the output: zeros (a buffer).
     mask_token: Tensor<B, 3>,
@@ -113,11 +85,11 @@ impl<B: Backend> MicroDit<B> {
         self.pos_embed.clone()
     }
 
-    /// The same model computing in `dtype` (bf16/f16 halve the weights' memory). Inputs
-    /// and outputs of [`Self::forward`] keep their own dtype.
+    /// The same model computing its products in `dtype` (bf16/f16 halve the weights'
+    /// memory), with autocast's rules (`precision.rs`): LayerNorm weights and the positions
+    /// stay f32. Inputs and outputs of [`Self::forward`] keep their own dtype.
     pub fn cast(self, dtype: FloatDType) -> Self {
-        let mut model = self.map(&mut CastParams(dtype));
-        model.pos_embed = model.pos_embed.cast(dtype);
+        let mut model = self.map(&mut LowPrecisionCopy::new(dtype));
         model.mask_token = model.mask_token.cast(dtype);
         model
     }
@@ -133,20 +105,15 @@ impl<B: Backend> MicroDit<B> {
         y: Tensor<B, 3>,
         mask: Option<&PatchMask<B>>,
     ) -> Tensor<B, 4> {
-        let (io_dtype, dtype) = (x.dtype(), self.pos_embed.dtype());
-        if io_dtype != dtype {
-            let (x, t, y) = (x.cast(dtype), t.cast(dtype), y.cast(dtype));
-            return self.forward(x, t, y, mask).cast(io_dtype);
-        }
-        let batch = x.dims()[0];
-        let x = self.x_embedder.forward(x) + self.pos_embed.clone();
-        let t = self.t_embedder.forward(t.expand([batch]));
+        let (io_dtype, batch) = (x.dtype(), x.dims()[0]);
+        let x = to_f32(self.x_embedder.forward(x)) + self.pos_embed.clone();
+        let t = self.t_embedder.forward(to_f32(t).expand([batch]));
 
         let y = self.y_emb_preprocess.forward(self.y_embedder.forward(y));
         let y_pooled = self
             .pooled_y_emb_process
             .forward(y.clone().mean_dim(1).squeeze_dim::<2>(1));
-        let c = t + y_pooled;
+        let c = residual(t, y_pooled);
 
         let map = |m: &Option<NormLinear<B>>, v: Tensor<B, 3>| match m {
             Some(m) => m.forward(v),
@@ -167,9 +134,9 @@ impl<B: Backend> MicroDit<B> {
         }
         let mut x = self.final_layer.forward(x, c);
         if let Some(mask) = mask {
-            x = mask.restore(x, self.mask_token.clone());
+            x = mask.restore(x.clone(), cast_like(self.mask_token.clone(), &x));
         }
-        unpatchify(x, self.patch_size, self.channels)
+        cast(unpatchify(x, self.patch_size, self.channels), io_dtype)
     }
 
     /// Classifier-free guidance: `uncond + scale * (cond - uncond)`, the unconditional branch

@@ -7,6 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use super::init::{Dist, Init};
+use super::precision::{linear, matmul_in_weight_type};
+use crate::backend::Backend;
 
 /// A `p x p`, stride-`p` convolution from C latent channels to D, computed as one matmul over
 /// patchified latents. The weight keeps the convolution's [D, C, p, p] layout.
@@ -40,10 +42,11 @@ impl<B: Backend> PatchEmbed<B> {
         let patches = x
             .reshape([b, c, gh, p, gw, p])
             .permute([0, 2, 4, 1, 3, 5])
-            .reshape([b, gh * gw, c * p * p]);
+            .reshape([b * gh * gw, c * p * p]);
         let [d, ..] = self.weight.dims();
         let weight = self.weight.val().reshape([d, c * p * p]).transpose();
-        patches.matmul(weight.unsqueeze()) + self.bias.val().unsqueeze::<3>()
+        let tokens = matmul_in_weight_type(patches, weight) + self.bias.val().unsqueeze::<2>();
+        tokens.reshape([b, gh * gw, d])
     }
 }
 
@@ -120,7 +123,7 @@ impl<B: Backend> TimestepEmbedder<B> {
     }
 
     pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
-        self.mlp_out
-            .forward(gelu_approximate(self.mlp_in.forward(self.sinusoidal(t))))
+        let h = gelu_approximate(linear(&self.mlp_in, self.sinusoidal(t)));
+        linear(&self.mlp_out, h)
     }
 }

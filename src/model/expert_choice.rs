@@ -4,10 +4,12 @@
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::IndexingUpdateOp;
 
 use super::init::{Dist, Init};
+use super::precision::{linear, matmul_in_weight_type, promote, softmax_f32};
+use crate::backend::{top_k_indices, Backend};
 
 #[derive(Module, Debug)]
 pub struct ExpertChoiceFeedForward<B: Backend> {
@@ -46,7 +48,8 @@ impl<B: Backend> ExpertChoiceFeedForward<B> {
     /// Tokens `x` [N, T, D]: softmax over experts per token; expert e takes the
     /// `int(capacity * T / E)` tokens with the highest probability for it, runs a GELU MLP
     /// on them, and adds the outputs, weighted by those probabilities, back to their tokens.
-    /// Gather/scatter-add replace the reference's one-hot einsums (same sums, less work).
+    /// Gather/scatter-add replace the reference's one-hot einsums (same sums, less work);
+    /// the top-k selection runs on the device (`argtopk`), with no copy to the host.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [n, t, d] = x.dims();
         let e = self.num_experts;
@@ -54,8 +57,8 @@ impl<B: Backend> ExpertChoiceFeedForward<B> {
         if k == 0 {
             return x.zeros_like();
         }
-        let probs = softmax(self.gate.forward(x.clone()), 2).swap_dims(1, 2); // [N, E, T]
-        let (_, picked) = probs.clone().detach().topk_with_indices(k, 2); // [N, E, K]
+        let probs = softmax_f32(linear(&self.gate, x.clone()), 2).swap_dims(1, 2); // [N, E, T]
+        let picked = top_k_indices(probs.clone().detach(), k); // [N, E, K]
         let weights = probs.gather(2, picked.clone()); // [N, E, K]
 
         let token_index = picked.reshape([n, e * k, 1]).expand([n, e * k, d]);
@@ -64,10 +67,13 @@ impl<B: Backend> ExpertChoiceFeedForward<B> {
                 .swap_dims(0, 1)
                 .reshape([e, n * k, d])
         };
-        let xin = per_expert(x.clone().gather(1, token_index.clone()));
-        let h = gelu(xin.matmul(self.w1.val())).matmul(self.w2.val()); // [E, N*K, D]
-        let h = h.reshape([e, n, k, d]).swap_dims(0, 1) * weights.unsqueeze_dim(3);
-        x.zeros_like().scatter(
+        let device = x.device();
+        let xin = per_expert(x.gather(1, token_index.clone()));
+        let h = gelu(matmul_in_weight_type(xin, self.w1.val()));
+        let h = matmul_in_weight_type(h, self.w2.val()); // [E, N*K, D]
+        let (h, weights) = promote(h.reshape([e, n, k, d]).swap_dims(0, 1), weights);
+        let h = h * weights.unsqueeze_dim(3);
+        Tensor::zeros([n, t, d], (&device, h.dtype())).scatter(
             1,
             token_index,
             h.reshape([n, e * k, d]),

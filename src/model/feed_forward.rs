@@ -5,6 +5,8 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use super::init::{Dist, Init};
+use super::precision::linear;
+use crate::backend::Backend;
 
 /// `w3(silu(w1 x) * w2 x)`, hidden width from [`super::config::BlockShape::swiglu_hidden`].
 #[derive(Module, Debug)]
@@ -32,7 +34,9 @@ impl<B: Backend> FeedForward<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.w3
-            .forward(silu(self.w1.forward(x.clone())) * self.w2.forward(x))
+        linear(
+            &self.w3,
+            silu(linear(&self.w1, x.clone())) * linear(&self.w2, x),
+        )
     }
 }

@@ -5,6 +5,8 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use super::init::{Dist, Init};
+use super::precision::{cast, layer_norm_f32, linear, promote};
+use crate::backend::Backend;
 
 /// `nn.LayerNorm(dim, eps, bias=False)`: a learned scale and no shift.
 pub fn layer_norm<B: Backend>(dim: usize, eps: f64, init: &Init<B>) -> LayerNorm<B> {
@@ -14,19 +16,39 @@ pub fn layer_norm<B: Backend>(dim: usize, eps: f64, init: &Init<B>) -> LayerNorm
         .init(init.device())
 }
 
-/// LayerNorm without any parameters over the last dimension (the q/k norms).
-pub fn normalize<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
-    let (var, mean) = x.clone().var_mean_bias(D - 1);
-    (x - mean) / (var + eps).sqrt()
-}
-
 /// AdaLN modulation `x * (1 + scale) + shift`, with per-sample `shift`, `scale` of shape [B, D].
 pub fn modulate<B: Backend>(
     x: Tensor<B, 3>,
     shift: Tensor<B, 2>,
     scale: Tensor<B, 2>,
 ) -> Tensor<B, 3> {
+    let (x, scale) = promote(x, scale);
+    let (x, shift) = promote(x, shift);
     x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim(1)
+}
+
+/// The residual update `x + gate * branch` (gate [B, D] per sample), in the wider type.
+pub fn gated_residual<B: Backend>(
+    x: Tensor<B, 3>,
+    gate: Tensor<B, 2>,
+    branch: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let (gate, branch) = promote(gate, branch);
+    residual(x, gate.unsqueeze_dim(1) * branch)
+}
+
+/// `x + branch` in the wider type.
+pub fn residual<B: Backend, const D: usize>(x: Tensor<B, D>, branch: Tensor<B, D>) -> Tensor<B, D> {
+    let (x, branch) = promote(x, branch);
+    x + branch
+}
+
+/// `x` in `like`'s type.
+pub fn cast_like<B: Backend, const D: usize, const E: usize>(
+    x: Tensor<B, D>,
+    like: &Tensor<B, E>,
+) -> Tensor<B, D> {
+    cast(x, like.dtype())
 }
 
 /// Splits the last dimension of `x` into `N` equal parts (PyTorch's `chunk(N, -1)`).
@@ -56,8 +78,8 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.fc2
-            .forward(self.norm.forward(gelu_approximate(self.fc1.forward(x))))
+        let h = gelu_approximate(linear(&self.fc1, x));
+        linear(&self.fc2, layer_norm_f32(&self.norm, h))
     }
 }
 
@@ -77,6 +99,6 @@ impl<B: Backend> NormLinear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.linear.forward(self.norm.forward(x))
+        linear(&self.linear, layer_norm_f32(&self.norm, x))
     }
 }

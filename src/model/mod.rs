@@ -7,13 +7,16 @@ pub mod dit;
 pub mod embeddings;
 pub mod expert_choice;
 pub mod feed_forward;
+pub mod flops;
 pub mod init;
 pub mod layers;
 pub mod masking;
 pub mod params;
+pub mod precision;
 pub mod weights;
 
 pub use config::DitConfig;
-pub use dit::{MicroDit, Precision};
+pub use dit::MicroDit;
 pub use init::Init;
 pub use masking::PatchMask;
+pub use precision::Precision;

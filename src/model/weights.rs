@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::backend::Backend;
 use anyhow::{bail, Context, Result};
 use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;

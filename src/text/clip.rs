@@ -4,17 +4,18 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::backend::Backend;
 use anyhow::{Context, Result};
 use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use serde::Deserialize;
 
+use crate::backend::attention;
 use crate::checkpoint::{apply_state_dict, read_state_dict, CLIP_TEXT_KEYS};
 use crate::model::layers::split_last;
+use crate::model::precision::linear;
 
 /// The text half of an open_clip `open_clip_config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,14 +124,9 @@ impl<B: Backend> ClipAttention<B> {
             t.reshape([b, n, self.heads, w / self.heads])
                 .swap_dims(1, 2)
         };
-        let [q, k, v] = split_last(self.in_proj.forward(x));
-        let causal = AttentionModuleOptions {
-            is_causal: true,
-            ..Default::default()
-        };
-        let out = attention(split(q), split(k), split(v), None, None, causal);
-        self.out_proj
-            .forward(out.swap_dims(1, 2).reshape([b, n, w]))
+        let [q, k, v] = split_last(linear(&self.in_proj, x));
+        let out = attention(split(q), split(k), split(v), true);
+        linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, n, w]))
     }
 }
 
@@ -143,13 +139,13 @@ pub struct ClipMlp<B: Backend> {
 
 impl<B: Backend> ClipMlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.c_fc.forward(x);
+        let h = linear(&self.c_fc, x);
         let h = if self.quick_gelu {
             h.clone() * sigmoid(h * 1.702)
         } else {
             gelu(h)
         };
-        self.c_proj.forward(h)
+        linear(&self.c_proj, h)
     }
 }
 

@@ -2,12 +2,15 @@
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{
+    AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, Optimizer, SimpleOptimizer,
+};
+use burn::tensor::TensorPrimitive;
 use burn_store::ModuleSnapshot;
 
+use crate::backend::{AdamWStep, AutodiffBackend, Backend};
 use crate::model::MicroDit;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 
 /// `torch.nn.utils.clip_grad_norm_`: one norm over all gradients together, and every
 /// gradient scaled by `max_norm / (norm + 1e-6)` when that is below 1. (burn's own
@@ -85,20 +88,64 @@ impl Default for AdamWSettings {
 }
 
 impl AdamWSettings {
-    /// burn's AdamW: decoupled decay `p *= 1 - lr·wd`, then `p -= lr · m̂ / (√v̂ + eps)`,
-    /// the same update as PyTorch's.
-    pub fn config(&self) -> AdamWConfig {
-        AdamWConfig::new()
-            .with_beta_1(self.beta1)
-            .with_beta_2(self.beta2)
-            .with_epsilon(self.eps)
-            .with_weight_decay(self.weight_decay)
-    }
-
     pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(
         &self,
-    ) -> burn::optim::adaptor::OptimizerAdaptor<AdamW, M, B> {
-        self.config().init()
+    ) -> OptimizerAdaptor<FusedAdamW, M, B> {
+        OptimizerAdaptor::from(FusedAdamW(*self))
+    }
+}
+
+/// burn's AdamW update (decoupled decay `p *= 1 - lr·wd`, then `p -= lr · m̂ / (√v̂ + eps)`,
+/// PyTorch's update) through [`Backend::adamw_step`], which the CUDA backend runs as one
+/// kernel per parameter. Its state is burn's `AdamWState`, so checkpoints are the same.
+#[derive(Debug, Clone, Copy)]
+pub struct FusedAdamW(pub AdamWSettings);
+
+impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
+    type State<const D: usize> = AdamWState<B, D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<B, D>, Option<Self::State<D>>) {
+        let (m, v, time) = match state {
+            Some(s) => (
+                s.momentum.moment_1,
+                s.momentum.moment_2,
+                s.momentum.time + 1,
+            ),
+            None => (grad.zeros_like(), grad.zeros_like(), 1),
+        };
+        let settings = self.0;
+        let step = AdamWStep {
+            lr,
+            beta_1: settings.beta1,
+            beta_2: settings.beta2,
+            epsilon: settings.eps,
+            weight_decay: settings.weight_decay,
+            time: time as i32,
+        };
+        let shape = tensor.shape();
+        let flat = |t: Tensor<B, D>| t.flatten::<1>(0, D - 1).into_primitive().tensor();
+        let [tensor, m, v] =
+            B::adamw_step(flat(tensor), flat(grad), flat(m), flat(v), &step).map(|t| {
+                Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t)).reshape(shape.clone())
+            });
+        let momentum = AdaptiveMomentumState {
+            time,
+            moment_1: m,
+            moment_2: v,
+            max_moment_2: None,
+        };
+        (tensor, Some(AdamWState { momentum }))
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &B::Device) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
     }
 }
 
@@ -107,13 +154,13 @@ impl AdamWSettings {
 /// halve the experts' rate, but its name filter matched no parameter, so the released models
 /// were trained with one rate: the scale is off unless asked for.
 pub struct GroupedAdamW<B: AutodiffBackend> {
-    pub main: OptimizerAdaptor<AdamW, MicroDit<B>, B>,
+    pub main: OptimizerAdaptor<FusedAdamW, MicroDit<B>, B>,
     pub experts: Option<ExpertGroup<B>>,
 }
 
 pub struct ExpertGroup<B: AutodiffBackend> {
     pub scale: f64,
-    pub optim: OptimizerAdaptor<AdamW, MicroDit<B>, B>,
+    pub optim: OptimizerAdaptor<FusedAdamW, MicroDit<B>, B>,
 }
 
 /// (id, rank) of every expert-choice MoE parameter. Looked up at each step: loading a

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::Backend;
 use anyhow::{ensure, Context, Result};
 use burn::prelude::*;
 

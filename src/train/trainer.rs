@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::backend::{AutodiffBackend, Backend};
 use anyhow::ensure;
 use anyhow::{bail, Context, Result};
 use burn::collective::{self, CollectiveConfig, PeerId, ReduceOperation};
 use burn::module::{AutodiffModule, ModuleMapper, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorPrimitive;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::RngExt;

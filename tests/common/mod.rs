@@ -145,6 +145,8 @@ pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 #[track_caller]
 pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f64) {
     let err = rel_l2(ours, reference);
+    // Shown with `--nocapture` (bench/gpu_check.sh reports the largest).
+    eprintln!("{what}: relative L2 error {err:.2e} (tolerance {tol:.0e})");
     assert!(
         err < tol,
         "{what}: relative L2 error {err:e} exceeds {tol:e}"

@@ -1,0 +1,45 @@
+//! cubecl's run-time settings for the CUDA backend: where compiled kernels (PTX) and
+//! autotune results are kept between runs.
+//!
+//! Without a cache every process compiles its kernels again through NVRTC (most of a cold
+//! start). microdit keeps both caches in `$MICRODIT_CACHE/cubecl`, or the user cache
+//! directory (`~/.cache/microdit/cubecl` on Linux). A `cubecl.toml` (or `[cubecl]` in a
+//! `burn.toml`) in the working directory or above that names a compilation cache is obeyed
+//! instead; `CUBECL_AUTOTUNE_LEVEL` and `CUBECL_DEBUG_LOG` keep working.
+
+use std::path::PathBuf;
+use std::sync::Once;
+
+use cubecl::config::cache::CacheConfig;
+use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+
+/// The cache directory: `$MICRODIT_CACHE/cubecl` or `<user cache>/microdit/cubecl`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("MICRODIT_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| dirs::cache_dir().map(|d| d.join("microdit")))
+        .unwrap_or_else(|| PathBuf::from(".microdit-cache"))
+        .join("cubecl")
+}
+
+/// Sets cubecl's configuration once, before the first CUDA device is used.
+pub fn configure() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if config.compilation.cache.is_none() {
+            let dir = cache_dir();
+            let cold = std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none());
+            if cold {
+                eprintln!(
+                    "microdit: first use of this GPU setup: compiling CUDA kernels as they are needed \
+                     (about a minute); they are kept in {} for later runs",
+                    dir.display()
+                );
+            }
+            config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+            config.autotune.cache = CacheConfig::File(dir);
+        }
+        CubeClRuntimeConfig::set(config);
+    });
+}

@@ -1,0 +1,218 @@
+//! The backends microdit runs on, and the operations it adds to burn's through burn's
+//! backend extension (a trait over `burn::tensor::backend::Backend`, implemented per
+//! backend, with its own backward under autodiff).
+//!
+//! - CPU: burn-flex (`Cpu`), the default.
+//! - NVIDIA GPUs: burn's cubecl backend on the CUDA runtime (`Cuda`, with `--features cuda`),
+//!   without burn's operation fusion: the hot operations are microdit's own kernels with
+//!   fixed strategies (`cube.rs`), so a cold start compiles few kernels and nothing is
+//!   autotuned on the hot path.
+//!
+//! What each precision computes in (the same on every backend):
+//! - f32: true f32 arithmetic. On CUDA the matrix products run on the plain f32 units, not
+//!   TF32 tensor cores, so CPU and GPU agree to float32 rounding (as PyTorch's default
+//!   `allow_tf32 = False` for matmuls).
+//! - bf16/f16: matrix products and attention with f16/bf16 operands and f32 accumulation;
+//!   layer norms, softmax and the loss in f32 (PyTorch autocast's rules, `model::precision`).
+
+mod autodiff;
+#[cfg(feature = "cuda")]
+pub mod cube;
+#[cfg(feature = "cuda")]
+pub mod cublas;
+#[cfg(feature = "cuda")]
+pub mod cuda_runtime;
+
+use burn::tensor::activation::softmax;
+use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+pub type Cpu = burn::backend::Flex;
+pub type CpuDevice = burn::backend::flex::FlexDevice;
+pub type Trainable<B> = burn::backend::Autodiff<B>;
+
+/// burn's cubecl backend on CUDA, without fusion (see the module documentation).
+#[cfg(feature = "cuda")]
+pub type Cuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+#[cfg(feature = "cuda")]
+pub type CudaDevice = cubecl::cuda::CudaDevice;
+
+/// The backend the parity tests run on: the CPU, or CUDA with `--features cuda-tests`.
+#[cfg(not(feature = "cuda-tests"))]
+pub type TestBackend = Cpu;
+#[cfg(feature = "cuda-tests")]
+pub type TestBackend = Cuda;
+
+/// The test backend's default device (on CUDA, after setting cubecl's caches).
+pub fn test_device() -> burn::tensor::Device<TestBackend> {
+    #[cfg(feature = "cuda-tests")]
+    cuda_runtime::configure();
+    Default::default()
+}
+
+/// burn's backend plus the operations microdit computes its own way.
+pub trait Backend: burn::tensor::backend::Backend {
+    /// `lhs @ rhs` over the last two dimensions (leading dimensions broadcast), in the
+    /// operands' precision with f32 accumulation: f32 operands are multiplied in f32,
+    /// never rounded to TF32.
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+
+    /// `softmax(q kᵀ / √d) v` for q [B, H, N, d], k and v [B, H, L, d], optionally causal.
+    fn scaled_dot_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        causal: bool,
+    ) -> FloatTensor<Self> {
+        let options = AttentionModuleOptions {
+            is_causal: causal,
+            ..Default::default()
+        };
+        Self::attention(q, k, v, None, None, options)
+    }
+
+    /// One AdamW step for one f32 parameter tensor: returns the new parameter and first
+    /// and second moments. The default is burn's `AdamW` update, operation by operation
+    /// (PyTorch's `AdamW` math); a backend may fuse it into one pass over memory.
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        step: &AdamWStep,
+    ) -> [FloatTensor<Self>; 3] {
+        adamw_step_unfused::<Self>(param, grad, moment_1, moment_2, step)
+    }
+
+    /// Indices of the `k` largest values along the last dimension of a rank-3 tensor,
+    /// largest first (`torch.topk(…, sorted=True)`).
+    fn top_k_indices(values: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        let values = Tensor::<Self, 3>::from_primitive(TensorPrimitive::Float(values));
+        values
+            .argsort_descending(2)
+            .narrow(2, 0, k)
+            .into_primitive()
+    }
+}
+
+/// The scalars of one AdamW step (`time` counts steps from 1).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+    pub time: i32,
+}
+
+impl AdamWStep {
+    /// `1 − β₁ᵗ` and `1 − β₂ᵗ`, in f32 as burn computes them.
+    pub fn bias_corrections(&self) -> [f32; 2] {
+        [
+            1.0 - self.beta_1.powi(self.time),
+            1.0 - self.beta_2.powi(self.time),
+        ]
+    }
+
+    /// The decoupled weight decay factor `1 − lr·λ`.
+    pub fn decay(&self) -> f64 {
+        1.0 - self.lr * self.weight_decay as f64
+    }
+}
+
+/// burn's `AdamW` update, operation by operation.
+pub fn adamw_step_unfused<B: burn::tensor::backend::Backend>(
+    param: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    moment_1: FloatTensor<B>,
+    moment_2: FloatTensor<B>,
+    step: &AdamWStep,
+) -> [FloatTensor<B>; 3] {
+    let wrap = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+    let (param, grad) = (wrap(param), wrap(grad));
+    let m = wrap(moment_1).mul_scalar(step.beta_1) + grad.clone().mul_scalar(1.0 - step.beta_1);
+    let v = wrap(moment_2).mul_scalar(step.beta_2) + grad.square().mul_scalar(1.0 - step.beta_2);
+    let [c1, c2] = step.bias_corrections();
+    let delta = (m.clone() / c1) / ((v.clone() / c2).sqrt() + step.epsilon);
+    let param = param.mul_scalar(step.decay()) - delta.mul_scalar(step.lr);
+    [param, m, v].map(|t| t.into_primitive().tensor())
+}
+
+/// A [`Backend`] that records gradients, over a [`Backend`].
+pub trait AutodiffBackend:
+    Backend + burn::tensor::backend::AutodiffBackend<InnerBackend: Backend>
+{
+}
+
+impl<B> AutodiffBackend for B where
+    B: Backend + burn::tensor::backend::AutodiffBackend<InnerBackend: Backend>
+{
+}
+
+impl Backend for burn::backend::Flex {}
+
+/// `lhs @ rhs` through [`Backend::matmul`].
+pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    let out = B::matmul(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// [`Backend::top_k_indices`] (not differentiable: the values are only compared).
+pub fn top_k_indices<B: Backend>(values: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
+    Tensor::from_primitive(B::top_k_indices(values.into_primitive().tensor(), k))
+}
+
+/// Attention through [`Backend::scaled_dot_attention`].
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    causal: bool,
+) -> Tensor<B, 4> {
+    let out = B::scaled_dot_attention(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        causal,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// [`attention_unfused`] on primitives, for backends' implementations.
+pub fn attention_unfused_primitive<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    causal: bool,
+) -> FloatTensor<B> {
+    let wrap = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+    attention_unfused(wrap(q), wrap(k), wrap(v), causal)
+        .into_primitive()
+        .tensor()
+}
+
+/// Attention as three steps, scores and softmax in f32 whatever the operands' precision
+/// (autocast's rule): what the autodiff backend differentiates, and CUDA's default.
+pub fn attention_unfused<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    causal: bool,
+) -> Tensor<B, 4> {
+    let dtype = q.dtype();
+    let [_, _, n, d] = q.dims();
+    let l = k.dims()[2];
+    let scores =
+        matmul(q, k.swap_dims(2, 3)).cast(burn::tensor::FloatDType::F32) * (d as f64).powf(-0.5);
+    let scores = if causal {
+        let device = scores.device();
+        let future = Tensor::<B, 2, burn::tensor::Bool>::tril_mask([n, l], 0, &device);
+        scores.mask_fill(future.unsqueeze::<4>(), f32::NEG_INFINITY)
+    } else {
+        scores
+    };
+    matmul(softmax(scores, 3).cast(dtype), v)
+}

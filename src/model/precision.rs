@@ -1,0 +1,141 @@
+//! Mixed precision as PyTorch's autocast does it: matrix products and attention in the
+//! low-precision weights' type (bf16/f16, f32 accumulation), layer norms and softmax in f32,
+//! and every other operation in the wider of its operands' types. In f32 every cast here
+//! is the identity.
+
+use burn::module::{ModuleMapper, Param};
+use burn::nn::{LayerNorm, Linear};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use burn::tensor::{DType, FloatDType};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{matmul, Backend};
+
+/// The float type a model computes its products in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> FloatDType {
+        match self {
+            Self::F32 => FloatDType::F32,
+            Self::Bf16 => FloatDType::BF16,
+            Self::F16 => FloatDType::F16,
+        }
+    }
+}
+
+/// `x` in `dtype`; no operation (and no autodiff node) when it already is.
+pub fn cast<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(FloatDType::from(dtype))
+    }
+}
+
+pub fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    cast(x, DType::F32)
+}
+
+/// The wider of two float types (f32 over bf16/f16), as PyTorch promotes mixed operands.
+fn wider(a: DType, b: DType) -> DType {
+    if a == DType::F32 || b == DType::F32 {
+        DType::F32
+    } else {
+        a
+    }
+}
+
+/// Both operands in the wider of their types.
+pub fn promote<B: Backend, const D: usize, const E: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, E>,
+) -> (Tensor<B, D>, Tensor<B, E>) {
+    let dtype = wider(a.dtype(), b.dtype());
+    (cast(a, dtype), cast(b, dtype))
+}
+
+/// `x @ w` in `w`'s type (autocast casts a product's operands to the low precision).
+pub fn matmul_in_weight_type<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, D>,
+) -> Tensor<B, D> {
+    matmul(cast(x, w.dtype()), w)
+}
+
+/// `Linear::forward` in the weight's type, leading dimensions folded into one matrix.
+pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let w = layer.weight.val();
+    let [d_in, d_out] = w.dims();
+    let mut dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = matmul(cast(x, w.dtype()).reshape([rows, d_in]), w);
+    let y = match &layer.bias {
+        Some(bias) => y + bias.val().unsqueeze_dim(0),
+        None => y,
+    };
+    dims[D - 1] = d_out;
+    y.reshape(dims)
+}
+
+/// `LayerNorm::forward` in f32 (weights kept in f32 by [`LowPrecisionCopy`]).
+pub fn layer_norm_f32<B: Backend, const D: usize>(
+    norm: &LayerNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    norm.forward(to_f32(x))
+}
+
+/// LayerNorm without parameters over the last dimension (the q/k norms), in f32.
+pub fn normalize<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+    let x = to_f32(x);
+    let (var, mean) = x.clone().var_mean_bias(D - 1);
+    (x - mean) / (var + eps).sqrt()
+}
+
+/// Softmax in f32.
+pub fn softmax_f32<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    softmax(to_f32(x), dim)
+}
+
+/// Casts every float parameter to `dtype` except LayerNorm weights, which autocast keeps in
+/// f32 (a norm computes in f32 from its f32 master weights).
+pub struct LowPrecisionCopy {
+    pub dtype: FloatDType,
+    containers: Vec<String>,
+}
+
+impl LowPrecisionCopy {
+    pub fn new(dtype: FloatDType) -> Self {
+        Self {
+            dtype,
+            containers: Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend> ModuleMapper<B> for LowPrecisionCopy {
+    fn enter_module(&mut self, _name: &str, container_type: &str) {
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.containers.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.containers.last().map(String::as_str) == Some("Struct:LayerNorm") {
+            return param;
+        }
+        let dtype = self.dtype;
+        param.map(|t| t.cast(dtype))
+    }
+}
