@@ -5,7 +5,6 @@
 //! call `model`.
 
 pub mod backend;
-pub mod checkpoint;
 pub mod commands;
 pub mod data;
 pub mod demo;
@@ -15,6 +14,8 @@ pub mod image;
 pub mod io;
 pub mod model;
 pub mod precompute;
+pub mod random;
+pub mod state_dict;
 pub mod text;
 pub mod train;
 pub mod vae;

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use crate::data::mds::{f16_bytes, MdsWriter, Value};
 use crate::data::preprocess::{decode_rgb, resize_center_crop, resize_short_side, to_model_input};
 use crate::data::sources::ImageCaptionSource;
-use crate::edm::loss::standard_normal;
+use crate::random::standard_normal;
 use crate::text::{ClipTextEncoder, ClipTokenizer};
 use crate::vae::{AutoencoderKl, SpaceToDepth, VaeConfig};
 

@@ -10,12 +10,12 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use common::{assert_close, fixture_sets, to_vec, Cases};
 use microdit::backend::{test_device, Backend, TestBackend, Trainable};
-use microdit::checkpoint::{reference_tensors, DIT_KEYS};
 use microdit::edm::{
     denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Solver,
 };
 use microdit::model::weights::{load_weights, ToGradients};
 use microdit::model::{DitConfig, Init, MicroDit, PatchMask};
+use microdit::state_dict::{reference_tensors, DIT_KEYS};
 use microdit::train::optim::{clip_grad_norm, AdamWSettings};
 
 type B = TestBackend;

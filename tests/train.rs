@@ -341,7 +341,7 @@ fn the_recipe_stage_configs_load() {
                 .unwrap();
         assert_eq!(
             (cfg.resolution, cfg.mask_ratio, cfg.steps),
-            (res, mask, steps),
+            (Some(res), mask, steps),
             "{name}"
         );
         let dit = cfg.dit_config().unwrap();
@@ -350,7 +350,7 @@ fn the_recipe_stage_configs_load() {
             (res / 8, interp),
             "{name}"
         );
-        assert_eq!(cfg.latents_column(), format!("latents_{res}"));
+        assert_eq!(cfg.latents_column().unwrap(), format!("latents_{res}"));
     }
     let stage1 =
         microdit::train::config::TrainConfig::from_file(&dir.join("stage1_res256_mask75.toml"))
@@ -364,9 +364,9 @@ fn the_recipe_stage_configs_load() {
 fn the_expert_learning_rate_scale_applies_to_expert_parameters_only() {
     use burn::optim::GradientsParams;
     use microdit::backend::{Cpu, Trainable};
-    use microdit::checkpoint::{reference_tensors, DIT_KEYS};
     use microdit::edm::{edm_loss, EdmConfig, LossNoise};
     use microdit::model::{Init, MicroDit};
+    use microdit::state_dict::{reference_tensors, DIT_KEYS};
     use microdit::train::optim::{AdamWSettings, GroupedAdamW};
     use rand::SeedableRng;
     type AB = Trainable<Cpu>;
@@ -376,8 +376,8 @@ fn the_expert_learning_rate_scale_applies_to_expert_parameters_only() {
     let model = MicroDit::<AB>::new(&cfg, &mut Init::reference(0, &device));
     let before = reference_tensors(&model, &DIT_KEYS).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let x0 = microdit::edm::loss::standard_normal::<AB, 4>(&mut rng, [2, 4, 8, 8], &device);
-    let y = microdit::edm::loss::standard_normal::<AB, 3>(
+    let x0 = microdit::random::standard_normal::<AB, 4>(&mut rng, [2, 4, 8, 8], &device);
+    let y = microdit::random::standard_normal::<AB, 3>(
         &mut rng,
         [2, CAPTION_TOKENS, CAPTION_DIM],
         &device,
@@ -526,7 +526,7 @@ fn bf16_compute_trains_f32_master_weights_like_f32() {
     let path = s
         .root
         .join("bf16/checkpoints/step-00000020/weights.safetensors");
-    for (name, t) in microdit::checkpoint::read_state_dict(&path).unwrap() {
+    for (name, t) in microdit::state_dict::read_state_dict(&path).unwrap() {
         assert_eq!(t.dtype, burn::tensor::DType::F32, "{name} is not f32");
     }
     let (one, two) = (
@@ -544,7 +544,7 @@ fn bf16_compute_trains_f32_master_weights_like_f32() {
 /// The weights of a run's newest checkpoint, flattened.
 fn latest_weights(run: &Path) -> Vec<f32> {
     let ckpt = microdit::train::checkpoint::latest(run).unwrap();
-    microdit::checkpoint::read_state_dict(&ckpt.join("weights.safetensors"))
+    microdit::state_dict::read_state_dict(&ckpt.join("weights.safetensors"))
         .unwrap()
         .into_values()
         .flat_map(|t| {

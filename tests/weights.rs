@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use burn::tensor::TensorData;
 use microdit::backend::Cpu;
-use microdit::checkpoint::{reference_tensors, DIT_KEYS};
 use microdit::model::weights::{load_weights, save_weights};
 use microdit::model::{DitConfig, Init, MicroDit};
+use microdit::state_dict::{reference_tensors, DIT_KEYS};
 
 type B = Cpu;
 

@@ -17,11 +17,11 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{DeviceChoice, ModelArgs};
 use crate::backend::{AutodiffBackend, Trainable};
-use crate::edm::loss::standard_normal;
 use crate::edm::{denoise, edm_loss, karras_sigmas, EdmConfig, Guidance, LossNoise};
 use crate::model::flops::{forward_flops, train_step_flops};
 use crate::model::masking::kept_tokens;
 use crate::model::{DitConfig, Init, MicroDit, Precision};
+use crate::random::standard_normal;
 use crate::train::optim::{clip_grad_norm, AdamWSettings};
 
 /// Dense bf16 tensor-core peak of an H100/H200 SXM (NVIDIA's datasheet), the usual MFU

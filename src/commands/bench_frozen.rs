@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::bench::{report, time};
 use super::DeviceChoice;
 use crate::data::preprocess::{decode_rgb, resize_center_crop, to_model_input};
-use crate::edm::loss::standard_normal;
+use crate::random::standard_normal;
 use crate::text::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
 use crate::vae::{AutoencoderKl, VaeConfig};
 

@@ -10,13 +10,13 @@ use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::DeviceChoice;
-use crate::checkpoint::read_state_dict;
 use crate::edm::generate::{sample_latents, SamplerSettings};
 use crate::edm::{karras_sigmas, Churn, EdmConfig, Solver};
 use crate::hub::{known, Hub};
 use crate::model::weights::{denoiser_part, load_state_dict};
 use crate::model::Precision;
 use crate::model::{DitConfig, Init, MicroDit};
+use crate::state_dict::read_state_dict;
 use crate::text::{ClipTextEncoder, ClipTokenizer};
 use crate::vae::{vae_subfolder, AutoencoderKl};
 

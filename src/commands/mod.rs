@@ -11,20 +11,24 @@ pub mod train;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
+use crate::model::config::ModelChoice;
 use crate::model::DitConfig;
 
-/// Choosing a model: a published preset or a config file, optionally moved to 512 px.
+/// Choosing a model: a published preset or a config file, at some resolution.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// Published architecture: MicroDiT_Tiny_2 or MicroDiT_XL_2.
     #[arg(long, default_value = "MicroDiT_XL_2", conflicts_with = "config")]
     pub preset: String,
-    /// A JSON or TOML file with the reference DiT constructor arguments instead of a preset.
+    /// A JSON or TOML file with the reference DiT constructor arguments instead of a preset
+    /// (absent arguments take the constructor's defaults).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Image resolution: 256 or 512 (512 doubles the latent size and interpolates positions).
-    #[arg(long, default_value_t = 256)]
-    pub resolution: usize,
+    /// Image resolution in pixels (SDXL-VAE latents, 8× smaller). Presets default to 256
+    /// and interpolate positions above it (512 is the recipe's second resolution); a
+    /// config file defaults to its own size.
+    #[arg(long)]
+    pub resolution: Option<usize>,
     /// Latent channels (4 for the SDXL VAE, 16 for 16-channel VAEs).
     #[arg(long)]
     pub in_channels: Option<usize>,
@@ -32,21 +36,16 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn config(&self) -> Result<DitConfig> {
-        let mut cfg = match &self.config {
-            Some(path) => DitConfig::from_file(path)?,
-            None => DitConfig::preset(&self.preset)?,
+        let source = match &self.config {
+            Some(path) => path.display().to_string(),
+            None => self.preset.clone(),
         };
-        match self.resolution {
-            256 => {}
-            512 if self.config.is_none() => cfg = cfg.at_512px(),
-            512 => {}
-            other => bail!("--resolution must be 256 or 512, not {other}"),
+        ModelChoice {
+            resolution: self.resolution,
+            in_channels: self.in_channels,
+            ..ModelChoice::new(source)
         }
-        if let Some(c) = self.in_channels {
-            cfg.in_channels = c;
-        }
-        cfg.validate()?;
-        Ok(cfg)
+        .resolve()
     }
 }
 

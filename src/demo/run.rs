@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 
 use super::score::{features, frechet_distance, judge, Tally, CHANCE};
 use super::shapes::{scene_and_image, Scene};
-use crate::checkpoint::{reference_tensors, CLIP_TEXT_KEYS};
 use crate::data::sources::ImageCaptionSource;
 use crate::edm::generate::{sample_latents, SamplerSettings};
 use crate::edm::{karras_sigmas, Churn, EdmConfig, Solver};
@@ -23,6 +22,7 @@ use crate::hub::Hub;
 use crate::model::weights::load_weights;
 use crate::model::{DitConfig, Init, MicroDit};
 use crate::precompute::{precompute, Encoders, ImageEncoder, PrecomputeOptions};
+use crate::state_dict::{reference_tensors, CLIP_TEXT_KEYS};
 use crate::text::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{train, RunOptions};
@@ -201,31 +201,24 @@ fn train_config(
     mask: f64,
     steps: usize,
 ) -> Result<TrainConfig> {
-    let text = format!(
-        r#"
-model = {model:?}
-resolution = {IMAGE_SIZE}
-in_channels = {channels}
-data = [{data:?}]
-latents_column = "latents_{IMAGE_SIZE}"
-mask_ratio = {mask}
-steps = {steps}
-global_batch = 32
-micro_batch = 32
-lr = 1e-3
-warmup_steps = {warmup}
-alpha_f = 0.33
-grad_clip = 1.0
-seed = {seed}
-checkpoint_every = 100
-keep_last = 2
-log_every = 10
-"#,
-        channels = CODEC.channels(),
-        warmup = (steps / 10).min(100),
-        seed = opts.seed,
-    );
-    let cfg: TrainConfig = toml::from_str(&text)?;
+    let cfg = TrainConfig {
+        model: model.display().to_string(),
+        in_channels: Some(CODEC.channels()),
+        data: vec![data.to_path_buf()],
+        latents_column: Some(format!("latents_{IMAGE_SIZE}")),
+        mask_ratio: mask,
+        steps,
+        global_batch: 32,
+        micro_batch: 32,
+        lr: 1e-3,
+        warmup_steps: (steps / 10).min(100),
+        alpha_f: 0.33,
+        grad_clip: 1.0,
+        seed: opts.seed,
+        checkpoint_every: 100,
+        keep_last: 2,
+        ..TrainConfig::default()
+    };
     cfg.validate()?;
     Ok(cfg)
 }

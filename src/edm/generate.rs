@@ -7,9 +7,9 @@ use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::loss::standard_normal;
 use super::{denoise, sample, Churn, EdmConfig, Guidance, Solver};
 use crate::model::MicroDit;
+use crate::random::standard_normal;
 
 #[derive(Debug, Clone)]
 pub struct SamplerSettings {

@@ -2,13 +2,13 @@
 
 use crate::backend::Backend;
 use burn::prelude::*;
-use rand::{Rng, RngExt};
-use rand_distr::StandardNormal;
+use rand::Rng;
 
 use super::config::EdmConfig;
 use super::precond::{denoise, Guidance};
 use crate::model::masking::PatchMask;
 use crate::model::MicroDit;
+use crate::random::standard_normal;
 
 /// The random draws one loss evaluation uses, kept apart so that a caller (a test, a
 /// resumed run) can supply exactly the same ones.
@@ -20,18 +20,6 @@ pub struct LossNoise<B: Backend> {
     pub noise: Tensor<B, 4>,
     /// Patches hidden from the backbone, if training sparsely.
     pub mask: Option<PatchMask<B>>,
-}
-
-pub fn standard_normal<B: Backend, const D: usize>(
-    rng: &mut impl Rng,
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D> {
-    let n = shape.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|_| rng.sample::<f32, _>(StandardNormal))
-        .collect();
-    Tensor::from_data(TensorData::new(values, shape), device)
 }
 
 impl<B: Backend> LossNoise<B> {

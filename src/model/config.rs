@@ -1,14 +1,14 @@
 //! Constructor parameters of the reference `DiT`, the derived per-block widths, and the
 //! published presets.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Every constructor argument of the reference `DiT` (same names, so the reference's
-/// `config.json` files load as they are).
+/// `config.json` files load as they are; absent ones take the constructor's defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DitConfig {
     pub input_size: usize,
     pub patch_size: usize,
@@ -78,6 +78,103 @@ pub fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     v
 }
 
+/// The reference `DiT.__init__` defaults (`micro_diffusion/models/dit.py`).
+impl Default for DitConfig {
+    fn default() -> Self {
+        Self {
+            input_size: 32,
+            patch_size: 2,
+            in_channels: 4,
+            dim: 1152,
+            depth: 28,
+            head_dim: 64,
+            multiple_of: 256,
+            caption_channels: 1024,
+            pos_interp_scale: 1.0,
+            norm_eps: 1e-6,
+            depth_init: true,
+            qkv_multipliers: vec![1.0],
+            ffn_multipliers: vec![4.0],
+            use_patch_mixer: true,
+            patch_mixer_depth: 4,
+            patch_mixer_dim: 512,
+            patch_mixer_qkv_ratio: 1.0,
+            patch_mixer_mlp_ratio: 1.0,
+            use_bias: true,
+            num_experts: 8,
+            expert_capacity: 1.0,
+            experts_every_n: 2,
+        }
+    }
+}
+
+/// Which architecture, at what size: a preset or config file, optionally moved to another
+/// image resolution and number of latent channels. The one rule every command uses:
+/// - presets are 256 px models; at `resolution` their latent side is
+///   `resolution / downscale` and positions are interpolated by `resolution / 256` (the
+///   reference's 512 px stages use `pos_interp_scale = 2`);
+/// - a config file is used as written, except that a given resolution sets its latent side
+///   (its `pos_interp_scale` stays what the file says);
+/// - `in_channels`, when given, replaces the architecture's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelChoice {
+    /// A preset name or a JSON/TOML config file.
+    pub source: String,
+    pub resolution: Option<usize>,
+    /// Pixels per latent pixel (8 for the SDXL VAE, the recipe's codec).
+    pub downscale: usize,
+    pub in_channels: Option<usize>,
+}
+
+impl ModelChoice {
+    pub fn new(source: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            resolution: None,
+            downscale: 8,
+            in_channels: None,
+        }
+    }
+
+    pub fn resolve(&self) -> Result<DitConfig> {
+        let path = Path::new(&self.source);
+        let is_file = path.is_file();
+        let mut cfg = if is_file {
+            DitConfig::from_file(path)?
+        } else {
+            DitConfig::preset(&self.source).with_context(|| {
+                format!(
+                    "{} is neither a model config file nor a preset",
+                    self.source
+                )
+            })?
+        };
+        let resolution = match (self.resolution, is_file) {
+            (Some(r), _) => Some(r),
+            (None, false) => Some(256),
+            (None, true) => None,
+        };
+        if let Some(r) = resolution {
+            let unit = self.downscale * cfg.patch_size;
+            ensure!(
+                r > 0 && r.is_multiple_of(unit),
+                "resolution {r} is not a multiple of {unit} (latent downscale {} × patch size {})",
+                self.downscale,
+                cfg.patch_size
+            );
+            cfg.input_size = r / self.downscale;
+            if !is_file {
+                cfg.pos_interp_scale = (r as f64 / 256.0).max(1.0);
+            }
+        }
+        if let Some(c) = self.in_channels {
+            cfg.in_channels = c;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
 impl DitConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -136,13 +233,6 @@ impl DitConfig {
             expert_capacity: 2.0,
             experts_every_n: 2,
         }
-    }
-
-    /// The 512 px variant of a 256 px config: twice the latent size, positions interpolated.
-    pub fn at_512px(mut self) -> Self {
-        self.input_size = 64;
-        self.pos_interp_scale = 2.0;
-        self
     }
 
     pub fn validate(&self) -> Result<()> {

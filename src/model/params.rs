@@ -102,7 +102,14 @@ mod tests {
             1_165_540_672
         );
         assert_eq!(
-            param_count(&xl.at_512px()),
+            param_count(
+                &crate::model::config::ModelChoice {
+                    resolution: Some(512),
+                    ..crate::model::config::ModelChoice::new("MicroDiT_XL_2")
+                }
+                .resolve()
+                .unwrap()
+            ),
             1_165_442_320,
             "positions are a buffer, not parameters"
         );

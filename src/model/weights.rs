@@ -1,5 +1,5 @@
 //! MicroDiT checkpoints: the reference `DiT` state dict in and out, its buffers, and
-//! gradients read out by parameter name. Key names live in [`crate::checkpoint`].
+//! gradients read out by parameter name. Key names live in [`crate::state_dict`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,7 +11,7 @@ use burn::prelude::*;
 use burn_store::TensorSnapshot;
 
 use super::dit::MicroDit;
-use crate::checkpoint::{apply_state_dict, read_state_dict, reference_tensors, DIT_KEYS};
+use crate::state_dict::{apply_state_dict, read_state_dict, reference_tensors, DIT_KEYS};
 
 /// Buffers of the reference state dict: derived from the config here, checked on load.
 const POS_EMBED: &str = "pos_embed";

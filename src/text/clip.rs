@@ -13,9 +13,9 @@ use burn::tensor::activation::{gelu, sigmoid};
 use serde::Deserialize;
 
 use crate::backend::attention;
-use crate::checkpoint::{apply_state_dict, read_state_dict, CLIP_TEXT_KEYS};
 use crate::model::layers::split_last;
 use crate::model::precision::linear;
+use crate::state_dict::{apply_state_dict, read_state_dict, CLIP_TEXT_KEYS};
 
 /// The text half of an open_clip `open_clip_config.json`.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,160 +5,124 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::model::config::ModelChoice;
 use crate::model::DitConfig;
 use crate::model::Precision;
 
+/// Absent fields take the recipe's values ([`TrainConfig::default`]); `model`, `data`,
+/// `steps` and `global_batch` must be given.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// A preset name (`MicroDiT_XL_2`, `MicroDiT_Tiny_2`) or a model config file.
+    /// A preset name (`MicroDiT_XL_2`, `MicroDiT_Tiny_2`) or a model config file (relative
+    /// to this config's folder).
     pub model: String,
-    /// Image resolution: 256 or 512 (latents of side resolution / 8).
-    #[serde(default = "default_resolution")]
-    pub resolution: usize,
-    /// Latent channels of the dataset (4 for the SDXL VAE).
-    #[serde(default = "default_channels")]
-    pub in_channels: usize,
+    /// Image resolution (SDXL-VAE latents of side resolution / 8): presets default to 256,
+    /// a model config file to its own size ([`ModelChoice`]).
+    pub resolution: Option<usize>,
+    /// Latent channels of the dataset (default: the architecture's, 4 for the presets).
+    pub in_channels: Option<usize>,
     /// MDS dataset directories, mixed (concatenated, then shuffled together).
     pub data: Vec<PathBuf>,
     /// Column holding the latents (`latents_256` / `latents_512`).
-    #[serde(default)]
     pub latents_column: Option<String>,
-    #[serde(default = "default_caption_column")]
     pub caption_column: String,
     /// What the forward and backward passes compute in: `f32`, or `bf16` with f32 master
     /// weights (the reference's `amp_bf16`; weights, optimiser state and the loss stay f32).
-    #[serde(default)]
     pub precision: Precision,
     /// Probability that a caption is replaced by zeros (for classifier-free guidance).
-    #[serde(default = "default_caption_dropout")]
     pub caption_dropout: f64,
     /// Fraction of patches hidden from the backbone.
     pub mask_ratio: f64,
     /// Log-normal noise-level distribution of the EDM loss (the 512 px stages use 0 / 0.6).
-    #[serde(default = "default_p_mean")]
     pub p_mean: f64,
-    #[serde(default = "default_p_std")]
     pub p_std: f64,
     pub steps: usize,
     /// Images per optimiser step, across all devices.
     pub global_batch: usize,
-    /// Images per forward/backward pass; gradients are accumulated up to `global_batch`.
+    /// Images per forward/backward pass; gradients are accumulated up to `global_batch`
+    /// (default: all of it at once).
     pub micro_batch: usize,
-    #[serde(default = "default_lr")]
     pub lr: f64,
-    #[serde(default = "default_weight_decay")]
     pub weight_decay: f32,
-    #[serde(default = "default_betas")]
     pub betas: [f32; 2],
-    #[serde(default = "default_eps")]
     pub eps: f32,
-    #[serde(default = "default_grad_clip")]
     pub grad_clip: f64,
-    #[serde(default)]
     pub warmup_steps: usize,
     /// Final learning rate as a fraction of `lr` (cosine decay ends there); 1 = constant.
-    #[serde(default = "default_alpha_f")]
     pub alpha_f: f64,
-    #[serde(default)]
     pub seed: u64,
-    #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: usize,
     /// How many checkpoints to keep (oldest removed first).
-    #[serde(default = "default_keep_last")]
     pub keep_last: usize,
-    #[serde(default = "default_log_every")]
     pub log_every: usize,
     /// Train the expert-choice MoE parameters at `lr · expert_lr_scale` (the reference
     /// intended 0.5 but applied 1; unset = one rate for all).
-    #[serde(default)]
     pub expert_lr_scale: Option<f64>,
     /// Keep an exponential moving average of the weights with this decay (e.g. 0.99975).
-    #[serde(default)]
     pub ema_decay: Option<f64>,
     /// Step from which the average starts (it starts as a copy of the weights then).
-    #[serde(default)]
     pub ema_start: usize,
     /// Skip unreadable or wrongly shaped samples (counted in metrics.jsonl) instead of stopping.
-    #[serde(default)]
     pub skip_bad_samples: bool,
     /// Every this many steps, sample a grid for the preview captions (0 = never).
-    #[serde(default)]
     pub sample_every: usize,
     /// safetensors file with `caption_latents` [N, L, Cc] for the preview grid.
-    #[serde(default)]
     pub sample_captions: Option<PathBuf>,
     /// VAE to decode previews with (directory or Hub repo); without one the grid shows latents.
-    #[serde(default)]
     pub sample_vae: Option<String>,
-    #[serde(default = "default_sample_steps")]
     pub sample_steps: usize,
-    #[serde(default = "default_sample_guidance")]
     pub sample_guidance: f64,
     /// Start from these weights (a previous stage's run directory or a weights file).
-    #[serde(default)]
     pub init_from: Option<PathBuf>,
     /// With `init_from` a run directory: also continue its optimiser state (AdamW moments),
     /// as the reference does when a stage loads the previous stage's checkpoint (its
     /// learning rate and schedule come from this stage's config).
-    #[serde(default = "default_true")]
     pub carry_optimizer: bool,
 }
 
-fn default_true() -> bool {
-    true
-}
-
-fn default_sample_steps() -> usize {
-    30
-}
-fn default_sample_guidance() -> f64 {
-    5.0
-}
-fn default_p_mean() -> f64 {
-    -0.6
-}
-fn default_p_std() -> f64 {
-    1.2
-}
-fn default_alpha_f() -> f64 {
-    1.0
-}
-fn default_resolution() -> usize {
-    256
-}
-fn default_channels() -> usize {
-    4
-}
-fn default_caption_column() -> String {
-    "caption_latents".into()
-}
-fn default_caption_dropout() -> f64 {
-    0.1
-}
-fn default_lr() -> f64 {
-    2.4e-4
-}
-fn default_weight_decay() -> f32 {
-    0.1
-}
-fn default_betas() -> [f32; 2] {
-    [0.9, 0.999]
-}
-fn default_eps() -> f32 {
-    1e-8
-}
-fn default_grad_clip() -> f64 {
-    0.25
-}
-fn default_checkpoint_every() -> usize {
-    1000
-}
-fn default_keep_last() -> usize {
-    3
-}
-fn default_log_every() -> usize {
-    10
+impl Default for TrainConfig {
+    /// The reference recipe's values (`configs/res_256_pretrain.yaml`) where it has them.
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            resolution: None,
+            in_channels: None,
+            data: Vec::new(),
+            latents_column: None,
+            caption_column: "caption_latents".into(),
+            precision: Precision::F32,
+            caption_dropout: 0.1,
+            mask_ratio: 0.0,
+            p_mean: -0.6,
+            p_std: 1.2,
+            steps: 0,
+            global_batch: 0,
+            micro_batch: 0,
+            lr: 2.4e-4,
+            weight_decay: 0.1,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            grad_clip: 0.25,
+            warmup_steps: 0,
+            alpha_f: 1.0,
+            seed: 0,
+            checkpoint_every: 1000,
+            keep_last: 3,
+            log_every: 10,
+            expert_lr_scale: None,
+            ema_decay: None,
+            ema_start: 0,
+            skip_bad_samples: false,
+            sample_every: 0,
+            sample_captions: None,
+            sample_vae: None,
+            sample_steps: 30,
+            sample_guidance: 5.0,
+            init_from: None,
+            carry_optimizer: true,
+        }
+    }
 }
 
 impl TrainConfig {
@@ -167,27 +131,44 @@ impl TrainConfig {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut cfg: Self =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        // Relative paths in a config are relative to the config file.
-        let base = path.parent().unwrap_or(Path::new("."));
-        for d in &mut cfg.data {
-            if d.is_relative() {
-                *d = base.join(&*d);
-            }
+        if cfg.micro_batch == 0 {
+            cfg.micro_batch = cfg.global_batch;
         }
-        for p in [cfg.init_from.as_mut(), cfg.sample_captions.as_mut()]
-            .into_iter()
-            .flatten()
-        {
+        // Every path in a config is relative to the config file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let model = base.join(&cfg.model);
+        if Path::new(&cfg.model).is_relative() && model.is_file() {
+            cfg.model = model.display().to_string();
+        }
+        let paths = cfg
+            .data
+            .iter_mut()
+            .chain(cfg.init_from.as_mut())
+            .chain(cfg.sample_captions.as_mut());
+        for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
-        cfg.validate()?;
+        let vae = cfg.sample_vae.as_ref().map(|v| base.join(v));
+        if let Some(vae) = vae.filter(|v| v.is_dir()) {
+            cfg.sample_vae = Some(vae.display().to_string());
+        }
+        cfg.validate()
+            .with_context(|| format!("in {}", path.display()))?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<()> {
+        ensure!(
+            !self.model.is_empty(),
+            "no model given (a preset name or a model config file)"
+        );
         ensure!(!self.data.is_empty(), "no data directories given");
+        ensure!(
+            self.steps > 0 && self.global_batch > 0,
+            "steps and global_batch must be given and positive"
+        );
         ensure!(
             self.sample_every == 0 || self.sample_captions.is_some(),
             "sample_every is set but sample_captions (a file of caption embeddings) is not"
@@ -214,27 +195,17 @@ impl TrainConfig {
             self.checkpoint_every > 0 && self.keep_last > 0,
             "checkpoint_every and keep_last must be positive"
         );
-        ensure!(
-            self.resolution.is_multiple_of(8),
-            "resolution must be a multiple of 8"
-        );
         Ok(())
     }
 
+    /// The architecture at this stage's resolution and latent channels.
     pub fn dit_config(&self) -> Result<DitConfig> {
-        let path = Path::new(&self.model);
-        let mut cfg = if path.exists() {
-            DitConfig::from_file(path)?
-        } else {
-            DitConfig::preset(&self.model)?
-        };
-        cfg.in_channels = self.in_channels;
-        if !path.exists() {
-            cfg.input_size = self.resolution / 8;
-            cfg.pos_interp_scale = (self.resolution as f64 / 256.0).max(1.0);
+        ModelChoice {
+            resolution: self.resolution,
+            in_channels: self.in_channels,
+            ..ModelChoice::new(&self.model)
         }
-        cfg.validate()?;
-        Ok(cfg)
+        .resolve()
     }
 
     pub fn edm(&self) -> crate::edm::EdmConfig {
@@ -245,10 +216,16 @@ impl TrainConfig {
         }
     }
 
-    pub fn latents_column(&self) -> String {
-        self.latents_column
-            .clone()
-            .unwrap_or_else(|| format!("latents_{}", self.resolution))
+    /// `latents_column`, by default `latents_<resolution>`.
+    pub fn latents_column(&self) -> Result<String> {
+        if let Some(column) = &self.latents_column {
+            return Ok(column.clone());
+        }
+        let resolution = match self.resolution {
+            Some(r) => r,
+            None => self.dit_config()?.input_size * 8,
+        };
+        Ok(format!("latents_{resolution}"))
     }
 
     /// Composer's `CosineAnnealingWithWarmupScheduler`: linear warm-up to `lr`, then cosine

@@ -7,11 +7,11 @@ use crate::backend::Backend;
 use anyhow::{ensure, Context, Result};
 use burn::prelude::*;
 
-use crate::checkpoint::read_state_dict;
 use crate::edm::generate::{sample_latents, SamplerSettings};
 use crate::edm::{karras_sigmas, Churn, EdmConfig, Solver};
 use crate::hub::Hub;
 use crate::model::MicroDit;
+use crate::state_dict::read_state_dict;
 use crate::vae::{vae_subfolder, AutoencoderKl, VaeConfig};
 
 pub struct Preview<B: Backend> {

@@ -48,15 +48,16 @@ pub struct Summary {
 }
 
 /// Turns sample indices into a batch: caption embeddings (with caption dropout) and latents.
-struct BatchReader<'a> {
-    data: &'a LatentsDataset,
-    dit: &'a DitConfig,
+struct BatchReader {
     caption_len: usize,
+    caption_channels: usize,
+    /// [C, H, W] of one sample's latents.
+    latent_shape: [usize; 3],
     dropout: f64,
     skip_bad: bool,
 }
 
-impl BatchReader<'_> {
+impl BatchReader {
     /// Draws what reading `n` samples would (their caption-dropout coins) without reading.
     fn skip(&self, n: usize, rng: &mut ChaCha8Rng) {
         for _ in 0..n {
@@ -66,14 +67,14 @@ impl BatchReader<'_> {
 
     fn read<B: Backend>(
         &self,
+        data: &LatentsDataset,
         indices: &[usize],
         skipped: &mut u64,
         rng: &mut ChaCha8Rng,
         device: &B::Device,
     ) -> Result<(Tensor<B, 3>, Tensor<B, 4>)> {
-        let (data, dit) = (self.data, self.dit);
-        let (c, s) = (dit.in_channels, dit.input_size);
-        let read = |i: usize| data.get(i, self.caption_len * dit.caption_channels, c * s * s);
+        let [c, h, w] = self.latent_shape;
+        let read = |i: usize| data.get(i, self.caption_len * self.caption_channels, c * h * w);
         let (mut captions, mut latents) = (Vec::new(), Vec::new());
         for &i in indices {
             let sample = match read(i) {
@@ -105,10 +106,10 @@ impl BatchReader<'_> {
         let n = indices.len();
         Ok((
             Tensor::from_data(
-                TensorData::new(captions, [n, self.caption_len, dit.caption_channels]),
+                TensorData::new(captions, [n, self.caption_len, self.caption_channels]),
                 device,
             ),
-            Tensor::from_data(TensorData::new(latents, [n, c, s, s]), device),
+            Tensor::from_data(TensorData::new(latents, [n, c, h, w]), device),
         ))
     }
 }
@@ -253,6 +254,9 @@ fn train_rank<B: AutodiffBackend>(
     result
 }
 
+/// One stage's training, step by step: [`Trainer::start`] (data, model, resume, rank 0's
+/// files), then [`Trainer::step`] (one optimiser step) and [`Trainer::after_step`]
+/// (metrics, checkpoints, previews) until done.
 fn train_steps<B: AutodiffBackend>(
     cfg: &TrainConfig,
     run: &Path,
@@ -260,65 +264,207 @@ fn train_steps<B: AutodiffBackend>(
     device: &B::Device,
     rank: Rank,
 ) -> Result<Summary> {
-    let dit = cfg.dit_config()?;
-    let data = LatentsDataset::open(&cfg.data, &cfg.latents_column(), &cfg.caption_column)?;
-    let reader = BatchReader {
-        data: &data,
-        dit: &dit,
-        caption_len: data.caption_tokens(dit.caption_channels)?,
-        dropout: cfg.caption_dropout,
-        skip_bad: cfg.skip_bad_samples,
-    };
-    std::fs::create_dir_all(run)
-        .with_context(|| format!("creating run directory {}", run.display()))?;
-
-    let mut model = MicroDit::<B>::new(&dit, &mut Init::reference(cfg.seed, device))
-        .map(&mut NumberedParams::default());
-    let settings = AdamWSettings {
-        beta1: cfg.betas[0],
-        beta2: cfg.betas[1],
-        eps: cfg.eps,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut optim = GroupedAdamW::new(&settings, cfg.expert_lr_scale);
-    let mut ema: Option<Ema<B::InnerBackend>> = None;
-    let (mut state, mut rng) = TrainState::new(cfg.seed.wrapping_add(1));
-    let fresh = checkpoint::latest(run).is_none();
-    match checkpoint::latest(run) {
-        Some(ckpt) if opts.resume => {
-            let restored = checkpoint::load(&ckpt, model, optim, cfg.ema_decay, device)?;
-            (model, optim, ema, state) = (restored.model, restored.optim, restored.ema, restored.state);
-            rng = state.rng()?;
-            if rank.is_main() {
-                eprintln!("resuming from {} (step {})", ckpt.display(), state.step);
-            }
-        }
-        Some(ckpt) => bail!(
-            "{} already holds checkpoints (newest {}): pass --resume to continue it, or choose another run directory",
-            run.display(),
-            ckpt.display()
-        ),
-        None => {
-            if let Some(init) = &cfg.init_from {
-                let previous = checkpoint::latest(init);
-                let weights = match &previous {
-                    Some(ckpt) => ckpt.join("weights.safetensors"),
-                    None => init.clone(),
-                };
-                if let Some(ckpt) = previous.as_ref().filter(|_| cfg.carry_optimizer) {
-                    optim = checkpoint::load_optimizer(ckpt, optim, device)?;
-                }
-                model = load_weights(model, &weights).with_context(|| format!("initialising from {}", init.display()))?;
-                if rank.is_main() {
-                    eprintln!("initialised from {}", weights.display());
-                }
-            }
+    let mut trainer = Trainer::<B>::start(cfg, run, opts, device, rank)?;
+    while !trainer.done() {
+        let step = trainer.step()?;
+        if trainer.after_step(&step)? == Flow::Stop {
+            return Ok(trainer.summary(true));
         }
     }
+    Ok(trainer.summary(false))
+}
 
-    // Rank 0's own setup (the config copy, previews, the metrics file) can fail where the
-    // other ranks' cannot; they learn of it before waiting on rank 0 in a step's all-reduce.
-    let main_setup = || -> Result<MainOnly<B::InnerBackend>> {
+/// What one optimiser step did.
+struct StepReport {
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    /// Ctrl-C was pressed on some rank: checkpoint and stop.
+    stop: bool,
+}
+
+#[derive(Debug, PartialEq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Trainer<'a, B: AutodiffBackend> {
+    cfg: &'a TrainConfig,
+    run: &'a Path,
+    opts: &'a RunOptions,
+    device: &'a B::Device,
+    rank: Rank,
+    dit: DitConfig,
+    data: LatentsDataset,
+    reader: BatchReader,
+    /// `None` only while an optimiser step consumes it.
+    model: Option<MicroDit<B>>,
+    optim: GroupedAdamW<B>,
+    ema: Option<Ema<B::InnerBackend>>,
+    state: TrainState,
+    rng: ChaCha8Rng,
+    /// Epoch → sample order, for the epochs the current step reads from.
+    orders: HashMap<u64, Vec<usize>>,
+    preview: Option<Preview<B::InnerBackend>>,
+    metrics: Option<std::fs::File>,
+    interrupted: Arc<AtomicBool>,
+    bar: ProgressBar,
+    losses: Vec<f64>,
+    started: Instant,
+    first_step: usize,
+}
+
+impl<'a, B: AutodiffBackend> Trainer<'a, B> {
+    /// Opens the data, builds the model (resumed, or initialised from `init_from`), and
+    /// sets up rank 0's files; every rank learns whether rank 0's setup failed.
+    fn start(
+        cfg: &'a TrainConfig,
+        run: &'a Path,
+        opts: &'a RunOptions,
+        device: &'a B::Device,
+        rank: Rank,
+    ) -> Result<Self> {
+        let dit = cfg.dit_config()?;
+        let data = LatentsDataset::open(&cfg.data, &cfg.latents_column()?, &cfg.caption_column)?;
+        let reader = BatchReader {
+            caption_len: data.caption_tokens(dit.caption_channels)?,
+            caption_channels: dit.caption_channels,
+            latent_shape: [dit.in_channels, dit.input_size, dit.input_size],
+            dropout: cfg.caption_dropout,
+            skip_bad: cfg.skip_bad_samples,
+        };
+        std::fs::create_dir_all(run)
+            .with_context(|| format!("creating run directory {}", run.display()))?;
+        let fresh = checkpoint::latest(run).is_none();
+        let (model, optim, ema, state, rng) =
+            Self::initial_state(cfg, &dit, run, opts, device, rank)?;
+
+        // Rank 0's own setup (the config copy, previews, the metrics file) can fail where
+        // the other ranks' cannot; they learn of it before waiting on rank 0 in a step's
+        // all-reduce.
+        let setup = Self::main_setup(cfg, run, device, rank, fresh);
+        let main_failed =
+            rank.sum::<B::InnerBackend>(&[setup.is_err() as u8 as f64], device)?[0] > 0.0;
+        let (preview, metrics) = setup?;
+        ensure!(!main_failed, "rank 0 could not start");
+        let interrupted = Arc::new(AtomicBool::new(false));
+        {
+            let flag = interrupted.clone();
+            // A second handler cannot be installed in the same process (tests run several
+            // trainings): then Ctrl-C keeps its default meaning.
+            let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+        }
+        let bar = if opts.quiet || !rank.is_main() {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(cfg.steps as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_position(state.step as u64);
+        let first_step = state.step;
+        Ok(Self {
+            cfg,
+            run,
+            opts,
+            device,
+            rank,
+            dit,
+            data,
+            reader,
+            model: Some(model),
+            optim,
+            ema,
+            state,
+            rng,
+            orders: HashMap::new(),
+            preview,
+            metrics,
+            interrupted,
+            bar,
+            losses: Vec::new(),
+            started: Instant::now(),
+            first_step,
+        })
+    }
+
+    /// A fresh model and optimiser, the newest checkpoint's (with `--resume`), or the
+    /// weights (and optimiser state) of `init_from`.
+    #[allow(clippy::type_complexity)]
+    fn initial_state(
+        cfg: &TrainConfig,
+        dit: &DitConfig,
+        run: &Path,
+        opts: &RunOptions,
+        device: &B::Device,
+        rank: Rank,
+    ) -> Result<(
+        MicroDit<B>,
+        GroupedAdamW<B>,
+        Option<Ema<B::InnerBackend>>,
+        TrainState,
+        ChaCha8Rng,
+    )> {
+        let mut model = MicroDit::<B>::new(dit, &mut Init::reference(cfg.seed, device))
+            .map(&mut NumberedParams::default());
+        let settings = AdamWSettings {
+            beta1: cfg.betas[0],
+            beta2: cfg.betas[1],
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        };
+        let mut optim = GroupedAdamW::new(&settings, cfg.expert_lr_scale);
+        let (state, rng) = TrainState::new(cfg.seed.wrapping_add(1));
+        match checkpoint::latest(run) {
+            Some(ckpt) if opts.resume => {
+                let restored = checkpoint::load(&ckpt, model, optim, cfg.ema_decay, device)?;
+                let rng = restored.state.rng()?;
+                if rank.is_main() {
+                    eprintln!(
+                        "resuming from {} (step {})",
+                        ckpt.display(),
+                        restored.state.step
+                    );
+                }
+                return Ok((restored.model, restored.optim, restored.ema, restored.state, rng));
+            }
+            Some(ckpt) => bail!(
+                "{} already holds checkpoints (newest {}): pass --resume to continue it, or choose another run directory",
+                run.display(),
+                ckpt.display()
+            ),
+            None => {}
+        }
+        if let Some(init) = &cfg.init_from {
+            let previous = checkpoint::latest(init);
+            let weights = match &previous {
+                Some(ckpt) => ckpt.join("weights.safetensors"),
+                None => init.clone(),
+            };
+            if let Some(ckpt) = previous.as_ref().filter(|_| cfg.carry_optimizer) {
+                optim = checkpoint::load_optimizer(ckpt, optim, device)?;
+            }
+            model = load_weights(model, &weights)
+                .with_context(|| format!("initialising from {}", init.display()))?;
+            if rank.is_main() {
+                eprintln!("initialised from {}", weights.display());
+            }
+        }
+        Ok((model, optim, None, state, rng))
+    }
+
+    /// Rank 0 writes the config copy and opens the preview renderer and the metrics file.
+    fn main_setup(
+        cfg: &TrainConfig,
+        run: &Path,
+        device: &B::Device,
+        rank: Rank,
+        fresh: bool,
+    ) -> Result<MainOnly<B::InnerBackend>> {
         if !rank.is_main() {
             return Ok((None, None));
         }
@@ -343,87 +489,85 @@ fn train_steps<B: AutodiffBackend>(
             .open(run.join("metrics.jsonl"))
             .with_context(|| format!("opening {}", run.join("metrics.jsonl").display()))?;
         Ok((preview, Some(metrics)))
-    };
-    let setup = main_setup();
-    let main_failed = rank.sum::<B::InnerBackend>(&[setup.is_err() as u8 as f64], device)?[0] > 0.0;
-    let (preview, mut metrics) = setup?;
-    ensure!(!main_failed, "rank 0 could not start");
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        // A second handler cannot be installed in the same process (tests run several
-        // trainings): then Ctrl-C keeps its default meaning.
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
     }
-    let bar = if opts.quiet || !rank.is_main() {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(cfg.steps as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_position(state.step as u64);
 
-    let edm = cfg.edm();
-    let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
-    let micro_batches = cfg.global_batch / cfg.micro_batch;
-    let mut losses = Vec::new();
-    let started = Instant::now();
-    let first_step = state.step;
-    while state.step < cfg.steps {
-        let lr = cfg.lr_at(state.step);
+    fn done(&self) -> bool {
+        self.state.step >= self.cfg.steps
+    }
+
+    /// The next micro-batch's sample indices, advancing the data position.
+    fn next_indices(&mut self) -> Vec<usize> {
+        let (cfg, data) = (self.cfg, &self.data);
+        let seen = self.state.samples_seen;
+        let indices = (0..cfg.micro_batch as u64)
+            .map(|k| {
+                let cursor = seen + k;
+                let epoch = cursor / data.len() as u64;
+                let order = self
+                    .orders
+                    .entry(epoch)
+                    .or_insert_with(|| data.epoch_order(cfg.seed, epoch));
+                order[(cursor % data.len() as u64) as usize]
+            })
+            .collect();
+        self.orders
+            .retain(|&e, _| e + 1 >= seen / data.len() as u64);
+        self.state.samples_seen += cfg.micro_batch as u64;
+        indices
+    }
+
+    /// One optimiser step: every micro-batch's loss and gradients (this rank's share), the
+    /// ranks' status exchange, the gradient all-reduce, global clipping and AdamW.
+    fn step(&mut self) -> Result<StepReport> {
+        let (cfg, device) = (self.cfg, self.device);
+        let dit = self.dit.clone();
+        let lr = cfg.lr_at(self.state.step);
+        let model = self.model.take().expect("model between steps");
         let mut accumulated = GradientsAccumulator::<MicroDit<B>>::new();
         let mut step_loss = 0.0;
         // A failure on one rank must not leave the others waiting in an all-reduce: it is
         // recorded, the step's remaining work skipped, and every rank stops after the
         // status exchange below.
         let mut failure: Option<anyhow::Error> = None;
-        let skipped_before = state.skipped_samples;
-        // Mixed precision: a bf16 copy computes, and since the cast is part of the graph the
-        // gradients arrive on the f32 master weights.
+        let skipped_before = self.state.skipped_samples;
+        // Mixed precision: a low-precision copy computes, and since the cast is part of
+        // the graph the gradients arrive on the f32 master weights.
         let low_precision =
             (cfg.precision != Precision::F32).then(|| model.clone().cast(cfg.precision.dtype()));
         let compute = low_precision.as_ref().unwrap_or(&model);
+        let micro_batches = cfg.global_batch / cfg.micro_batch;
         for m in 0..micro_batches {
-            let indices: Vec<usize> = (0..cfg.micro_batch as u64)
-                .map(|k| {
-                    let cursor = state.samples_seen + k;
-                    let epoch = cursor / data.len() as u64;
-                    let order = orders
-                        .entry(epoch)
-                        .or_insert_with(|| data.epoch_order(cfg.seed, epoch));
-                    order[(cursor % data.len() as u64) as usize]
-                })
-                .collect();
-            orders.retain(|&e, _| e + 1 >= state.samples_seen / data.len() as u64);
-            state.samples_seen += cfg.micro_batch as u64;
-            if !rank.owns(m) || failure.is_some() {
+            let indices = self.next_indices();
+            let shape = [
+                indices.len(),
+                dit.in_channels,
+                dit.input_size,
+                dit.input_size,
+            ];
+            if !self.rank.owns(m) || failure.is_some() {
                 // Another rank's micro-batch: draw its randomness all the same.
-                reader.skip(indices.len(), &mut rng);
-                let shape = [
-                    indices.len(),
-                    dit.in_channels,
-                    dit.input_size,
-                    dit.input_size,
-                ];
-                LossNoise::<B>::draw(&mut rng, shape, dit.patch_size, cfg.mask_ratio, device);
+                self.reader.skip(indices.len(), &mut self.rng);
+                LossNoise::<B>::draw(&mut self.rng, shape, dit.patch_size, cfg.mask_ratio, device);
                 continue;
             }
-            let (y, x0) =
-                match reader.read::<B>(&indices, &mut state.skipped_samples, &mut rng, device) {
-                    Ok(batch) => batch,
-                    Err(e) => {
-                        failure = Some(e);
-                        continue;
-                    }
-                };
+            let batch = self.reader.read::<B>(
+                &self.data,
+                &indices,
+                &mut self.state.skipped_samples,
+                &mut self.rng,
+                device,
+            );
+            let (y, x0) = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    failure = Some(e);
+                    continue;
+                }
+            };
             let draws =
-                LossNoise::draw(&mut rng, x0.dims(), dit.patch_size, cfg.mask_ratio, device);
+                LossNoise::draw(&mut self.rng, shape, dit.patch_size, cfg.mask_ratio, device);
             let loss =
-                edm_loss(compute, &edm, x0, y, &draws, dit.patch_size) / micro_batches as f64;
+                edm_loss(compute, &cfg.edm(), x0, y, &draws, dit.patch_size) / micro_batches as f64;
             let value = loss.clone().into_scalar().elem::<f64>();
             step_loss += value;
             if !value.is_finite() {
@@ -431,13 +575,13 @@ fn train_steps<B: AutodiffBackend>(
             }
             accumulated.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
         }
-        let stop = interrupted.load(Ordering::SeqCst);
-        let status = rank.sum::<B::InnerBackend>(
+        let stop = self.interrupted.load(Ordering::SeqCst);
+        let status = self.rank.sum::<B::InnerBackend>(
             &[
                 step_loss,
                 failure.is_some() as u8 as f64,
                 stop as u8 as f64,
-                (state.skipped_samples - skipped_before) as f64,
+                (self.state.skipped_samples - skipped_before) as f64,
             ],
             device,
         )?;
@@ -447,91 +591,119 @@ fn train_steps<B: AutodiffBackend>(
         ensure!(
             status[1] == 0.0,
             "another rank failed at step {}",
-            state.step + 1
+            self.state.step + 1
         );
-        let (step_loss, stop) = (status[0], status[2] > 0.0);
-        state.skipped_samples = skipped_before + status[3] as u64;
-        if !step_loss.is_finite() {
-            bail!("the loss became {step_loss} at step {}: stopping; the last good checkpoint is kept", state.step + 1);
+        let (loss, stop) = (status[0], status[2] > 0.0);
+        self.state.skipped_samples = skipped_before + status[3] as u64;
+        if !loss.is_finite() {
+            bail!(
+                "the loss became {loss} at step {}: stopping; the last good checkpoint is kept",
+                self.state.step + 1
+            );
         }
         let mut grads = accumulated.grads();
-        if rank.world > 1 {
+        if self.rank.world > 1 {
             grads = grads
-                .all_reduce::<B::InnerBackend>(rank.peer(), ReduceOperation::Sum)
+                .all_reduce::<B::InnerBackend>(self.rank.peer(), ReduceOperation::Sum)
                 .map_err(|e| anyhow::anyhow!("all-reducing gradients: {e:?}"))?;
         }
         let grad_norm = clip_grad_norm(&model, &mut grads, cfg.grad_clip);
         if !grad_norm.is_finite() {
-            bail!("the gradient norm became {grad_norm} at step {}: stopping; the last good checkpoint is kept", state.step + 1);
+            bail!("the gradient norm became {grad_norm} at step {}: stopping; the last good checkpoint is kept", self.state.step + 1);
         }
-        model = optim.step(lr, model, grads);
-        state.step += 1;
-        match (&mut ema, cfg.ema_decay) {
-            _ if !rank.is_main() => {}
-            (Some(e), _) => e.update(&model),
-            (None, Some(decay)) if state.step >= cfg.ema_start => {
-                ema = Some(Ema {
+        let model = self.optim.step(lr, model, grads);
+        self.state.step += 1;
+        self.update_ema(&model);
+        self.model = Some(model);
+        self.losses.push(loss);
+        Ok(StepReport {
+            loss,
+            lr,
+            grad_norm,
+            stop,
+        })
+    }
+
+    /// Rank 0's average of the weights: started at `ema_start`, updated every step after.
+    fn update_ema(&mut self, model: &MicroDit<B>) {
+        match (&mut self.ema, self.cfg.ema_decay) {
+            _ if !self.rank.is_main() => {}
+            (Some(e), _) => e.update(model),
+            (None, Some(decay)) if self.state.step >= self.cfg.ema_start => {
+                self.ema = Some(Ema {
                     decay,
                     model: model.valid(),
                 })
             }
             _ => {}
         }
-        losses.push(step_loss);
+    }
 
-        let elapsed = started.elapsed().as_secs_f64();
-        let images_per_s = ((state.step - first_step) * cfg.global_batch) as f64 / elapsed;
-        bar.set_position(state.step as u64);
-        bar.set_message(format!(
-            "loss {step_loss:.4} lr {lr:.2e} {images_per_s:.1} img/s"
+    /// Progress, metrics, checkpoints and previews after a step; `Stop` after Ctrl-C (with
+    /// the checkpoint written).
+    fn after_step(&mut self, step: &StepReport) -> Result<Flow> {
+        let (cfg, n) = (self.cfg, self.state.step);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let images_per_s = ((n - self.first_step) * cfg.global_batch) as f64 / elapsed;
+        self.bar.set_position(n as u64);
+        self.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {images_per_s:.1} img/s",
+            step.loss, step.lr
         ));
-        if let Some(metrics) = metrics
+        if let Some(metrics) = self
+            .metrics
             .as_mut()
-            .filter(|_| state.step.is_multiple_of(cfg.log_every) || state.step == cfg.steps)
+            .filter(|_| n.is_multiple_of(cfg.log_every) || n == cfg.steps)
         {
-            let line = serde_json::json!({"step": state.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                "images_per_s": images_per_s, "elapsed_s": elapsed, "skipped_samples": state.skipped_samples});
+            let line = serde_json::json!({"step": n, "loss": step.loss, "lr": step.lr,
+                "grad_norm": step.grad_norm, "images_per_s": images_per_s, "elapsed_s": elapsed,
+                "skipped_samples": self.state.skipped_samples});
             writeln!(metrics, "{line}")?;
         }
-        let scheduled = state.step.is_multiple_of(cfg.checkpoint_every) || state.step == cfg.steps;
-        if rank.is_main() && (scheduled || stop) {
-            state.capture(&rng);
-            checkpoint::save(run, &model, &optim, ema.as_ref(), &state, cfg.keep_last)?;
-        }
-        if let Some(p) = preview
-            .as_ref()
-            .filter(|_| state.step.is_multiple_of(cfg.sample_every))
-        {
-            let path = p.render(
-                &model.valid(),
-                [dit.in_channels, dit.input_size, dit.input_size],
-                state.step,
+        let model = self.model.as_ref().expect("model after a step");
+        let scheduled = n.is_multiple_of(cfg.checkpoint_every) || n == cfg.steps;
+        if self.rank.is_main() && (scheduled || step.stop) {
+            self.state.capture(&self.rng);
+            checkpoint::save(
+                self.run,
+                model,
+                &self.optim,
+                self.ema.as_ref(),
+                &self.state,
+                cfg.keep_last,
             )?;
-            bar.println(format!(
-                "step {}: samples in {}",
-                state.step,
-                path.display()
-            ));
         }
-        if rank.is_main() && opts.abort_after_step == Some(state.step) {
+        if let Some(p) = self
+            .preview
+            .as_ref()
+            .filter(|_| n.is_multiple_of(cfg.sample_every))
+        {
+            let dit = &self.dit;
+            let shape = [dit.in_channels, dit.input_size, dit.input_size];
+            let path = p.render(&model.valid(), shape, n)?;
+            self.bar
+                .println(format!("step {n}: samples in {}", path.display()));
+        }
+        if self.rank.is_main() && self.opts.abort_after_step == Some(n) {
             std::process::abort();
         }
-        if stop {
-            bar.abandon_with_message(format!(
-                "interrupted: checkpoint at step {} written",
-                state.step
-            ));
-            return Ok(Summary {
-                step: state.step,
-                losses,
-                interrupted: true,
-            });
+        if step.stop {
+            self.bar
+                .abandon_with_message(format!("interrupted: checkpoint at step {n} written"));
+            return Ok(Flow::Stop);
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn summary(self, interrupted: bool) -> Summary {
+        if !interrupted {
+            self.bar
+                .finish_with_message(format!("done: {} steps", self.state.step));
+        }
+        Summary {
+            step: self.state.step,
+            losses: self.losses,
+            interrupted,
         }
     }
-    bar.finish_with_message(format!("done: {} steps", state.step));
-    Ok(Summary {
-        step: state.step,
-        losses,
-        interrupted: false,
-    })
 }

@@ -13,10 +13,10 @@ pub use autoencoder::{AutoencoderKl, LatentDistribution};
 pub use config::VaeConfig;
 pub use space_to_depth::SpaceToDepth;
 
-use crate::checkpoint::{
+use crate::hub::Hub;
+use crate::state_dict::{
     apply_state_dict, read_state_dict, upgrade_keys, VAE_KEYS, VAE_LEGACY_KEYS,
 };
-use crate::hub::Hub;
 
 impl<B: Backend> AutoencoderKl<B> {
     /// From a diffusers-layout directory or Hub repository: `config.json` and

@@ -1,5 +1,5 @@
-//! Reference checkpoints: reading state dicts (`.safetensors`, `torch.save`d `.pt`/`.bin`),
-//! and the one place that knows how reference key names map to our module paths.
+//! Reference state dicts: reading them (`.safetensors`, `torch.save`d `.pt`/`.bin`), and
+//! the one place that knows how reference key names map to our module paths.
 //!
 //! Our module paths follow each reference `state_dict()` except where PyTorch names
 //! `nn.Sequential` children by index or packs a layer's weights into a bare tensor; those
