@@ -13,6 +13,7 @@ pub mod hub;
 pub mod image;
 pub mod io;
 pub mod model;
+pub mod pipeline;
 pub mod precompute;
 pub mod random;
 pub mod state_dict;

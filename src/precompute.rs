@@ -25,8 +25,8 @@ use crate::data::mds::{f16_bytes, MdsWriter, Value};
 use crate::data::preprocess::{decode_rgb, resize_center_crop, resize_short_side, to_model_input};
 use crate::data::sources::ImageCaptionSource;
 use crate::random::standard_normal;
-use crate::text::{ClipTextEncoder, ClipTokenizer};
-use crate::vae::{AutoencoderKl, SpaceToDepth, VaeConfig};
+use crate::text::TextEncoder;
+use crate::vae::LatentCodec;
 
 #[derive(Debug, Clone)]
 pub struct PrecomputeOptions {
@@ -61,49 +61,10 @@ impl Default for PrecomputeOptions {
     }
 }
 
-/// Images to latents.
-pub enum ImageEncoder<B: Backend> {
-    /// The VAE's distribution, sampled and scaled as training expects.
-    Vae {
-        vae: Box<AutoencoderKl<B>>,
-        config: VaeConfig,
-    },
-    /// A fixed rearrangement of pixels (the demo's tiny images).
-    SpaceToDepth(SpaceToDepth),
-}
-
-impl<B: Backend> ImageEncoder<B> {
-    /// `[B, 3, R, R]` in [−1, 1] → model latents; `noise` is standard normal of the latent
-    /// shape (the reference's `latent_dist.sample() * scaling_factor`).
-    fn encode(&self, images: Tensor<B, 4>, noise: Tensor<B, 4>) -> Tensor<B, 4> {
-        match self {
-            Self::Vae { vae, config } => config.to_model_latents(vae.encode(images).sample(noise)),
-            Self::SpaceToDepth(codec) => codec.encode(images),
-        }
-    }
-
-    fn downscale(&self) -> usize {
-        match self {
-            Self::Vae { config, .. } => config.downscale(),
-            Self::SpaceToDepth(codec) => codec.factor,
-        }
-    }
-
-    fn latent_shape(&self, resolution: usize) -> [usize; 3] {
-        let channels = match self {
-            Self::Vae { config, .. } => config.latent_channels,
-            Self::SpaceToDepth(codec) => codec.channels(),
-        };
-        let side = resolution / self.downscale();
-        [channels, side, side]
-    }
-}
-
 /// The frozen encoders precompute runs.
 pub struct Encoders<B: Backend> {
-    pub text: ClipTextEncoder<B>,
-    pub tokenizer: ClipTokenizer,
-    pub images: ImageEncoder<B>,
+    pub text: TextEncoder<B>,
+    pub images: LatentCodec<B>,
 }
 
 /// What happened to the pairs, summed over every finished part.
@@ -191,7 +152,7 @@ impl PrecomputeOptions {
     }
 }
 
-fn validate<B: Backend>(options: &PrecomputeOptions, images: &ImageEncoder<B>) -> Result<()> {
+fn validate<B: Backend>(options: &PrecomputeOptions, images: &LatentCodec<B>) -> Result<()> {
     options.check()?;
     let downscale = images.downscale();
     for r in &options.resolutions {
@@ -368,16 +329,10 @@ fn encode_batch<B: Backend>(
     device: &B::Device,
 ) -> Result<()> {
     let n = batch.len();
-    let mut tokens = Vec::with_capacity(n * 77);
-    for p in batch {
-        let (ids, truncated) = encoders.tokenizer.tokenize(&p.caption);
-        report.truncated_captions += truncated as usize;
-        tokens.extend(ids.iter().map(|&t| t as i64));
-    }
-    let states = encoders
-        .text
-        .forward(Tensor::from_data(TensorData::new(tokens, [n, 77]), device));
-    let states = states.into_data().convert::<f32>().into_vec::<f32>()?;
+    let captions: Vec<&str> = batch.iter().map(|p| p.caption.as_str()).collect();
+    let text = encoders.text.encode(&captions, device);
+    report.truncated_captions += text.truncated;
+    let states = text.states.into_data().convert::<f32>().into_vec::<f32>()?;
     let per_caption = states.len() / n;
     let mut latents = Vec::new();
     for (k, &r) in options.resolutions.iter().enumerate() {

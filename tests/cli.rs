@@ -1,26 +1,18 @@
 //! The `microdit` binary as a user runs it.
 
-use std::process::Command;
+mod common;
 
-fn microdit(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_microdit"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use common::{microdit, microdit_env};
 
 #[test]
 fn info_reports_the_published_parameter_counts() {
-    let (ok, out, _) = microdit(&["info", "--preset", "MicroDiT_XL_2"]);
+    let (ok, out, _) = microdit(&["info", "--preset", "MicroDiT_XL_2"]).split();
     assert!(ok && out.contains("1165442320 parameters"), "{out}");
-    let (ok, out, _) = microdit(&["info", "--preset", "MicroDiT_XL_2", "--in-channels", "16"]);
+    let (ok, out, _) =
+        microdit(&["info", "--preset", "MicroDiT_XL_2", "--in-channels", "16"]).split();
     assert!(ok && out.contains("1165540672 parameters"), "{out}");
-    let (ok, out, _) = microdit(&["info", "--preset", "MicroDiT_Tiny_2", "--resolution", "512"]);
+    let (ok, out, _) =
+        microdit(&["info", "--preset", "MicroDiT_Tiny_2", "--resolution", "512"]).split();
     assert!(
         ok && out.contains("200692752 parameters") && out.contains("1024 patches"),
         "{out}"
@@ -29,32 +21,18 @@ fn info_reports_the_published_parameter_counts() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
-    let (ok, _, err) = microdit(&["info", "--preset", "MicroDiT_L_2"]);
+    let (ok, _, err) = microdit(&["info", "--preset", "MicroDiT_L_2"]).split();
     assert!(
         !ok && err.contains("unknown preset 'MicroDiT_L_2'"),
         "{err}"
     );
-    let (ok, _, err) = microdit(&["info", "--resolution", "300"]);
+    let (ok, _, err) = microdit(&["info", "--resolution", "300"]).split();
     assert!(
-        !ok && err.contains("--resolution must be 256 or 512"),
+        !ok && err.contains("resolution 300 is not a multiple of 16"),
         "{err}"
     );
-    let (ok, _, err) = microdit(&["bench", "--device", "tpu"]);
+    let (ok, _, err) = microdit(&["bench", "--device", "tpu"]).split();
     assert!(!ok && err.contains("unknown device 'tpu'"), "{err}");
-}
-
-/// `microdit ARGS…` with extra environment variables.
-fn microdit_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> (bool, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_microdit"));
-    command.args(args);
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let out = command.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 #[test]
@@ -62,7 +40,7 @@ fn precompute_refuses_bad_input_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let out = out.to_str().unwrap();
-    let (ok, _, err) = microdit(&["precompute", "/no/such/folder", "--out", out]);
+    let (ok, _, err) = microdit(&["precompute", "/no/such/folder", "--out", out]).split();
     assert!(!ok && err.contains("no such file or folder"), "{err}");
 
     let images = dir.path().join("images");
@@ -74,10 +52,10 @@ fn precompute_refuses_bad_input_clearly() {
     let images = images.to_str().unwrap();
     // No weights here and no network: the error names the file and how to fetch it.
     let offline = [
-        ("HF_HUB_OFFLINE", std::path::Path::new("1")),
-        ("HF_HOME", dir.path()),
+        ("HF_HUB_OFFLINE", std::ffi::OsStr::new("1")),
+        ("HF_HOME", dir.path().as_os_str()),
     ];
-    let (ok, err) = microdit_env(&["precompute", images, "--out", out], &offline);
+    let (ok, _, err) = microdit_env(&["precompute", images, "--out", out], &offline).split();
     assert!(
         !ok && err.contains("huggingface-cli download") && err.contains("config.json"),
         "{err}"
@@ -91,8 +69,9 @@ fn precompute_refuses_bad_input_clearly() {
         "2",
         "--workers",
         "2",
-    ]);
+    ])
+    .split();
     assert!(!ok && err.contains("must be below --workers"), "{err}");
-    let (ok, _, err) = microdit(&["precompute", images, "--out", out, "--vae", "/no/vae"]);
+    let (ok, _, err) = microdit(&["precompute", images, "--out", out, "--vae", "/no/vae"]).split();
     assert!(!ok && err.contains("loading the VAE"), "{err}");
 }

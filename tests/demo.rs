@@ -1,6 +1,8 @@
 //! `microdit demo` end to end at a tiny size: every output is written, the scorer reads real
 //! images, and a second call resumes instead of starting over.
 
+mod common;
+
 use microdit::backend::Cpu;
 use microdit::backend::{CpuDevice, Trainable};
 use microdit::demo::{run, DemoOptions, Variant};
@@ -38,4 +40,24 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
     assert_eq!(std::fs::read(opts.out.join("plan.json")).unwrap(), plan);
     // Resumed from finished stages, the same weights give the same samples and scores.
     assert_eq!(again.frechet_distance, scores.frechet_distance);
+
+    // `generate` finds the demo model's text tower and codec in its pipeline.json.
+    let png = dir.path().join("red.png");
+    let run = common::microdit(&[
+        "generate".as_ref(),
+        "--checkpoint".as_ref(),
+        opts.out.join("stage2-finetune").as_os_str(),
+        "a red circle".as_ref(),
+        "--out".as_ref(),
+        png.as_os_str(),
+    ]);
+    assert!(run.ok(), "{}", run.log());
+    let settings = microdit::pipeline::GenerationSettings::from_png_text(
+        microdit::image::read_png_text(&png).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (settings.vae.as_str(), settings.resolution, settings.steps),
+        ("space-to-depth:2", 32, 18)
+    );
 }

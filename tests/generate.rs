@@ -4,8 +4,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Distribution, Tensor};
 use microdit::backend::Cpu;
 use microdit::model::weights::save_weights;
 use microdit::model::{DitConfig, Init, MicroDit};
@@ -14,6 +15,18 @@ struct Setup {
     _dir: tempfile::TempDir,
     root: PathBuf,
     base: Vec<String>,
+}
+
+/// Adds N(0, 0.05²) noise to every parameter.
+struct Perturb;
+
+impl ModuleMapper<Cpu> for Perturb {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Cpu, D>>) -> Param<Tensor<Cpu, D>> {
+        param.map(|t| {
+            let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.05), &t.device());
+            t + noise
+        })
+    }
 }
 
 fn setup() -> Setup {
@@ -30,7 +43,10 @@ fn setup() -> Setup {
         ..DitConfig::from_file(&fixtures.join("dit-tiny/config.json")).unwrap()
     };
     std::fs::write(root.join("dit.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
-    let model = MicroDit::<Cpu>::new(&cfg, &mut Init::reference(1, &Default::default()));
+    // The reference init zeroes the output layers, so a fresh model denoises to the same
+    // image in any precision; perturbed weights make the network matter.
+    let model =
+        MicroDit::<Cpu>::new(&cfg, &mut Init::reference(1, &Default::default())).map(&mut Perturb);
     save_weights(&model, &root.join("dit.safetensors")).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let base = vec![
@@ -55,20 +71,10 @@ fn setup() -> Setup {
     }
 }
 
+/// `microdit ARGS…` offline: (succeeded, everything printed).
 fn microdit(args: &[String]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_microdit"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let run = common::microdit_env(args, &[("HF_HUB_OFFLINE", "1".as_ref())]);
+    (run.ok(), run.log())
 }
 
 fn generate(s: &Setup, extra: &[&str]) -> String {
@@ -170,6 +176,10 @@ fn half_precision_generation_makes_nearly_the_same_image() {
         buf
     };
     let (a, b) = (pixels("f32.png"), pixels("bf16.png"));
+    assert_ne!(
+        a, b,
+        "--dtype bf16 made the very image f32 made: is it ignored?"
+    );
     let mean_diff = a
         .iter()
         .zip(&b)

@@ -12,25 +12,18 @@ use microdit::data::mds::{f16_values, MdsDataset, MdsWriter, Value};
 use microdit::data::preprocess::{decode_rgb, resize_center_crop, to_model_input};
 use microdit::data::sources::ImageCaptionSource;
 use microdit::hub::Hub;
-use microdit::precompute::{precompute, Encoders, ImageEncoder, PrecomputeOptions, Report};
-use microdit::text::{ClipTextEncoder, ClipTokenizer};
-use microdit::vae::AutoencoderKl;
+use microdit::precompute::{precompute, Encoders, PrecomputeOptions, Report};
+use microdit::text::TextEncoder;
+use microdit::vae::LatentCodec;
 
 fn encoders() -> Encoders<Cpu> {
     let device = CpuDevice::default();
     let hub = Hub::new(std::env::temp_dir(), true);
     let text = common::fixture_dirs_with("open_clip_config.json").remove(0);
     let vae = common::fixture_dirs_with("diffusion_pytorch_model.safetensors").remove(0);
-    let (text, _) = ClipTextEncoder::from_source(text.to_str().unwrap(), &hub, &device).unwrap();
-    let (vae, config) =
-        AutoencoderKl::from_source(vae.to_str().unwrap(), None, &hub, &device).unwrap();
     Encoders {
-        text,
-        tokenizer: ClipTokenizer::new(),
-        images: ImageEncoder::Vae {
-            vae: Box::new(vae),
-            config,
-        },
+        text: TextEncoder::from_source(text.to_str().unwrap(), &hub, &device).unwrap(),
+        images: LatentCodec::load(vae.to_str().unwrap(), &hub, &device).unwrap(),
     }
 }
 
@@ -125,7 +118,7 @@ fn a_folder_becomes_latent_shards_with_a_skip_report() {
     assert_eq!(reasons.len(), 3);
 
     let enc = encoders();
-    let ImageEncoder::Vae { config, .. } = &enc.images else {
+    let LatentCodec::Vae { config, .. } = &enc.images else {
         unreachable!()
     };
     let (c, ds) = (config.latent_channels, config.downscale());
@@ -135,7 +128,7 @@ fn a_folder_becomes_latent_shards_with_a_skip_report() {
     let caption_len = f16_values(first["caption_latents"].as_bytes().unwrap())
         .unwrap()
         .len();
-    assert_eq!(caption_len, 77 * enc.text.token_embedding.weight.dims()[1]);
+    assert_eq!(caption_len, 77 * enc.text.config.width);
     for r in [16, 32] {
         let z = f16_values(first[&format!("latents_{r}")].as_bytes().unwrap()).unwrap();
         assert_eq!(z.len(), c * (r / ds) * (r / ds), "latents_{r}");
@@ -157,7 +150,10 @@ fn latents_are_scaled_samples_of_the_vae_distribution() {
     let out = dir.path().join("out");
     run(&dir.path().join("in"), &out, &options());
     let enc = encoders();
-    let ImageEncoder::Vae { vae, config } = &enc.images else {
+    let LatentCodec::Vae {
+        model: vae, config, ..
+    } = &enc.images
+    else {
         unreachable!()
     };
     let scale = config.scaling_factor as f32;

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use microdit::data::mds::{f16_bytes, MdsWriter};
 use microdit::data::Value;
@@ -108,19 +107,10 @@ fn setup(extra: &str) -> Setup {
     Setup { _tmp: tmp, root }
 }
 
+/// `microdit ARGS…`: (exit code, everything printed).
 fn microdit(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_microdit"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let run = common::microdit(args);
+    (run.code, run.log())
 }
 
 fn train(s: &Setup, run: &str, extra: &[&str]) -> (Option<i32>, String) {
@@ -200,13 +190,34 @@ fn a_killed_run_with_ema_and_expert_rate_resumes_exactly() {
 }
 
 #[test]
-fn the_weight_average_lags_the_weights() {
-    let s = setup("steps = 10\ncheckpoint_every = 10\nema_decay = 0.9\n");
+fn the_weight_average_is_the_exponential_average_of_the_weights() {
+    // The average starts as the weights after step 3 and then follows
+    // ema ← 0.9·ema + 0.1·w after every step.
+    let s =
+        setup("steps = 8\ncheckpoint_every = 1\nkeep_last = 8\nema_decay = 0.9\nema_start = 3\n");
     let (code, log) = train(&s, "run", &[]);
     assert_eq!(code, Some(0), "{log}");
-    let ckpt = s.root.join("run/checkpoints/step-00000010");
-    let read = |f: &str| std::fs::read(ckpt.join(f)).unwrap();
-    assert!(read("ema.safetensors") != read("weights.safetensors"));
+    let step = |k: usize| s.root.join(format!("run/checkpoints/step-{k:08}"));
+    let mut expected = safetensors_values(&step(3).join("weights.safetensors"));
+    for k in 4..=8 {
+        let w = safetensors_values(&step(k).join("weights.safetensors"));
+        for (e, w) in expected.iter_mut().zip(w) {
+            *e = 0.9 * *e + 0.1 * w;
+        }
+    }
+    let ema = safetensors_values(&step(8).join("ema.safetensors"));
+    let weights = safetensors_values(&step(8).join("weights.safetensors"));
+    assert_eq!(ema.len(), expected.len());
+    let worst = ema
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+        .fold(0f64, f64::max);
+    assert!(
+        worst < 1e-4,
+        "the average differs from the expected one by {worst}"
+    );
+    assert!(ema != weights, "the average equals the weights");
 }
 
 fn resumes_exactly(config: &str, files: &[&str]) {
@@ -394,17 +405,24 @@ fn the_expert_learning_rate_scale_applies_to_expert_parameters_only() {
         Some(0.0),
     );
     let after = reference_tensors(&optim.step(1e-2, model, grads), &DIT_KEYS).unwrap();
+    let mut experts = 0;
     for (name, old) in &before {
         let moved = after[name] != *old;
         let expert = name.contains(".mlp.w1") && !name.ends_with(".weight")
             || name.contains(".mlp.w2") && !name.ends_with(".weight")
             || name.contains(".mlp.gate.");
         if expert {
+            experts += 1;
             assert!(!moved, "{name} (an expert parameter) moved at scale 0");
         } else if name == "final_layer.linear.weight" {
             assert!(moved, "{name} did not move");
         }
     }
+    // w1, w2 and the router of at least one expert-choice block were checked.
+    assert!(
+        experts >= 3,
+        "only {experts} expert parameters in the model"
+    );
 }
 
 #[test]
@@ -544,7 +562,15 @@ fn bf16_compute_trains_f32_master_weights_like_f32() {
 /// The weights of a run's newest checkpoint, flattened.
 fn latest_weights(run: &Path) -> Vec<f32> {
     let ckpt = microdit::train::checkpoint::latest(run).unwrap();
-    microdit::state_dict::read_state_dict(&ckpt.join("weights.safetensors"))
+    safetensors_values(&ckpt.join("weights.safetensors"))
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
+}
+
+/// Every value of a safetensors file, tensors in name order.
+fn safetensors_values(path: &Path) -> Vec<f64> {
+    microdit::state_dict::read_state_dict(path)
         .unwrap()
         .into_values()
         .flat_map(|t| {
@@ -554,6 +580,7 @@ fn latest_weights(run: &Path) -> Vec<f32> {
                 .into_vec::<f32>()
                 .unwrap()
         })
+        .map(f64::from)
         .collect()
 }
 

@@ -1,27 +1,19 @@
-//! `microdit generate`: prompts in, PNGs out — tokenizer, text tower, MicroDiT with the EDM
-//! sampler, VAE decoder.
+//! `microdit generate`: prompts in, PNGs out, through the text-to-image pipeline; each PNG
+//! carries its settings, so `--from-png` makes it again.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::backend::Backend;
-use anyhow::{bail, ensure, Context, Result};
-use burn::prelude::*;
+use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::DeviceChoice;
-use crate::edm::generate::{sample_latents, SamplerSettings};
-use crate::edm::{karras_sigmas, Churn, EdmConfig, Solver};
-use crate::hub::{known, Hub};
-use crate::model::weights::{denoiser_part, load_state_dict};
+use crate::backend::Backend;
+use crate::edm::Solver;
+use crate::hub::Hub;
 use crate::model::Precision;
-use crate::model::{DitConfig, Init, MicroDit};
-use crate::state_dict::read_state_dict;
-use crate::text::{ClipTextEncoder, ClipTokenizer};
-use crate::vae::{vae_subfolder, AutoencoderKl};
-
-pub const DEFAULT_CHECKPOINT: &str =
-    "VSehwag24/MicroDiT/ckpts/dit_4_channel_37M_real_and_synthetic_data.pt";
+use crate::pipeline::load::{Components, Parts};
+use crate::pipeline::{GenerationSettings, Sampling, TextToImage};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
@@ -36,11 +28,12 @@ pub struct GenerateArgs {
     /// Image i of prompt p (both from 0) uses seed + p * num_images + i.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (1 = none).
-    #[arg(long, default_value_t = 5.0)]
-    pub guidance: f64,
+    /// Sampler steps [default: 30, or the model folder's pipeline.json].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale, 1 = none [default: 5, or pipeline.json's].
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// Guide only while the noise level σ is within [LO, HI] (Kynkäänniemi et al. 2024).
     #[arg(long, num_args = 2, value_names = ["LO", "HI"])]
     pub guidance_interval: Option<Vec<f64>>,
@@ -55,22 +48,27 @@ pub struct GenerateArgs {
     pub s_max: f64,
     #[arg(long, default_value_t = 1.0)]
     pub s_noise: f64,
-    /// Image side in pixels (the released checkpoints are 512 px models).
-    #[arg(long, default_value_t = 512)]
-    pub resolution: usize,
-    /// MicroDiT weights: a local .pt/.safetensors file, or REPO/PATH on the Hugging Face Hub.
-    #[arg(long, default_value = DEFAULT_CHECKPOINT)]
-    pub checkpoint: String,
-    /// Denoiser architecture: a preset name or a JSON/TOML config file.
-    #[arg(long, default_value = "MicroDiT_XL_2")]
-    pub model: String,
-    /// VAE: a diffusers directory or Hub repo (default: SDXL for 4 latent channels,
-    /// ostris/vae-kl-f8-d16 for 16).
+    /// Image side in pixels [default: 512 (the released checkpoints are 512 px models), or
+    /// pipeline.json's].
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// MicroDiT weights: a .pt/.safetensors file, a `microdit train` (or demo) run folder,
+    /// or REPO/PATH on the Hugging Face Hub [default: the released 4-channel XL model].
+    /// A `pipeline.json` in the weights' folder or above names the other parts.
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// Denoiser architecture: a preset name or a JSON/TOML config file [default:
+    /// MicroDiT_XL_2, or pipeline.json's].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Latent codec: a VAE directory or Hub repo, or space-to-depth:F [default: SDXL's VAE
+    /// for 4 latent channels, ostris/vae-kl-f8-d16 for 16, or pipeline.json's].
     #[arg(long)]
     pub vae: Option<String>,
-    /// OpenCLIP text tower: a directory or Hub repo with open_clip_config.json.
-    #[arg(long, default_value = known::CLIP_TEXT)]
-    pub text_encoder: String,
+    /// OpenCLIP text tower: a directory or Hub repo with open_clip_config.json [default:
+    /// apple/DFN5B-CLIP-ViT-H-14-378, or pipeline.json's].
+    #[arg(long)]
+    pub text_encoder: Option<String>,
     /// Output PNG file (one image) or folder.
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -88,16 +86,23 @@ pub struct GenerateArgs {
     pub from_png: Option<PathBuf>,
 }
 
-pub fn run(args: &GenerateArgs) -> Result<()> {
-    let args = match &args.from_png {
-        Some(png) => settings_from_png(png, args)?,
-        None => args.clone(),
-    };
-    crate::with_backend!(args.device, |Bk, device| generate::<Bk>(&args, &device))
+/// One image to make: its settings (prompt and seed included) and where it goes.
+struct Job {
+    settings: GenerationSettings,
+    path: PathBuf,
 }
 
-/// (prompt index, image index, prompt, seed) for every image to make.
-fn jobs(args: &GenerateArgs) -> Result<Vec<(usize, usize, String, u64)>> {
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    let jobs = match &args.from_png {
+        Some(png) => vec![job_from_png(png, args)?],
+        None => jobs(args)?,
+    };
+    crate::with_backend!(args.device, |Bk, device| generate::<Bk>(
+        &jobs, args, &device
+    ))
+}
+
+fn prompts(args: &GenerateArgs) -> Result<Vec<String>> {
     let mut prompts = args.prompts.clone();
     if let Some(file) = &args.prompts_file {
         let text = std::fs::read_to_string(file)
@@ -114,171 +119,159 @@ fn jobs(args: &GenerateArgs) -> Result<Vec<(usize, usize, String, u64)>> {
         "no prompt given: pass prompts as arguments or --prompts FILE"
     );
     ensure!(args.num_images > 0, "--num-images must be at least 1");
-    Ok(prompts
-        .into_iter()
-        .enumerate()
-        .flat_map(|(p, prompt)| {
-            (0..args.num_images).map(move |i| {
-                (
-                    p,
-                    i,
-                    prompt.clone(),
-                    args.seed + (p * args.num_images + i) as u64,
-                )
-            })
-        })
-        .collect())
+    Ok(prompts)
 }
 
-/// A local file, or `owner/repo/path/in/repo` on the Hub.
-fn resolve_checkpoint(hub: &Hub, source: &str) -> Result<PathBuf> {
-    if Path::new(source).exists() {
-        return Ok(PathBuf::from(source));
-    }
-    let parts: Vec<&str> = source.splitn(3, '/').collect();
-    match parts.as_slice() {
-        [owner, repo, file] => hub.file(&format!("{owner}/{repo}"), file),
-        _ => bail!(
-            "checkpoint {source} is neither a file nor OWNER/REPO/PATH on the Hugging Face Hub"
-        ),
-    }
-}
-
-fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
-    let jobs = jobs(args)?;
-    let hub = Hub::from_env();
-    let start = Instant::now();
-
-    let checkpoint = resolve_checkpoint(&hub, &args.checkpoint)?;
-    let tensors = denoiser_part(read_state_dict(&checkpoint)?);
-    let mut cfg = if Path::new(&args.model).exists() {
-        DitConfig::from_file(Path::new(&args.model))?
-    } else {
-        DitConfig::preset(&args.model)?
+/// The command line's parts over those of a `pipeline.json` beside a local checkpoint,
+/// over the published model's.
+fn components(args: &GenerateArgs) -> Result<Components> {
+    let given = Components {
+        checkpoint: args.checkpoint.clone(),
+        model: args.model.clone(),
+        vae: args.vae.clone(),
+        text_encoder: args.text_encoder.clone(),
+        resolution: args.resolution,
+        steps: args.steps,
+        guidance: args.guidance,
     };
-    // The checkpoint says how many latent channels it denoises (4: SDXL VAE, 16: ostris).
-    if let Some(w) = tensors.get("x_embedder.proj.weight") {
-        cfg.in_channels = w.shape.to_vec().get(1).copied().unwrap_or(cfg.in_channels);
-    }
-    let vae_source = args.vae.clone().unwrap_or_else(|| {
-        if cfg.in_channels == 16 {
-            known::VAE_16_CHANNEL.into()
-        } else {
-            known::SDXL_VAE.into()
+    let beside = match &args.checkpoint {
+        Some(c) if Path::new(c).exists() => Components::beside(Path::new(c))?.unwrap_or_default(),
+        _ => Components::default(),
+    };
+    Ok(given.or(beside).or(Components::published()))
+}
+
+/// Every image's settings and file: image i of prompt p gets seed + p·n + i.
+fn jobs(args: &GenerateArgs) -> Result<Vec<Job>> {
+    let prompts = prompts(args)?;
+    let components = components(args)?;
+    let parts = components.parts(args.dtype)?;
+    let template = GenerationSettings {
+        prompt: String::new(),
+        seed: 0,
+        steps: components.steps.unwrap_or(30),
+        guidance: components.guidance.unwrap_or(5.0),
+        guidance_interval: match args.guidance_interval.as_deref() {
+            Some(&[lo, hi]) => Some((lo, hi)),
+            _ => None,
+        },
+        sampler: args.sampler,
+        s_churn: args.s_churn,
+        s_min: args.s_min,
+        s_max: args.s_max,
+        s_noise: args.s_noise,
+        resolution: parts.resolution,
+        checkpoint: parts.checkpoint,
+        model: parts.model,
+        // Filled in once the checkpoint says which codec it needs.
+        vae: parts.vae.unwrap_or_default(),
+        text_encoder: parts.text_encoder,
+        dtype: parts.dtype,
+        software: format!("microdit {}", env!("CARGO_PKG_VERSION")),
+    };
+    let single =
+        prompts.len() * args.num_images == 1 && args.out.extension().is_some_and(|e| e == "png");
+    let mut jobs = Vec::new();
+    for (p, prompt) in prompts.iter().enumerate() {
+        for i in 0..args.num_images {
+            let seed = args.seed + (p * args.num_images + i) as u64;
+            let path = if single {
+                args.out.clone()
+            } else {
+                args.out.join(format!("{p:03}-{i:02}-seed{seed}.png"))
+            };
+            let settings = GenerationSettings {
+                prompt: prompt.clone(),
+                seed,
+                ..template.clone()
+            };
+            jobs.push(Job { settings, path });
         }
-    });
-    let (vae, vae_cfg) =
-        AutoencoderKl::<B>::from_source(&vae_source, vae_subfolder(&vae_source), &hub, device)?;
-    ensure!(
-        vae_cfg.latent_channels == cfg.in_channels,
-        "the VAE {vae_source} has {} latent channels, the checkpoint denoises {}",
-        vae_cfg.latent_channels,
-        cfg.in_channels
-    );
-    let scale = vae_cfg.downscale() * cfg.patch_size;
-    ensure!(
-        args.resolution > 0 && args.resolution.is_multiple_of(scale),
-        "--resolution must be a multiple of {scale}"
-    );
-    cfg.input_size = args.resolution / vae_cfg.downscale();
-    if !Path::new(&args.model).exists() {
-        // Presets: positions interpolated relative to the 256 px grid the recipe starts at.
-        cfg.pos_interp_scale = (args.resolution as f64 / 256.0).max(1.0);
     }
-    cfg.validate()?;
-    if let Some(pos) = tensors.get("pos_embed") {
-        let trained = pos.shape.to_vec().get(1).copied().unwrap_or(0);
-        if trained != cfg.num_tokens() {
-            eprintln!(
-                "warning: {} was trained with {trained} patches per image; {} px gives {}: expect poor images",
-                args.checkpoint,
-                args.resolution,
-                cfg.num_tokens()
-            );
-        }
-    }
-    let model = load_state_dict(MicroDit::<B>::new(&cfg, &mut Init::empty(device)), tensors)
-        .with_context(|| format!("loading {} as {}", checkpoint.display(), args.model))?
-        .cast(args.dtype.dtype());
-    let (text, text_cfg) = ClipTextEncoder::<B>::from_source(&args.text_encoder, &hub, device)?;
-    ensure!(
-        text_cfg.width == cfg.caption_channels,
-        "the text tower's width {} differs from the denoiser's caption_channels {}",
-        text_cfg.width,
-        cfg.caption_channels
-    );
-    let tokenizer = ClipTokenizer::new();
+    Ok(jobs)
+}
+
+/// The image's own settings; written beside it as NAME-again.png unless --out says where.
+fn job_from_png(png: &Path, args: &GenerateArgs) -> Result<Job> {
+    let chunks = crate::image::read_png_text(png)?;
+    let mut settings = GenerationSettings::from_png_text(chunks).with_context(|| {
+        format!(
+            "{}: its settings cannot be read (not made by microdit generate?)",
+            png.display()
+        )
+    })?;
+    settings.software = format!("microdit {}", env!("CARGO_PKG_VERSION"));
+    let path = if args.out == Path::new("outputs") {
+        png.with_file_name(format!(
+            "{}-again.png",
+            png.file_stem().unwrap_or_default().to_string_lossy()
+        ))
+    } else {
+        args.out.clone()
+    };
+    Ok(Job { settings, path })
+}
+
+fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -> Result<()> {
+    let first = &jobs.first().context("nothing to generate")?.settings;
+    let start = Instant::now();
+    let parts = Parts {
+        checkpoint: first.checkpoint.clone(),
+        model: first.model.clone(),
+        vae: (!first.vae.is_empty()).then(|| first.vae.clone()),
+        text_encoder: first.text_encoder.clone(),
+        resolution: first.resolution,
+        dtype: first.dtype,
+    };
+    let pipeline = TextToImage::<B>::load(&parts, &Hub::from_env(), device)?;
     eprintln!("loaded models in {:.1} s", start.elapsed().as_secs_f64());
 
-    let edm = EdmConfig::default();
-    let settings = SamplerSettings {
-        sigmas: karras_sigmas(&edm, args.steps),
-        solver: args.sampler,
-        churn: Churn {
-            s_churn: args.s_churn,
-            s_min: args.s_min,
-            s_max: args.s_max,
-            s_noise: args.s_noise,
-        },
-        guidance: args.guidance,
-        guidance_interval: match args.guidance_interval.as_deref() {
-            Some([lo, hi]) => (*lo, *hi),
-            _ => (0.0, f64::INFINITY),
-        },
-    };
-    let single_file = jobs.len() == 1 && args.out.extension().is_some_and(|e| e == "png");
-    let mut images = Vec::new();
-    let sampling = Instant::now();
-    let mut evaluations = 0usize;
-    for (p, i, prompt, seed) in &jobs {
-        let (ids, truncated) = tokenizer.tokenize(prompt);
-        if truncated {
+    let sampling_started = Instant::now();
+    let (mut evaluations, mut images) = (0, Vec::new());
+    for (n, job) in jobs.iter().enumerate() {
+        let settings = GenerationSettings {
+            vae: pipeline.codec.name(),
+            ..job.settings.clone()
+        };
+        let sampling = Sampling::from_settings(&settings);
+        let caption = pipeline.encode_prompt(&settings.prompt);
+        if caption.truncated > 0 {
             eprintln!(
-                "warning: prompt {p} is longer than 77 tokens; truncated as the reference does"
+                "warning: prompt {n} is longer than 77 tokens; truncated as the reference does"
             );
         }
-        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-        let y = text.forward(Tensor::from_data(TensorData::new(ids, [1, 77]), device));
-        let shape = [1, cfg.in_channels, cfg.input_size, cfg.input_size];
-        let bar = progress_bar(
-            args.steps,
-            &format!("image {}/{}", images.len() + 1, jobs.len()),
-        );
-        let z = sample_latents(&model, &edm, y, shape, *seed, &settings, |_| bar.inc(1));
-        evaluations += crate::edm::generate::evaluations(args.steps, args.sampler);
+        let bar = progress_bar(sampling.steps, &format!("image {}/{}", n + 1, jobs.len()));
+        let latents = pipeline.sample(caption.states, settings.seed, &sampling, |_| bar.inc(1));
         bar.finish_and_clear();
-        let pixels = crate::image::to_rgb8(vae.decode(vae_cfg.from_model_latents(z)))?;
-        let path = if single_file {
-            args.out.clone()
-        } else {
-            args.out.join(format!("{p:03}-{i:02}-seed{seed}.png"))
-        };
-        let meta = metadata(args, prompt, *seed, &vae_source);
-        crate::image::write_png(&path, &pixels, args.resolution, args.resolution, &meta)?;
-        images.push((path, pixels));
-    }
-    let elapsed = sampling.elapsed().as_secs_f64();
-    if args.grid && images.len() > 1 {
-        let grid = args.out.join("grid.png");
-        crate::image::write_grid(
-            &grid,
-            &images
-                .iter()
-                .map(|(_, px)| px.as_slice())
-                .collect::<Vec<_>>(),
-            args.resolution,
+        evaluations += sampling.evaluations();
+        let image = pipeline.decode(latents)?;
+        crate::image::write_png(
+            &job.path,
+            &image.rgb,
+            image.side,
+            image.side,
+            &settings.to_png_text()?,
         )?;
+        images.push(image);
     }
+    let elapsed = sampling_started.elapsed().as_secs_f64();
+    if args.grid && images.len() > 1 {
+        let tiles: Vec<&[u8]> = images.iter().map(|i| i.rgb.as_slice()).collect();
+        crate::image::write_grid(&args.out.join("grid.png"), &tiles, images[0].side)?;
+    }
+    let where_to = if jobs.len() == 1 {
+        jobs[0].path.display().to_string()
+    } else {
+        format!("{}/", args.out.display())
+    };
     println!(
-        "wrote {} image{} to {} in {:.1} s ({:.2} s per network evaluation, {} steps, {:?}, guidance {})",
+        "wrote {} image{} to {where_to} in {elapsed:.1} s ({:.2} s per network evaluation, {} steps, {:?}, guidance {})",
         images.len(),
         if images.len() == 1 { "" } else { "s" },
-        if single_file { args.out.display().to_string() } else { format!("{}/", args.out.display()) },
-        elapsed,
         elapsed / evaluations.max(1) as f64,
-        args.steps,
-        args.sampler,
-        args.guidance,
+        first.steps,
+        first.sampler,
+        first.guidance,
     );
     Ok(())
 }
@@ -292,93 +285,4 @@ fn progress_bar(steps: usize, label: &str) -> ProgressBar {
     );
     bar.set_prefix(label.to_string());
     bar
-}
-
-/// The settings that determine an image, stored in its PNG so `--from-png` can redo it.
-fn metadata(args: &GenerateArgs, prompt: &str, seed: u64, vae: &str) -> Vec<(String, String)> {
-    let mut m = vec![
-        ("prompt", prompt.to_string()),
-        ("seed", seed.to_string()),
-        ("steps", args.steps.to_string()),
-        ("guidance", args.guidance.to_string()),
-        ("sampler", format!("{:?}", args.sampler).to_lowercase()),
-        ("s_churn", args.s_churn.to_string()),
-        ("s_min", args.s_min.to_string()),
-        ("s_max", args.s_max.to_string()),
-        ("s_noise", args.s_noise.to_string()),
-        ("resolution", args.resolution.to_string()),
-        ("checkpoint", args.checkpoint.clone()),
-        ("model", args.model.clone()),
-        ("vae", vae.to_string()),
-        ("text_encoder", args.text_encoder.clone()),
-        ("dtype", format!("{:?}", args.dtype).to_lowercase()),
-        (
-            "software",
-            format!("microdit {}", env!("CARGO_PKG_VERSION")),
-        ),
-    ];
-    if let Some(gi) = &args.guidance_interval {
-        m.push(("guidance_interval", format!("{} {}", gi[0], gi[1])));
-    }
-    m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
-}
-
-fn settings_from_png(png: &Path, cli: &GenerateArgs) -> Result<GenerateArgs> {
-    let meta: std::collections::HashMap<String, String> =
-        crate::image::read_png_text(png)?.into_iter().collect();
-    let get = |k: &str| {
-        meta.get(k).cloned().with_context(|| {
-            format!(
-                "{} has no '{k}' setting: not made by microdit generate?",
-                png.display()
-            )
-        })
-    };
-    let num = |k: &str| -> Result<f64> {
-        get(k)?
-            .parse::<f64>()
-            .with_context(|| format!("bad '{k}' in {}", png.display()))
-    };
-    let out = if cli.out == Path::new("outputs") {
-        png.with_file_name(format!(
-            "{}-again.png",
-            png.file_stem().unwrap_or_default().to_string_lossy()
-        ))
-    } else {
-        cli.out.clone()
-    };
-    Ok(GenerateArgs {
-        prompts: vec![get("prompt")?],
-        prompts_file: None,
-        num_images: 1,
-        seed: get("seed")?.parse().context("bad seed")?,
-        steps: num("steps")? as usize,
-        guidance: num("guidance")?,
-        guidance_interval: meta
-            .get("guidance_interval")
-            .map(|s| s.split(' ').filter_map(|v| v.parse().ok()).collect()),
-        sampler: if get("sampler")? == "euler" {
-            Solver::Euler
-        } else {
-            Solver::Heun
-        },
-        s_churn: num("s_churn")?,
-        s_min: num("s_min")?,
-        s_max: num("s_max")?,
-        s_noise: num("s_noise")?,
-        resolution: num("resolution")? as usize,
-        checkpoint: get("checkpoint")?,
-        model: get("model")?,
-        vae: Some(get("vae")?),
-        text_encoder: get("text_encoder")?,
-        out,
-        grid: false,
-        device: cli.device,
-        dtype: match meta.get("dtype") {
-            Some(d) => clap::ValueEnum::from_str(d, true)
-                .map_err(|e| anyhow::anyhow!("bad dtype in {}: {e}", png.display()))?,
-            None => cli.dtype,
-        },
-        from_png: None,
-    })
 }

@@ -9,9 +9,9 @@ use anyhow::{Context, Result};
 use super::DeviceChoice;
 use crate::data::sources::ImageCaptionSource;
 use crate::hub::{known, Hub};
-use crate::precompute::{precompute, skip_reasons, Encoders, ImageEncoder, PrecomputeOptions};
-use crate::text::{ClipTextEncoder, ClipTokenizer};
-use crate::vae::{vae_subfolder, AutoencoderKl};
+use crate::precompute::{precompute, skip_reasons, Encoders, PrecomputeOptions};
+use crate::text::TextEncoder;
+use crate::vae::LatentCodec;
 
 #[derive(Debug, clap::Args)]
 pub struct PrecomputeArgs {
@@ -79,18 +79,12 @@ fn run_on<B: Backend>(args: &PrecomputeArgs, device: &B::Device) -> Result<()> {
     let source = ImageCaptionSource::open(&args.input)?;
     eprintln!("{}: {} pairs", args.input.display(), source.len());
     let hub = Hub::from_env();
-    let (vae, config) =
-        AutoencoderKl::<B>::from_source(&args.vae, vae_subfolder(&args.vae), &hub, device)
-            .context("loading the VAE")?;
-    let (text, _) = ClipTextEncoder::<B>::from_source(&args.text_encoder, &hub, device)
-        .context("loading the text tower")?;
+    // The VAE first: a wrong --vae is reported before the (larger) text tower loads.
+    let images = LatentCodec::load(&args.vae, &hub, device).context("loading the VAE")?;
     let encoders = Encoders {
-        text,
-        tokenizer: ClipTokenizer::new(),
-        images: ImageEncoder::Vae {
-            vae: Box::new(vae),
-            config,
-        },
+        text: TextEncoder::<B>::from_source(&args.text_encoder, &hub, device)
+            .context("loading the text tower")?,
+        images,
     };
     let report = precompute(&source, &args.out, &encoders, &options, device)?;
     let reasons: Vec<String> = skip_reasons(&report)

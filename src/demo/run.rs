@@ -9,24 +9,22 @@ use std::time::Instant;
 
 use crate::backend::{AutodiffBackend, Backend};
 use anyhow::{Context, Result};
-use burn::prelude::*;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::score::{features, frechet_distance, judge, Tally, CHANCE};
 use super::shapes::{scene_and_image, Scene};
 use crate::data::sources::ImageCaptionSource;
-use crate::edm::generate::{sample_latents, SamplerSettings};
-use crate::edm::{karras_sigmas, Churn, EdmConfig, Solver};
 use crate::hub::Hub;
-use crate::model::weights::load_weights;
-use crate::model::{DitConfig, Init, MicroDit};
-use crate::precompute::{precompute, Encoders, ImageEncoder, PrecomputeOptions};
+use crate::model::{DitConfig, Precision};
+use crate::pipeline::load::Components;
+use crate::pipeline::{Sampling, TextToImage};
+use crate::precompute::{precompute, Encoders, PrecomputeOptions};
 use crate::state_dict::{reference_tensors, CLIP_TEXT_KEYS};
-use crate::text::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
+use crate::text::{ClipTextConfig, ClipTextEncoder, TextEncoder};
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{train, RunOptions};
-use crate::vae::SpaceToDepth;
+use crate::vae::{LatentCodec, SpaceToDepth};
 
 /// How the training budget is spent (the paper's central comparison, in miniature).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -54,6 +52,9 @@ pub struct DemoOptions {
 
 const IMAGE_SIZE: usize = 32;
 const CODEC: SpaceToDepth = SpaceToDepth { factor: 2 };
+/// Files in the demo folder: the denoiser's architecture and the text tower.
+const MODEL: &str = "dit.json";
+const TEXT_TOWER: &str = "text-tower";
 const TEXT_WIDTH: usize = 64;
 /// Share of the training time given to the unmasked finetune after a masked stage.
 const FINETUNE_SHARE: f64 = 0.2;
@@ -80,15 +81,13 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result
     let start = Instant::now();
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    let tower = opts.out.join("text-tower");
+    let tower = opts.out.join(TEXT_TOWER);
     let data = opts.out.join("data");
     if !data.join("index.json").exists() {
         write_images(opts)?;
-        let text = text_tower::<B::InnerBackend>(&tower, opts.seed, device)?;
         let encoders = Encoders {
-            text,
-            tokenizer: ClipTokenizer::new(),
-            images: ImageEncoder::SpaceToDepth(CODEC),
+            text: text_tower::<B::InnerBackend>(&tower, opts.seed, device)?,
+            images: LatentCodec::SpaceToDepth(CODEC),
         };
         let source = ImageCaptionSource::open(&opts.out.join("images"))?;
         let options = PrecomputeOptions {
@@ -118,8 +117,8 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result
         train::<B>(cfg, dir, &run_opts, device)?;
         crate::train::plot::plot(dir, &opts.out.join(format!("loss-stage{}.png", k + 1)))?;
     }
-    let (last_dir, last_cfg) = stages.last().context("no stages")?;
-    let scores = evaluate::<B::InnerBackend>(opts, &tower, last_dir, last_cfg, device)?;
+    let (last_dir, _) = stages.last().context("no stages")?;
+    let scores = evaluate::<B::InnerBackend>(opts, last_dir, device)?;
     write_report(opts, &stages, &scores, start.elapsed().as_secs_f64())?;
     Ok(scores)
 }
@@ -140,7 +139,7 @@ fn write_images(opts: &DemoOptions) -> Result<()> {
 /// A small CLIP-architecture text tower with random, frozen weights (the real tokenizer),
 /// saved as an open_clip directory the first time so that every later step encodes with
 /// the same weights.
-fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<ClipTextEncoder<B>> {
+fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<TextEncoder<B>> {
     let weights = dir.join("open_clip_model.safetensors");
     if !weights.exists() {
         B::seed(device, seed);
@@ -163,7 +162,7 @@ fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<C
         crate::io::write_safetensors(&weights, &reference_tensors(&tower, &CLIP_TEXT_KEYS)?)?;
     }
     let hub = Hub::new(dir.to_path_buf(), true);
-    Ok(ClipTextEncoder::from_source(dir.to_str().context("path")?, &hub, device)?.0)
+    TextEncoder::from_source(dir.to_str().context("path")?, &hub, device)
 }
 
 fn dit_config(variant: Variant) -> DitConfig {
@@ -231,10 +230,11 @@ fn stage_configs<B: AutodiffBackend>(
     start: Instant,
     device: &B::Device,
 ) -> Result<Vec<(PathBuf, TrainConfig)>> {
-    let model = opts.out.join("dit.json");
+    let model = opts.out.join(MODEL);
     crate::io::write_atomic(&model, |f| {
         serde_json::to_writer_pretty(f, &dit_config(opts.variant)).map_err(std::io::Error::other)
     })?;
+    pipeline_components().write(&opts.out)?;
     let masks: Vec<(String, f64, f64)> = match opts.variant {
         Variant::Unmasked => vec![("unmasked".into(), 0.0, 1.0)],
         _ => vec![
@@ -319,28 +319,30 @@ fn eval_scenes(opts: &DemoOptions) -> Vec<(bool, Scene, image::RgbImage)> {
     all
 }
 
-fn evaluate<B: Backend>(
-    opts: &DemoOptions,
-    tower: &Path,
-    stage: &Path,
-    cfg: &TrainConfig,
-    device: &B::Device,
-) -> Result<Scores> {
-    let text = text_tower::<B>(tower, opts.seed, device)?;
-    let tokenizer = ClipTokenizer::new();
-    let dit = cfg.dit_config()?;
-    let weights = crate::train::checkpoint::latest(stage)
-        .context("the last stage has no checkpoint")?
-        .join("weights.safetensors");
-    let model = load_weights(MicroDit::<B>::new(&dit, &mut Init::empty(device)), &weights)?;
-    let edm = EdmConfig::default();
-    let settings = SamplerSettings {
-        sigmas: karras_sigmas(&edm, SAMPLER_STEPS),
-        solver: Solver::Heun,
-        churn: Churn::default(),
-        guidance: GUIDANCE,
-        guidance_interval: (0.0, f64::INFINITY),
-    };
+/// What `microdit generate` needs to sample a model trained here (`pipeline.json`).
+fn pipeline_components() -> Components {
+    Components {
+        checkpoint: None,
+        model: Some(MODEL.into()),
+        vae: Some(CODEC.name()),
+        text_encoder: Some(TEXT_TOWER.into()),
+        resolution: Some(IMAGE_SIZE),
+        steps: Some(SAMPLER_STEPS),
+        guidance: Some(GUIDANCE),
+    }
+}
+
+/// Samples every evaluation prompt with the last stage's weights, through the same
+/// pipeline `microdit generate` builds from `pipeline.json`, and scores the images.
+fn evaluate<B: Backend>(opts: &DemoOptions, stage: &Path, device: &B::Device) -> Result<Scores> {
+    let components = Components {
+        checkpoint: Some(stage.display().to_string()),
+        ..Components::default()
+    }
+    .or(Components::beside(stage)?.context("the demo folder has no pipeline.json")?);
+    let parts = components.parts(Precision::F32)?;
+    let pipeline = TextToImage::<B>::load(&parts, &Hub::new(opts.out.clone(), true), device)?;
+    let sampling = Sampling::heun(SAMPLER_STEPS, GUIDANCE);
     let scenes = eval_scenes(opts);
     let bar = indicatif::ProgressBar::new(scenes.len() as u64);
     if opts.quiet {
@@ -348,26 +350,11 @@ fn evaluate<B: Backend>(
     }
     let mut generated = Vec::new();
     for (i, (_, scene, _)) in scenes.iter().enumerate() {
-        let ids: Vec<i64> = tokenizer
-            .tokenize(&scene.caption())
-            .0
-            .iter()
-            .map(|&t| t as i64)
-            .collect();
-        let y = text.forward(Tensor::from_data(TensorData::new(ids, [1, 77]), device));
-        let shape = [1, dit.in_channels, dit.input_size, dit.input_size];
-        let z = sample_latents(
-            &model,
-            &edm,
-            y,
-            shape,
-            opts.seed + i as u64,
-            &settings,
-            |_| {},
-        );
-        let pixels = crate::image::to_rgb8(CODEC.decode(z))?;
+        let caption = pipeline.encode_prompt(&scene.caption());
+        let latents = pipeline.sample(caption.states, opts.seed + i as u64, &sampling, |_| {});
+        let image = pipeline.decode(latents)?;
         generated.push(
-            image::RgbImage::from_raw(IMAGE_SIZE as u32, IMAGE_SIZE as u32, pixels)
+            image::RgbImage::from_raw(image.side as u32, image.side as u32, image.rgb)
                 .context("image size")?,
         );
         bar.inc(1);

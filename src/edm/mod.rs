@@ -1,7 +1,6 @@
 //! Elucidated diffusion (EDM): preconditioning, the training loss and the samplers.
 
 pub mod config;
-pub mod generate;
 pub mod loss;
 pub mod precond;
 pub mod sampler;

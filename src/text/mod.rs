@@ -1,8 +1,10 @@
 //! The frozen text side: the CLIP tokenizer and the OpenCLIP text tower.
 
 pub mod clip;
+pub mod encoder;
 pub mod tokenizer;
 
 pub use clip::{ClipTextConfig, ClipTextEncoder};
+pub use encoder::{Embeddings, TextEncoder};
 
 pub use tokenizer::ClipTokenizer;

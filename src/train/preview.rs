@@ -3,22 +3,23 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::Backend;
 use anyhow::{ensure, Context, Result};
 use burn::prelude::*;
 
-use crate::edm::generate::{sample_latents, SamplerSettings};
-use crate::edm::{karras_sigmas, Churn, EdmConfig, Solver};
+use crate::backend::Backend;
+use crate::edm::EdmConfig;
 use crate::hub::Hub;
 use crate::model::MicroDit;
+use crate::pipeline::{sample_latents, Image, Sampling};
 use crate::state_dict::read_state_dict;
-use crate::vae::{vae_subfolder, AutoencoderKl, VaeConfig};
+use crate::vae::LatentCodec;
 
 pub struct Preview<B: Backend> {
     /// [N, L, Cc] caption embeddings.
     captions: Tensor<B, 3>,
-    vae: Option<(AutoencoderKl<B>, VaeConfig)>,
-    settings: SamplerSettings,
+    /// Without one, the grid shows the first three latent channels.
+    codec: Option<LatentCodec<B>>,
+    sampling: Sampling,
     dir: PathBuf,
 }
 
@@ -50,26 +51,14 @@ impl<B: Backend> Preview<B> {
             ),
         };
         ensure!(n > 0, "no preview captions in {}", captions.display());
-        let vae = match vae {
-            Some(source) => Some(AutoencoderKl::<B>::from_source(
-                source,
-                vae_subfolder(source),
-                &Hub::from_env(),
-                device,
-            )?),
+        let codec = match vae {
+            Some(source) => Some(LatentCodec::load(source, &Hub::from_env(), device)?),
             None => None,
         };
-        let edm = EdmConfig::default();
         Ok(Self {
             captions: Tensor::from_data(TensorData::new(data.to_vec::<f32>()?, [n, l, c]), device),
-            vae,
-            settings: SamplerSettings {
-                sigmas: karras_sigmas(&edm, steps),
-                solver: Solver::Heun,
-                churn: Churn::default(),
-                guidance,
-                guidance_interval: (0.0, f64::INFINITY),
-            },
+            codec,
+            sampling: Sampling::heun(steps, guidance),
             dir: run.join("samples"),
         })
     }
@@ -79,20 +68,20 @@ impl<B: Backend> Preview<B> {
         let [c, s, _] = shape;
         let n = self.captions.dims()[0];
         let mut tiles = Vec::new();
-        let mut side = s;
         for i in 0..n {
             let y = self.captions.clone().narrow(0, i, 1);
+            let edm = EdmConfig::default();
             let z = sample_latents(
                 model,
-                &EdmConfig::default(),
+                &edm,
                 y,
                 [1, c, s, s],
                 i as u64,
-                &self.settings,
+                &self.sampling,
                 |_| {},
             );
-            let image = match &self.vae {
-                Some((vae, cfg)) => vae.decode(cfg.from_model_latents(z)),
+            let image = match &self.codec {
+                Some(codec) => codec.decode(z),
                 // Latent preview: the first three channels, roughly in [-1, 1].
                 None => {
                     z.narrow(1, 0, c.min(3))
@@ -101,15 +90,11 @@ impl<B: Backend> Preview<B> {
                         / 2.0
                 }
             };
-            side = image.dims()[2];
-            tiles.push(crate::image::to_rgb8(image)?);
+            tiles.push(Image::from_tensor(image)?);
         }
         let path = self.dir.join(format!("step-{step:08}.png"));
-        crate::image::write_grid(
-            &path,
-            &tiles.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-            side,
-        )?;
+        let rgb: Vec<&[u8]> = tiles.iter().map(|t| t.rgb.as_slice()).collect();
+        crate::image::write_grid(&path, &rgb, tiles[0].side)?;
         Ok(path)
     }
 }

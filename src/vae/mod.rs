@@ -1,6 +1,7 @@
 //! The frozen image side: diffusers' `AutoencoderKL` (the SDXL VAE, or 16-channel VAEs).
 
 pub mod autoencoder;
+pub mod codec;
 pub mod config;
 pub mod space_to_depth;
 
@@ -10,6 +11,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 
 pub use autoencoder::{AutoencoderKl, LatentDistribution};
+pub use codec::LatentCodec;
 pub use config::VaeConfig;
 pub use space_to_depth::SpaceToDepth;
 

@@ -9,7 +9,27 @@ pub struct SpaceToDepth {
     pub factor: usize,
 }
 
+/// How configs and settings name the codec: `space-to-depth:F`.
+const NAME_PREFIX: &str = "space-to-depth:";
+
 impl SpaceToDepth {
+    pub fn name(&self) -> String {
+        format!("{NAME_PREFIX}{}", self.factor)
+    }
+
+    /// The codec a name means, `None` when the name is not `space-to-depth:…`.
+    pub fn from_name(name: &str) -> Option<anyhow::Result<Self>> {
+        let factor = name.strip_prefix(NAME_PREFIX)?;
+        Some(
+            factor
+                .parse()
+                .ok()
+                .filter(|&f| f > 0)
+                .map(|factor| Self { factor })
+                .ok_or_else(|| anyhow::anyhow!("{name}: the factor must be a positive integer")),
+        )
+    }
+
     pub fn channels(&self) -> usize {
         3 * self.factor * self.factor
     }

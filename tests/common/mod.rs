@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
@@ -168,4 +170,46 @@ pub fn fixture_dirs_with(file: &str) -> Vec<PathBuf> {
         dir.display()
     );
     dirs
+}
+
+/// What a run of the `microdit` binary printed and how it ended.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// (succeeded, standard output, standard error)
+    pub fn split(self) -> (bool, String, String) {
+        (self.ok(), self.stdout, self.stderr)
+    }
+
+    /// Standard output then standard error.
+    pub fn log(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// `microdit ARGS…` as a user runs it, with extra environment variables.
+pub fn microdit_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &OsStr)]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_microdit"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running microdit");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+/// `microdit ARGS…`.
+pub fn microdit<S: AsRef<OsStr>>(args: &[S]) -> Run {
+    microdit_env(args, &[])
 }

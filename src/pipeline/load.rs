@@ -1,0 +1,226 @@
+//! Building a [`TextToImage`] from names: the denoiser's weights (a file, a training run's
+//! folder, or a file on the Hugging Face Hub), its architecture, the latent codec and the
+//! text tower. A folder that trained a model can name its own parts in a `pipeline.json`
+//! (the demo writes one), so `microdit generate --checkpoint RUN/…` needs nothing else.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::TextToImage;
+use crate::backend::Backend;
+use crate::edm::EdmConfig;
+use crate::hub::{known, Hub};
+use crate::model::config::ModelChoice;
+use crate::model::weights::{denoiser_part, load_state_dict};
+use crate::model::{Init, MicroDit, Precision};
+use crate::state_dict::read_state_dict;
+use crate::text::TextEncoder;
+use crate::vae::LatentCodec;
+
+/// The released 512 px model with 4 latent channels.
+pub const DEFAULT_CHECKPOINT: &str =
+    "VSehwag24/MicroDiT/ckpts/dit_4_channel_37M_real_and_synthetic_data.pt";
+
+/// The file in which a folder names the parts of the model trained in it.
+pub const PIPELINE_FILE: &str = "pipeline.json";
+
+/// A pipeline's parts and default sampling, by name; every field optional, so that what
+/// the command line says, a `pipeline.json` says and the published defaults can be layered
+/// ([`Components::or`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Components {
+    /// Weights: a file, a training run folder, or OWNER/REPO/PATH on the Hub.
+    pub checkpoint: Option<String>,
+    /// Architecture: a preset name or a config file.
+    pub model: Option<String>,
+    /// Latent codec: a VAE directory or Hub repository, or `space-to-depth:F` (default: by
+    /// the checkpoint's latent channels, the SDXL VAE for 4 and ostris/vae-kl-f8-d16 for 16).
+    pub vae: Option<String>,
+    /// OpenCLIP text tower: a directory or Hub repository.
+    pub text_encoder: Option<String>,
+    /// Image side in pixels.
+    pub resolution: Option<usize>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+}
+
+impl Components {
+    /// The published MicroDiT_XL_2 and its frozen parts, 30 Heun steps, guidance 5.
+    pub fn published() -> Self {
+        Self {
+            checkpoint: Some(DEFAULT_CHECKPOINT.into()),
+            model: Some("MicroDiT_XL_2".into()),
+            vae: None,
+            text_encoder: Some(known::CLIP_TEXT.into()),
+            resolution: Some(512),
+            steps: Some(30),
+            guidance: Some(5.0),
+        }
+    }
+
+    /// Each unset field taken from `fallback`.
+    pub fn or(self, fallback: Self) -> Self {
+        Self {
+            checkpoint: self.checkpoint.or(fallback.checkpoint),
+            model: self.model.or(fallback.model),
+            vae: self.vae.or(fallback.vae),
+            text_encoder: self.text_encoder.or(fallback.text_encoder),
+            resolution: self.resolution.or(fallback.resolution),
+            steps: self.steps.or(fallback.steps),
+            guidance: self.guidance.or(fallback.guidance),
+        }
+    }
+
+    /// The `pipeline.json` in `path`'s folder or the nearest one above it, with its paths
+    /// made relative to where the command runs.
+    pub fn beside(path: &Path) -> Result<Option<Self>> {
+        let Some(file) = path
+            .ancestors()
+            .map(|dir| dir.join(PIPELINE_FILE))
+            .find(|f| f.is_file())
+        else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let mut parts: Self =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        for name in [&mut parts.model, &mut parts.vae, &mut parts.text_encoder]
+            .into_iter()
+            .flatten()
+        {
+            if base.join(&*name).exists() {
+                *name = base.join(&*name).display().to_string();
+            }
+        }
+        Ok(Some(parts))
+    }
+
+    /// The parts to load, in `dtype`; every one but the codec must be named.
+    pub fn parts(&self, dtype: Precision) -> Result<Parts> {
+        let named = |v: &Option<String>, what: &str| {
+            v.clone()
+                .with_context(|| format!("no {what} given (and none in a {PIPELINE_FILE})"))
+        };
+        Ok(Parts {
+            checkpoint: named(&self.checkpoint, "checkpoint")?,
+            model: named(&self.model, "model")?,
+            vae: self.vae.clone(),
+            text_encoder: named(&self.text_encoder, "text encoder")?,
+            resolution: self
+                .resolution
+                .with_context(|| format!("no resolution given (and none in a {PIPELINE_FILE})"))?,
+            dtype,
+        })
+    }
+
+    /// Writes `pipeline.json` into `dir` (paths in it relative to `dir`).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        crate::io::write_atomic(&dir.join(PIPELINE_FILE), |f| {
+            serde_json::to_writer_pretty(f, self).map_err(std::io::Error::other)
+        })
+    }
+}
+
+/// A weights file from a file, a training run folder (its newest checkpoint's weights), or
+/// `owner/repo/path/in/repo` on the Hub.
+pub fn resolve_checkpoint(hub: &Hub, source: &str) -> Result<PathBuf> {
+    let path = Path::new(source);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        let run = crate::train::checkpoint::latest(path)
+            .with_context(|| format!("{source} is a folder without training checkpoints"))?;
+        return Ok(run.join("weights.safetensors"));
+    }
+    let parts: Vec<&str> = source.splitn(3, '/').collect();
+    match parts.as_slice() {
+        [owner, repo, file] => hub.file(&format!("{owner}/{repo}"), file),
+        _ => bail!(
+            "checkpoint {source} is neither a file, a training run folder, nor OWNER/REPO/PATH \
+             on the Hugging Face Hub"
+        ),
+    }
+}
+
+/// What to load, every name resolved ([`Components`] layered down to one choice each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parts {
+    pub checkpoint: String,
+    pub model: String,
+    /// `None`: chosen by the checkpoint's latent channels.
+    pub vae: Option<String>,
+    pub text_encoder: String,
+    pub resolution: usize,
+    pub dtype: Precision,
+}
+
+impl<B: Backend> TextToImage<B> {
+    pub fn load(parts: &Parts, hub: &Hub, device: &B::Device) -> Result<Self> {
+        let checkpoint = resolve_checkpoint(hub, &parts.checkpoint)?;
+        let tensors = denoiser_part(read_state_dict(&checkpoint)?);
+        // The checkpoint says how many latent channels it denoises (4: SDXL VAE, 16: ostris).
+        let channels = tensors
+            .get("x_embedder.proj.weight")
+            .and_then(|w| w.shape.to_vec().get(1).copied());
+        let vae = parts.vae.clone().unwrap_or_else(|| {
+            match channels {
+                Some(16) => known::VAE_16_CHANNEL,
+                _ => known::SDXL_VAE,
+            }
+            .into()
+        });
+        let codec = LatentCodec::<B>::load(&vae, hub, device)?;
+        let dit = ModelChoice {
+            source: parts.model.clone(),
+            resolution: Some(parts.resolution),
+            downscale: codec.downscale(),
+            in_channels: channels,
+        }
+        .resolve()?;
+        ensure!(
+            codec.channels() == dit.in_channels,
+            "the codec {vae} has {} latent channels, the checkpoint denoises {}",
+            codec.channels(),
+            dit.in_channels
+        );
+        if let Some(pos) = tensors.get("pos_embed") {
+            let trained = pos.shape.to_vec().get(1).copied().unwrap_or(0);
+            if trained != dit.num_tokens() {
+                eprintln!(
+                    "warning: {} was trained with {trained} patches per image; {} px gives {}: \
+                     expect poor images",
+                    parts.checkpoint,
+                    parts.resolution,
+                    dit.num_tokens()
+                );
+            }
+        }
+        let denoiser = load_state_dict(MicroDit::<B>::new(&dit, &mut Init::empty(device)), tensors)
+            .with_context(|| format!("loading {} as {}", checkpoint.display(), parts.model))?;
+        let denoiser = match parts.dtype {
+            Precision::F32 => denoiser,
+            low => denoiser.cast(low.dtype()),
+        };
+        let text = TextEncoder::from_source(&parts.text_encoder, hub, device)?;
+        ensure!(
+            text.config.width == dit.caption_channels,
+            "the text tower's width {} differs from the denoiser's caption_channels {}",
+            text.config.width,
+            dit.caption_channels
+        );
+        Ok(Self {
+            text,
+            denoiser,
+            dit,
+            codec,
+            edm: EdmConfig::default(),
+            device: device.clone(),
+        })
+    }
+}

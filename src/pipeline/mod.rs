@@ -1,0 +1,157 @@
+//! Text to image, one object for every caller (`generate`, the demo's evaluation, and the
+//! training previews through [`sample_latents`]):
+//! prompt → tokens → text tower → EDM sampler over the denoiser → latent codec → pixels.
+//!
+//! The sampler itself (the scheduler, in diffusers' terms) is `edm::sampler`; this module
+//! only orchestrates. [`load`] builds a pipeline from names (files, Hub repositories, a
+//! training run's `pipeline.json`); [`settings`] is what an image's PNG records.
+
+pub mod load;
+pub mod settings;
+
+use anyhow::Result;
+use burn::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::Backend;
+use crate::edm::{denoise, karras_sigmas, sample, Churn, EdmConfig, Guidance, Solver};
+use crate::model::{DitConfig, MicroDit};
+use crate::random::standard_normal;
+use crate::text::{Embeddings, TextEncoder};
+use crate::vae::LatentCodec;
+pub use settings::GenerationSettings;
+
+/// How the sampler runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub steps: usize,
+    pub solver: Solver,
+    pub churn: Churn,
+    /// Classifier-free guidance scale (1 = none).
+    pub guidance: f64,
+    /// Guide only while σ is within this range (Kynkäänniemi et al. 2024).
+    pub guidance_interval: (f64, f64),
+}
+
+impl Sampling {
+    /// Deterministic Heun with guidance at every noise level.
+    pub fn heun(steps: usize, guidance: f64) -> Self {
+        Self {
+            steps,
+            solver: Solver::Heun,
+            churn: Churn::default(),
+            guidance,
+            guidance_interval: (0.0, f64::INFINITY),
+        }
+    }
+
+    pub fn from_settings(s: &GenerationSettings) -> Self {
+        Self {
+            steps: s.steps,
+            solver: s.sampler,
+            churn: s.churn(),
+            guidance: s.guidance,
+            guidance_interval: s.guidance_interval.unwrap_or((0.0, f64::INFINITY)),
+        }
+    }
+
+    /// Network evaluations a run makes: one per step, plus Heun's correction on every step
+    /// but the last.
+    pub fn evaluations(&self) -> usize {
+        match self.solver {
+            Solver::Euler => self.steps,
+            Solver::Heun => (2 * self.steps).saturating_sub(1),
+        }
+    }
+}
+
+/// Latents `shape` = [1, C, S, S] for caption embedding `y` [1, L, Cc], from ChaCha8(`seed`)
+/// noise (the starting latents, then any churn noise); `on_step(i)` after each step.
+pub fn sample_latents<B: Backend>(
+    denoiser: &MicroDit<B>,
+    edm: &EdmConfig,
+    y: Tensor<B, 3>,
+    shape: [usize; 4],
+    seed: u64,
+    sampling: &Sampling,
+    on_step: impl FnMut(usize),
+) -> Tensor<B, 4> {
+    let device = y.device();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let latents: Tensor<B, 4> = standard_normal(&mut rng, shape, &device);
+    let (lo, hi) = sampling.guidance_interval;
+    sample(
+        latents,
+        &karras_sigmas(edm, sampling.steps),
+        sampling.solver,
+        sampling.churn,
+        |x, sigma| {
+            let guidance = if (lo..=hi).contains(&sigma) {
+                Guidance::from_scale(sampling.guidance)
+            } else {
+                Guidance::None
+            };
+            let sigma = Tensor::from_floats([sigma as f32], &device);
+            denoise(denoiser, edm, x, sigma, y.clone(), None, guidance)
+        },
+        |_| standard_normal(&mut rng, shape, &device),
+        on_step,
+    )
+}
+
+/// An RGB image, `side`² pixels, interleaved bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub side: usize,
+    pub rgb: Vec<u8>,
+}
+
+impl Image {
+    /// From [1, 3, S, S] in nominal [−1, 1].
+    pub fn from_tensor<B: Backend>(image: Tensor<B, 4>) -> Result<Self> {
+        let side = image.dims()[2];
+        Ok(Self {
+            side,
+            rgb: crate::image::to_rgb8(image)?,
+        })
+    }
+}
+
+pub struct TextToImage<B: Backend> {
+    pub text: TextEncoder<B>,
+    pub denoiser: MicroDit<B>,
+    pub dit: DitConfig,
+    pub codec: LatentCodec<B>,
+    pub edm: EdmConfig,
+    pub device: B::Device,
+}
+
+impl<B: Backend> TextToImage<B> {
+    /// The caption embedding of one prompt [1, 77, width].
+    pub fn encode_prompt(&self, prompt: &str) -> Embeddings<B> {
+        self.text.encode(&[prompt], &self.device)
+    }
+
+    /// One image's latents for caption embedding `y` [1, L, Cc].
+    pub fn sample(
+        &self,
+        y: Tensor<B, 3>,
+        seed: u64,
+        sampling: &Sampling,
+        on_step: impl FnMut(usize),
+    ) -> Tensor<B, 4> {
+        let d = &self.dit;
+        let shape = [1, d.in_channels, d.input_size, d.input_size];
+        sample_latents(&self.denoiser, &self.edm, y, shape, seed, sampling, on_step)
+    }
+
+    pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Image> {
+        Image::from_tensor(self.codec.decode(latents))
+    }
+
+    /// Image side in pixels.
+    pub fn resolution(&self) -> usize {
+        self.dit.input_size * self.codec.downscale()
+    }
+}
