@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use burn::prelude::*;
 
-/// Writes interleaved RGB bytes as a PNG with `text` as tEXt chunks.
+/// Writes interleaved RGB bytes as a PNG with `text` as text chunks.
 pub fn write_png(
     path: &Path,
     rgb: &[u8],
@@ -14,6 +14,17 @@ pub fn write_png(
     height: usize,
     text: &[(String, String)],
 ) -> Result<()> {
+    let bytes = encode_png(rgb, width, height, text)?;
+    crate::io::write_atomic(path, |f| std::io::Write::write_all(f, &bytes))
+}
+
+/// Interleaved RGB bytes as a PNG file's bytes, with `text` as text chunks.
+pub fn encode_png(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    text: &[(String, String)],
+) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     {
         let mut encoder = png::Encoder::new(Cursor::new(&mut bytes), width as u32, height as u32);
@@ -25,16 +36,19 @@ pub fn write_png(
         let mut writer = encoder.write_header()?;
         writer.write_image_data(rgb)?;
     }
-    crate::io::write_atomic(path, |f| std::io::Write::write_all(f, &bytes))
+    Ok(bytes)
 }
 
-/// The text chunks of a PNG.
+/// The text chunks of a PNG file.
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder
-        .read_info()
-        .with_context(|| format!("{} is not a PNG", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("opening {}", path.display()))?;
+    read_png_text_bytes(&bytes).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The text chunks of a PNG file's bytes.
+pub fn read_png_text_bytes(bytes: &[u8]) -> Result<Vec<(String, String)>> {
+    let decoder = png::Decoder::new(Cursor::new(bytes));
+    let reader = decoder.read_info().context("not a PNG")?;
     let info = reader.info();
     let mut out: Vec<(String, String)> = info
         .uncompressed_latin1_text

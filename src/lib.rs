@@ -16,6 +16,7 @@ pub mod model;
 pub mod pipeline;
 pub mod precompute;
 pub mod random;
+pub mod serve;
 pub mod state_dict;
 pub mod text;
 pub mod train;

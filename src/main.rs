@@ -1,7 +1,9 @@
 //! The `microdit` command line: thin; each subcommand lives in `commands/`.
 
 use clap::{Parser, Subcommand};
-use microdit::commands::{bench, bench_frozen, demo, generate, info, precompute, train, ModelArgs};
+use microdit::commands::{
+    bench, bench_frozen, demo, generate, info, precompute, serve, train, ModelArgs,
+};
 
 /// MicroDiT: train and sample the Sparse Elucidated Latent Diffusion Transformer.
 #[derive(Parser)]
@@ -15,6 +17,8 @@ struct Cli {
 enum Command {
     /// Generate images from prompts with a MicroDiT checkpoint (PNG files with their settings).
     Generate(Box<generate::GenerateArgs>),
+    /// Serve a model to a web page and a JSON API on this machine (loaded once).
+    Serve(Box<serve::ServeArgs>),
     /// Turn image–caption pairs into MDS shards of VAE latents and caption embeddings.
     Precompute(Box<precompute::PrecomputeArgs>),
     /// Train a MicroDiT on MDS latent shards: one stage config, or several in sequence.
@@ -45,6 +49,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Info(args) => info::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Precompute(args) => precompute::run(args),

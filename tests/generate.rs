@@ -3,72 +3,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
-use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{Distribution, Tensor};
-use microdit::backend::Cpu;
-use microdit::model::weights::save_weights;
-use microdit::model::{DitConfig, Init, MicroDit};
+use common::model::{tiny_model, TinyModel};
 
 struct Setup {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
+    model: TinyModel,
     base: Vec<String>,
 }
 
-/// Adds N(0, 0.05²) noise to every parameter.
-struct Perturb;
-
-impl ModuleMapper<Cpu> for Perturb {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Cpu, D>>) -> Param<Tensor<Cpu, D>> {
-        param.map(|t| {
-            let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.05), &t.device());
-            t + noise
-        })
-    }
-}
-
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let fixtures = common::fixtures_dir();
-    let text = common::fixture_dirs_with("open_clip_config.json").remove(0);
-    let vae = common::fixture_dirs_with("diffusion_pytorch_model.safetensors").remove(0);
-    let width = microdit::text::ClipTextConfig::from_file(&text.join("open_clip_config.json"))
-        .unwrap()
-        .width;
-    let cfg = DitConfig {
-        caption_channels: width,
-        ..DitConfig::from_file(&fixtures.join("dit-tiny/config.json")).unwrap()
-    };
-    std::fs::write(root.join("dit.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
-    // The reference init zeroes the output layers, so a fresh model denoises to the same
-    // image in any precision; perturbed weights make the network matter.
-    let model =
-        MicroDit::<Cpu>::new(&cfg, &mut Init::reference(1, &Default::default())).map(&mut Perturb);
-    save_weights(&model, &root.join("dit.safetensors")).unwrap();
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let base = vec![
-        "generate".into(),
-        "--model".into(),
-        s(&root.join("dit.json")),
-        "--checkpoint".into(),
-        s(&root.join("dit.safetensors")),
-        "--vae".into(),
-        s(&vae),
-        "--text-encoder".into(),
-        s(&text),
-        "--resolution".into(),
-        "16".into(),
-        "--steps".into(),
-        "3".into(),
-    ];
-    Setup {
-        _dir: dir,
-        root,
-        base,
-    }
+    let model = tiny_model();
+    let mut base = vec!["generate".to_string()];
+    base.extend(model.args.iter().cloned());
+    Setup { model, base }
 }
 
 /// `microdit ARGS…` offline: (succeeded, everything printed).
@@ -88,7 +34,7 @@ fn generate(s: &Setup, extra: &[&str]) -> String {
 #[test]
 fn same_seed_same_bytes_other_seed_other_image_and_png_reproduces_itself() {
     let s = setup();
-    let path = |n: &str| s.root.join(n).to_str().unwrap().to_string();
+    let path = |n: &str| s.model.root.join(n).to_str().unwrap().to_string();
     let log = generate(
         &s,
         &[
@@ -120,14 +66,14 @@ fn same_seed_same_bytes_other_seed_other_image_and_png_reproduces_itself() {
             &path("c.png"),
         ],
     );
-    let read = |n: &str| std::fs::read(s.root.join(n)).unwrap();
+    let read = |n: &str| std::fs::read(s.model.root.join(n)).unwrap();
     assert_eq!(read("a.png"), read("b.png"), "same seed, same file");
     assert_ne!(read("a.png"), read("c.png"), "another seed, another image");
 
     let decoder = png::Decoder::new(std::io::Cursor::new(read("a.png")));
     let reader = decoder.read_info().unwrap();
     assert_eq!((reader.info().width, reader.info().height), (16, 16));
-    let text = microdit::image::read_png_text(&s.root.join("a.png")).unwrap();
+    let text = microdit::image::read_png_text(&s.model.root.join("a.png")).unwrap();
     assert!(text.contains(&("prompt".into(), "an owl with the moon behind it".into())));
     assert!(text.contains(&("seed".into(), "7".into())));
 
@@ -149,7 +95,7 @@ fn same_seed_same_bytes_other_seed_other_image_and_png_reproduces_itself() {
 #[test]
 fn half_precision_generation_makes_nearly_the_same_image() {
     let s = setup();
-    let path = |n: &str| s.root.join(n).to_str().unwrap().to_string();
+    let path = |n: &str| s.model.root.join(n).to_str().unwrap().to_string();
     generate(
         &s,
         &["a lighthouse", "--seed", "3", "--out", &path("f32.png")],
@@ -167,10 +113,11 @@ fn half_precision_generation_makes_nearly_the_same_image() {
         ],
     );
     let pixels = |n: &str| {
-        let mut reader =
-            png::Decoder::new(std::io::Cursor::new(std::fs::read(s.root.join(n)).unwrap()))
-                .read_info()
-                .unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(
+            std::fs::read(s.model.root.join(n)).unwrap(),
+        ))
+        .read_info()
+        .unwrap();
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         reader.next_frame(&mut buf).unwrap();
         buf
@@ -195,8 +142,8 @@ fn half_precision_generation_makes_nearly_the_same_image() {
 #[test]
 fn several_prompts_make_a_folder_of_seeded_images_and_a_grid() {
     let s = setup();
-    let out = s.root.join("out");
-    let prompts = s.root.join("prompts.txt");
+    let out = s.model.root.join("out");
+    let prompts = s.model.root.join("prompts.txt");
     std::fs::write(&prompts, "a red circle\n\na blue square\n").unwrap();
     generate(
         &s,

@@ -281,7 +281,7 @@ fn run_sampler(s: &Set, model: &MicroDit<B>, prefix: &str, churn: Churn) -> Vec<
             let [_, b, ch, h, w] = n.dims();
             n.narrow(0, i, 1).reshape([b, ch, h, w])
         },
-        |_| {},
+        |_| true,
     );
     to_vec(out)
 }

@@ -7,12 +7,11 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::DeviceChoice;
+use super::PipelineArgs;
 use crate::backend::Backend;
 use crate::edm::Solver;
 use crate::hub::Hub;
-use crate::model::Precision;
-use crate::pipeline::load::{Components, Parts};
+use crate::pipeline::load::Parts;
 use crate::pipeline::{GenerationSettings, Sampling, TextToImage};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -28,12 +27,6 @@ pub struct GenerateArgs {
     /// Image i of prompt p (both from 0) uses seed + p * num_images + i.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Sampler steps [default: 30, or the model folder's pipeline.json].
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Classifier-free guidance scale, 1 = none [default: 5, or pipeline.json's].
-    #[arg(long)]
-    pub guidance: Option<f64>,
     /// Guide only while the noise level σ is within [LO, HI] (Kynkäänniemi et al. 2024).
     #[arg(long, num_args = 2, value_names = ["LO", "HI"])]
     pub guidance_interval: Option<Vec<f64>>,
@@ -48,39 +41,14 @@ pub struct GenerateArgs {
     pub s_max: f64,
     #[arg(long, default_value_t = 1.0)]
     pub s_noise: f64,
-    /// Image side in pixels [default: 512 (the released checkpoints are 512 px models), or
-    /// pipeline.json's].
-    #[arg(long)]
-    pub resolution: Option<usize>,
-    /// MicroDiT weights: a .pt/.safetensors file, a `microdit train` (or demo) run folder,
-    /// or REPO/PATH on the Hugging Face Hub [default: the released 4-channel XL model].
-    /// A `pipeline.json` in the weights' folder or above names the other parts.
-    #[arg(long)]
-    pub checkpoint: Option<String>,
-    /// Denoiser architecture: a preset name or a JSON/TOML config file [default:
-    /// MicroDiT_XL_2, or pipeline.json's].
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Latent codec: a VAE directory or Hub repo, or space-to-depth:F [default: SDXL's VAE
-    /// for 4 latent channels, ostris/vae-kl-f8-d16 for 16, or pipeline.json's].
-    #[arg(long)]
-    pub vae: Option<String>,
-    /// OpenCLIP text tower: a directory or Hub repo with open_clip_config.json [default:
-    /// apple/DFN5B-CLIP-ViT-H-14-378, or pipeline.json's].
-    #[arg(long)]
-    pub text_encoder: Option<String>,
     /// Output PNG file (one image) or folder.
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
     /// Also write a contact sheet of all images (grid.png in the output folder).
     #[arg(long)]
     pub grid: bool,
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceChoice,
-    /// Precision of the denoiser (bf16/f16 halve its memory; the text tower and the VAE
-    /// stay in f32, and the sampler integrates in f32).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: Precision,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
     /// Reproduce an image from the settings stored in its PNG text chunks.
     #[arg(long, value_name = "IMAGE", conflicts_with_all = ["prompts", "prompts_file"])]
     pub from_png: Option<PathBuf>,
@@ -97,7 +65,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         Some(png) => vec![job_from_png(png, args)?],
         None => jobs(args)?,
     };
-    crate::with_backend!(args.device, |Bk, device| generate::<Bk>(
+    crate::with_backend!(args.pipeline.device, |Bk, device| generate::<Bk>(
         &jobs, args, &device
     ))
 }
@@ -122,30 +90,11 @@ fn prompts(args: &GenerateArgs) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-/// The command line's parts over those of a `pipeline.json` beside a local checkpoint,
-/// over the published model's.
-fn components(args: &GenerateArgs) -> Result<Components> {
-    let given = Components {
-        checkpoint: args.checkpoint.clone(),
-        model: args.model.clone(),
-        vae: args.vae.clone(),
-        text_encoder: args.text_encoder.clone(),
-        resolution: args.resolution,
-        steps: args.steps,
-        guidance: args.guidance,
-    };
-    let beside = match &args.checkpoint {
-        Some(c) if Path::new(c).exists() => Components::beside(Path::new(c))?.unwrap_or_default(),
-        _ => Components::default(),
-    };
-    Ok(given.or(beside).or(Components::published()))
-}
-
 /// Every image's settings and file: image i of prompt p gets seed + p·n + i.
 fn jobs(args: &GenerateArgs) -> Result<Vec<Job>> {
     let prompts = prompts(args)?;
-    let components = components(args)?;
-    let parts = components.parts(args.dtype)?;
+    let components = args.pipeline.components()?;
+    let parts = components.parts(args.pipeline.dtype)?;
     let template = GenerationSettings {
         prompt: String::new(),
         seed: 0,

@@ -6,13 +6,15 @@ pub mod demo;
 pub mod generate;
 pub mod info;
 pub mod precompute;
+pub mod serve;
 pub mod train;
 
 use anyhow::{bail, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::model::config::ModelChoice;
-use crate::model::DitConfig;
+use crate::model::{DitConfig, Precision};
+use crate::pipeline::load::Components;
 
 /// Choosing a model: a published preset or a config file, at some resolution.
 #[derive(Debug, Clone, clap::Args)]
@@ -46,6 +48,67 @@ impl ModelArgs {
             ..ModelChoice::new(source)
         }
         .resolve()
+    }
+}
+
+/// Which text-to-image model to load, as `generate` and `serve` take it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineArgs {
+    /// MicroDiT weights: a .pt/.safetensors file, a `microdit train` (or demo) run folder,
+    /// or REPO/PATH on the Hugging Face Hub [default: the released 4-channel XL model].
+    /// A `pipeline.json` in the weights' folder or above names the other parts.
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// Denoiser architecture: a preset name or a JSON/TOML config file [default:
+    /// MicroDiT_XL_2, or pipeline.json's].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Latent codec: a VAE directory or Hub repo, or space-to-depth:F [default: SDXL's VAE
+    /// for 4 latent channels, ostris/vae-kl-f8-d16 for 16, or pipeline.json's].
+    #[arg(long)]
+    pub vae: Option<String>,
+    /// OpenCLIP text tower: a directory or Hub repo with open_clip_config.json [default:
+    /// apple/DFN5B-CLIP-ViT-H-14-378, or pipeline.json's].
+    #[arg(long)]
+    pub text_encoder: Option<String>,
+    /// Image side in pixels [default: 512 (the released checkpoints are 512 px models), or
+    /// pipeline.json's].
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Sampler steps [default: 30, or pipeline.json's].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale, 1 = none [default: 5, or pipeline.json's].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Precision of the denoiser (bf16/f16 halve its memory; the text tower and the VAE
+    /// stay in f32, and the sampler integrates in f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
+}
+
+impl PipelineArgs {
+    /// What the command line names, over a `pipeline.json` beside a local checkpoint, over
+    /// the published model's parts.
+    pub fn components(&self) -> Result<Components> {
+        let given = Components {
+            checkpoint: self.checkpoint.clone(),
+            model: self.model.clone(),
+            vae: self.vae.clone(),
+            text_encoder: self.text_encoder.clone(),
+            resolution: self.resolution,
+            steps: self.steps,
+            guidance: self.guidance,
+        };
+        let beside = match &self.checkpoint {
+            Some(c) if Path::new(c).exists() => {
+                Components::beside(Path::new(c))?.unwrap_or_default()
+            }
+            _ => Components::default(),
+        };
+        Ok(given.or(beside).or(Components::published()))
     }
 }
 

@@ -65,7 +65,8 @@ impl Churn {
 
 /// Integrates from `latents` (standard normal, scaled here by σ_max) down to σ = 0.
 /// `denoise(x, σ)` is the preconditioned model `D(x; σ)`; `churn_noise(i)` gives step i's
-/// standard normal draw (asked for only on steps that churn); `on_step(i)` reports progress.
+/// standard normal draw (asked for only on steps that churn); `on_step(i)` reports progress
+/// and returns whether to go on (a caller can stop early; the latents so far come back).
 pub fn sample<B: Backend>(
     latents: Tensor<B, 4>,
     sigmas: &[f64],
@@ -73,7 +74,7 @@ pub fn sample<B: Backend>(
     churn: Churn,
     mut denoise: impl FnMut(Tensor<B, 4>, f64) -> Tensor<B, 4>,
     mut churn_noise: impl FnMut(usize) -> Tensor<B, 4>,
-    mut on_step: impl FnMut(usize),
+    mut on_step: impl FnMut(usize) -> bool,
 ) -> Tensor<B, 4> {
     let steps = sigmas.len() - 1;
     let mut x = latents * sigmas[0];
@@ -91,7 +92,9 @@ pub fn sample<B: Backend>(
             let d_prime = (x.clone() - denoise(x.clone(), t_next)) / t_next;
             x = x_hat + (d_cur + d_prime) * (0.5 * (t_next - t_hat));
         }
-        on_step(i);
+        if !on_step(i) {
+            break;
+        }
     }
     x
 }

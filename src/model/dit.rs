@@ -13,6 +13,13 @@ use super::masking::PatchMask;
 use super::precision::{cast, to_f32, LowPrecisionCopy};
 use crate::backend::Backend;
 
+/// The fixed 2-D sin-cos positions of `cfg`'s patch grid, [1, T, D], in f32.
+fn positions<B: Backend>(cfg: &DitConfig, device: &B::Device) -> Tensor<B, 3> {
+    let grid = cfg.grid_size();
+    let pos = sincos_pos_embed(cfg.dim, grid, grid, cfg.pos_interp_scale);
+    Tensor::from_data(TensorData::new(pos, [1, grid * grid, cfg.dim]), device)
+}
+
 #[derive(Module, Debug)]
 pub struct MicroDit<B: Backend> {
     pub x_embedder: PatchEmbed<B>,
@@ -51,8 +58,6 @@ impl<B: Backend> MicroDit<B> {
             cfg.has_mixer_projections()
                 .then(|| NormLinear::new(d_in, d_out, cfg.use_bias, eps, init))
         };
-        let grid = cfg.grid_size();
-        let pos = sincos_pos_embed(dim, grid, grid, cfg.pos_interp_scale);
         let device = init.device();
         Self {
             x_embedder: PatchEmbed::new(cfg.in_channels, dim, cfg.patch_size, init),
@@ -74,7 +79,7 @@ impl<B: Backend> MicroDit<B> {
                 .map(|s| DitBlock::new(s, &opts, init))
                 .collect(),
             final_layer: FinalLayer::new(dim, cfg.patch_dim(), eps, init),
-            pos_embed: Tensor::from_data(TensorData::new(pos, [1, grid * grid, dim]), device),
+            pos_embed: positions(cfg, device),
             mask_token: Tensor::zeros([1, 1, cfg.patch_dim()], device),
             patch_size: cfg.patch_size,
             channels: cfg.in_channels,
@@ -83,6 +88,14 @@ impl<B: Backend> MicroDit<B> {
 
     pub fn pos_embed(&self) -> Tensor<B, 3> {
         self.pos_embed.clone()
+    }
+
+    /// The same weights for images of another size: `cfg` is this architecture at another
+    /// `input_size` (and `pos_interp_scale`); only the positions change.
+    pub fn resized(&self, cfg: &DitConfig) -> Self {
+        let mut model = self.clone();
+        model.pos_embed = positions(cfg, &self.pos_embed.device());
+        model
     }
 
     /// The same model computing its products in `dtype` (bf16/f16 halve the weights'

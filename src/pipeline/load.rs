@@ -148,6 +148,25 @@ pub fn resolve_checkpoint(hub: &Hub, source: &str) -> Result<PathBuf> {
     }
 }
 
+/// The checkpoint folder of a training run: `dir` itself when it holds checkpoints, else
+/// its sub-folder (a stage) whose newest checkpoint was written last.
+pub fn run_checkpoint(dir: &Path) -> Result<PathBuf> {
+    if crate::train::checkpoint::latest(dir).is_some() {
+        return Ok(dir.to_path_buf());
+    }
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|stage| {
+            let newest = crate::train::checkpoint::latest(&stage)?;
+            let written = std::fs::metadata(&newest).and_then(|m| m.modified()).ok()?;
+            Some((written, stage))
+        })
+        .max()
+        .map(|(_, stage)| stage)
+        .with_context(|| format!("{} holds no training checkpoints", dir.display()))
+}
+
 /// What to load, every name resolved ([`Components`] layered down to one choice each).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Parts {
@@ -176,13 +195,13 @@ impl<B: Backend> TextToImage<B> {
             .into()
         });
         let codec = LatentCodec::<B>::load(&vae, hub, device)?;
-        let dit = ModelChoice {
+        let choice = ModelChoice {
             source: parts.model.clone(),
             resolution: Some(parts.resolution),
             downscale: codec.downscale(),
             in_channels: channels,
-        }
-        .resolve()?;
+        };
+        let dit = choice.resolve()?;
         ensure!(
             codec.channels() == dit.in_channels,
             "the codec {vae} has {} latent channels, the checkpoint denoises {}",
@@ -218,6 +237,7 @@ impl<B: Backend> TextToImage<B> {
             text,
             denoiser,
             dit,
+            choice,
             codec,
             edm: EdmConfig::default(),
             device: device.clone(),

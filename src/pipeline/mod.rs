@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::backend::Backend;
 use crate::edm::{denoise, karras_sigmas, sample, Churn, EdmConfig, Guidance, Solver};
+use crate::model::config::ModelChoice;
 use crate::model::{DitConfig, MicroDit};
 use crate::random::standard_normal;
 use crate::text::{Embeddings, TextEncoder};
@@ -75,11 +76,40 @@ pub fn sample_latents<B: Backend>(
     shape: [usize; 4],
     seed: u64,
     sampling: &Sampling,
-    on_step: impl FnMut(usize),
+    mut on_step: impl FnMut(usize),
+) -> Tensor<B, 4> {
+    let [_, c, h, w] = shape;
+    sample_batch(denoiser, edm, y, &[seed], [c, h, w], sampling, |i| {
+        on_step(i);
+        true
+    })
+}
+
+/// Latents [N, C, H, W] for caption embeddings `y` [N, L, Cc], row i from ChaCha8(`seeds[i]`)
+/// exactly as [`sample_latents`] draws it alone (one image's noise does not depend on the
+/// others'); `on_step(i)` after each step returns whether to go on.
+pub fn sample_batch<B: Backend>(
+    denoiser: &MicroDit<B>,
+    edm: &EdmConfig,
+    y: Tensor<B, 3>,
+    seeds: &[u64],
+    [c, h, w]: [usize; 3],
+    sampling: &Sampling,
+    on_step: impl FnMut(usize) -> bool,
 ) -> Tensor<B, 4> {
     let device = y.device();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let latents: Tensor<B, 4> = standard_normal(&mut rng, shape, &device);
+    let mut rngs: Vec<ChaCha8Rng> = seeds
+        .iter()
+        .map(|&s| ChaCha8Rng::seed_from_u64(s))
+        .collect();
+    let draw = |rngs: &mut Vec<ChaCha8Rng>| {
+        let rows = rngs
+            .iter_mut()
+            .map(|rng| standard_normal::<B, 4>(rng, [1, c, h, w], &device))
+            .collect();
+        Tensor::cat(rows, 0)
+    };
+    let latents = draw(&mut rngs);
     let (lo, hi) = sampling.guidance_interval;
     sample(
         latents,
@@ -95,7 +125,7 @@ pub fn sample_latents<B: Backend>(
             let sigma = Tensor::from_floats([sigma as f32], &device);
             denoise(denoiser, edm, x, sigma, y.clone(), None, guidance)
         },
-        |_| standard_normal(&mut rng, shape, &device),
+        |_| draw(&mut rngs),
         on_step,
     )
 }
@@ -121,7 +151,9 @@ impl Image {
 pub struct TextToImage<B: Backend> {
     pub text: TextEncoder<B>,
     pub denoiser: MicroDit<B>,
+    /// The architecture at the loaded resolution, and how it was chosen (for other sizes).
     pub dit: DitConfig,
+    pub choice: ModelChoice,
     pub codec: LatentCodec<B>,
     pub edm: EdmConfig,
     pub device: B::Device,
@@ -153,5 +185,17 @@ impl<B: Backend> TextToImage<B> {
     /// Image side in pixels.
     pub fn resolution(&self) -> usize {
         self.dit.input_size * self.codec.downscale()
+    }
+
+    /// The denoiser for images of `resolution` pixels (positions for that grid), and its
+    /// architecture there.
+    pub fn denoiser_at(&self, resolution: usize) -> Result<(DitConfig, MicroDit<B>)> {
+        let dit = ModelChoice {
+            resolution: Some(resolution),
+            ..self.choice.clone()
+        }
+        .resolve()?;
+        let denoiser = self.denoiser.resized(&dit);
+        Ok((dit, denoiser))
     }
 }

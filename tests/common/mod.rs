@@ -1,6 +1,8 @@
 //! Fixture discovery and comparison helpers shared by the parity tests.
 #![allow(dead_code)]
 
+pub mod model;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
