@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Text encoding, VAE decoding and precompute's decode + resize + VAE encoding at full size (random weights): microdit, then open_clip /
+# Text encoding, VAE decoding, precompute's decode + resize + VAE encoding and the evaluation networks at full size
+# (random weights): microdit, then open_clip / pytorch-fid /
 # diffusers, back to back on this machine, each under /usr/bin/time for peak memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +18,5 @@ python3 bench/pytorch_frozen.py photos "$photos"
 run ./target/release/microdit bench-encode "$photos" --resolution 256 --batch 4
 run python3 bench/pytorch_frozen.py encode "$photos" --resolution 256 --batch 4
 rm -rf "$photos"
+run ./target/release/microdit bench-eval --batch 8 --iters 2
+run python3 bench/pytorch_frozen.py eval --batch 8 --iters 2

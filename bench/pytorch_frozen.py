@@ -4,6 +4,7 @@
     python3 bench/pytorch_frozen.py vae --latent-size 32 --iters 1
     python3 bench/pytorch_frozen.py photos DIR        # 16 JPEG photographs (scikit-image's)
     python3 bench/pytorch_frozen.py encode DIR --resolution 256 --batch 4
+    python3 bench/pytorch_frozen.py eval --batch 8 --iters 2 [--clip vit-h-14-378]
 """
 import argparse, statistics, time
 
@@ -101,13 +102,49 @@ def encode(a):
     print(f"{'decode + resize + encode':<40} {t:>9.3f} s   {len(timed_files) / t:>8.2f} images/s")
 
 
+def eval_networks(a):
+    """pytorch-fid's FID Inception (its construction, random weights), open_clip's vision
+    tower, and pytorch-fid's Fréchet distance (scipy sqrtm) of 2048-d statistics."""
+    import numpy as np
+    import pytorch_fid.inception as fi
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    from open_clip.transformer import VisionTransformer, QuickGELU
+    net = fi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = fi.FIDInceptionA(192, 32), fi.FIDInceptionA(256, 64), fi.FIDInceptionA(288, 64)
+    net.Mixed_6b, net.Mixed_6c = fi.FIDInceptionC(768, 128), fi.FIDInceptionC(768, 160)
+    net.Mixed_6d, net.Mixed_6e = fi.FIDInceptionC(768, 160), fi.FIDInceptionC(768, 192)
+    net.Mixed_7b, net.Mixed_7c = fi.FIDInceptionE_1(1280), fi.FIDInceptionE_2(2048)
+    fi.fid_inception_v3 = lambda: net
+    model = fi.InceptionV3([3]).eval()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    x = torch.rand(a.batch, 3, 299, 299)
+    t = timed(lambda: torch.no_grad()(model)(x), a.iters)
+    print(f"{'Inception features':<40} {t:>9.3f} s   {a.batch / t:>8.2f} images/s")
+
+    size, width, layers, embed = {"vit-l-14": (224, 1024, 24, 768), "vit-h-14-378": (378, 1280, 32, 1024)}[a.clip]
+    tower = VisionTransformer(image_size=size, patch_size=14, width=width, layers=layers, heads=16, mlp_ratio=4.0,
+                              output_dim=embed, act_layer=QuickGELU).eval()
+    pixels = torch.randn(a.batch, 3, size, size)
+    t = timed(lambda: torch.no_grad()(tower)(pixels), a.iters)
+    print(f"{'CLIP image features':<40} {t:>9.3f} s   {a.batch / t:>8.2f} images/s")
+
+    rng = np.random.default_rng(0)
+    stats = []
+    for shift in (0.0, 0.1):
+        act = rng.random((4096, 2048), dtype=np.float32) + shift
+        stats.append((np.mean(act, axis=0), np.cov(act, rowvar=False)))
+    t0 = time.perf_counter(); calculate_frechet_distance(*stats[0], *stats[1]); t = time.perf_counter() - t0
+    print(f"{'Fréchet distance, 2048-d':<40} {t:>9.3f} s   {1 / t:>8.2f} distances/s")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["text", "vae", "photos", "encode"])
+    ap.add_argument("what", choices=["text", "vae", "photos", "encode", "eval"])
+    ap.add_argument("--clip", default="vit-l-14", choices=["vit-l-14", "vit-h-14-378"])
     ap.add_argument("dir", nargs="?")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--latent-size", type=int, default=32)
     ap.add_argument("--iters", type=int, default=1)
     a = ap.parse_args()
-    {"text": text, "vae": vae, "photos": photos, "encode": encode}[a.what](a)
+    {"text": text, "vae": vae, "photos": photos, "encode": encode, "eval": eval_networks}[a.what](a)

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use microdit::commands::{
-    bench, bench_frozen, demo, generate, info, precompute, serve, train, ModelArgs,
+    bench, bench_frozen, demo, eval, generate, info, precompute, serve, train, ModelArgs,
 };
 
 /// MicroDiT: train and sample the Sparse Elucidated Latent Diffusion Transformer.
@@ -19,6 +19,9 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Serve a model to a web page and a JSON API on this machine (loaded once).
     Serve(Box<serve::ServeArgs>),
+    /// Measure a model: FID and CLIP score of images generated from captions (COCO-30K), and
+    /// FID statistics of image folders.
+    Eval(Box<eval::EvalArgs>),
     /// Turn image–caption pairs into MDS shards of VAE latents and caption embeddings.
     Precompute(Box<precompute::PrecomputeArgs>),
     /// Train a MicroDiT on MDS latent shards: one stage config, or several in sequence.
@@ -41,6 +44,8 @@ enum Command {
     BenchText(bench_frozen::TextBenchArgs),
     /// Time decoding one latent with the full-size SDXL VAE (random weights).
     BenchVae(bench_frozen::VaeBenchArgs),
+    /// Time the evaluation's networks (FID Inception, CLIP vision tower; random weights).
+    BenchEval(bench_frozen::EvalBenchArgs),
     /// Time precompute's image path: decode, resize and SDXL VAE encoding (random weights).
     BenchEncode(bench_frozen::EncodeBenchArgs),
 }
@@ -50,6 +55,7 @@ fn main() {
     let result = match &cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Info(args) => info::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Precompute(args) => precompute::run(args),
@@ -61,6 +67,7 @@ fn main() {
         Command::BenchText(args) => bench_frozen::run_text(args),
         Command::BenchVae(args) => bench_frozen::run_vae(args),
         Command::BenchEncode(args) => bench_frozen::run_encode(args),
+        Command::BenchEval(args) => bench_frozen::run_eval(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

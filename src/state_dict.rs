@@ -54,6 +54,19 @@ pub const CLIP_TEXT_KEYS: KeyMap = KeyMap {
     to_reference: &[(r"\.attn\.in_proj\.(weight|bias)$", ".attn.in_proj_$1")],
 };
 
+/// An open_clip CLIP state dict's vision tower (`visual.*`, q/k/v packed as in the text
+/// tower).
+pub const CLIP_VISION_KEYS: KeyMap = KeyMap {
+    from_reference: &[
+        (r"^visual\.", ""),
+        (r"\.attn\.in_proj_(weight|bias)$", ".attn.in_proj.$1"),
+    ],
+    to_reference: &[
+        (r"\.attn\.in_proj\.(weight|bias)$", ".attn.in_proj_$1"),
+        (r"^", "visual."),
+    ],
+};
+
 /// diffusers' `AutoencoderKL` (`to_out` is an `nn.ModuleList` of linear + dropout).
 pub const VAE_KEYS: KeyMap = KeyMap {
     from_reference: &[(r"\.to_out\.0\.", ".to_out.")],

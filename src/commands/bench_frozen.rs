@@ -1,17 +1,20 @@
-//! `microdit bench-text|bench-vae|bench-encode`: the frozen parts at full size (ViT-H text
-//! tower, SDXL VAE) with random weights, timed. `bench/pytorch_frozen.py` does the same work
+//! `microdit bench-text|bench-vae|bench-encode|bench-eval`: the frozen parts at full size
+//! (ViT-H text tower, SDXL VAE, FID Inception, CLIP vision tower) with random weights, timed. `bench/pytorch_frozen.py` does the same work
 //! with open_clip, torchvision and diffusers.
 
 use crate::backend::Backend;
 use anyhow::Result;
 use burn::prelude::*;
-use rand::SeedableRng;
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::bench::{report, time};
 use super::DeviceChoice;
 use crate::data::preprocess::{decode_rgb, resize_center_crop, to_model_input};
+use crate::eval::clip::{ClipVisionConfig, ClipVisionEncoder};
+use crate::eval::inception::FidInception;
+use crate::eval::stats::{frechet_distance, Statistics};
 use crate::random::standard_normal;
 use crate::text::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
 use crate::vae::{AutoencoderKl, VaeConfig};
@@ -39,6 +42,20 @@ pub struct VaeBenchArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct EvalBenchArgs {
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    /// CLIP vision tower: vit-l-14 (224 px) or vit-h-14-378 (DFN5B, 378 px).
+    #[arg(long, default_value = "vit-l-14")]
+    pub clip: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct EncodeBenchArgs {
     /// A folder of images (e.g. from `python3 bench/pytorch_frozen.py photos DIR`).
     pub images: std::path::PathBuf,
@@ -56,6 +73,10 @@ pub fn run_text(args: &TextBenchArgs) -> Result<()> {
 
 pub fn run_vae(args: &VaeBenchArgs) -> Result<()> {
     crate::with_backend!(args.device, |Bk, device| vae::<Bk>(args, &device))
+}
+
+pub fn run_eval(args: &EvalBenchArgs) -> Result<()> {
+    crate::with_backend!(args.device, |Bk, device| eval::<Bk>(args, &device))
 }
 
 pub fn run_encode(args: &EncodeBenchArgs) -> Result<()> {
@@ -107,6 +128,52 @@ fn vae<B: Backend>(args: &VaeBenchArgs, device: &B::Device) -> Result<()> {
         let _ = vae.decode(z.clone()).into_data();
     });
     report("decode", seconds, 1, "images");
+    Ok(())
+}
+
+/// The evaluation's networks: FID Inception features, the CLIP vision tower, and the
+/// Fréchet distance of 2048-d statistics.
+fn eval<B: Backend>(args: &EvalBenchArgs, device: &B::Device) -> Result<()> {
+    let n = args.batch;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let inception = FidInception::<B>::random(0, device);
+    let size = crate::eval::inception::INPUT_SIZE;
+    let images: Tensor<B, 4> = standard_normal(&mut rng, [n, 3, size, size], device);
+    println!("FID Inception-v3, {n} images at {size} px");
+    let seconds = time("run", 1, args.iters, || {
+        let _ = inception.forward(images.clone()).into_data();
+    });
+    report("Inception features", seconds, n, "images");
+
+    let cfg = match args.clip.as_str() {
+        "vit-l-14" => ClipVisionConfig::vit_l_14(),
+        "vit-h-14-378" => ClipVisionConfig::dfn5b_vit_h_14_378(),
+        other => anyhow::bail!("--clip {other}: expected vit-l-14 or vit-h-14-378"),
+    };
+    let tower = ClipVisionEncoder::<B>::new(&cfg, device);
+    let s = cfg.image_size;
+    let pixels: Tensor<B, 4> = standard_normal(&mut rng, [n, 3, s, s], device);
+    println!("CLIP {} vision tower, {n} images at {s} px", args.clip);
+    let seconds = time("run", 1, args.iters, || {
+        let _ = tower.forward(pixels.clone()).into_data();
+    });
+    report("CLIP image features", seconds, n, "images");
+
+    let features = |shift: f32, rng: &mut ChaCha8Rng| -> Vec<Vec<f32>> {
+        (0..4096)
+            .map(|_| {
+                (0..2048)
+                    .map(|_| rng.random_range(0.0..1.0f32) + shift)
+                    .collect()
+            })
+            .collect()
+    };
+    let a = Statistics::from_rows(&features(0.0, &mut rng))?;
+    let b = Statistics::from_rows(&features(0.1, &mut rng))?;
+    let seconds = time("run", 0, 1, || {
+        let _ = frechet_distance(&a, &b);
+    });
+    report("Fréchet distance, 2048-d", seconds, 1, "distances");
     Ok(())
 }
 

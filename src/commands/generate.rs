@@ -5,13 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::PipelineArgs;
+use super::{PipelineArgs, SamplerArgs};
 use crate::backend::Backend;
-use crate::edm::Solver;
 use crate::hub::Hub;
-use crate::pipeline::load::Parts;
 use crate::pipeline::{GenerationSettings, Sampling, TextToImage};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -27,20 +24,8 @@ pub struct GenerateArgs {
     /// Image i of prompt p (both from 0) uses seed + p * num_images + i.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Guide only while the noise level σ is within [LO, HI] (Kynkäänniemi et al. 2024).
-    #[arg(long, num_args = 2, value_names = ["LO", "HI"])]
-    pub guidance_interval: Option<Vec<f64>>,
-    #[arg(long, value_enum, default_value = "heun")]
-    pub sampler: Solver,
-    /// Stochastic sampling: total churn (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    pub s_churn: f64,
-    #[arg(long, default_value_t = 0.0)]
-    pub s_min: f64,
-    #[arg(long, default_value_t = f64::INFINITY)]
-    pub s_max: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub s_noise: f64,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Output PNG file (one image) or folder.
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -93,31 +78,7 @@ fn prompts(args: &GenerateArgs) -> Result<Vec<String>> {
 /// Every image's settings and file: image i of prompt p gets seed + p·n + i.
 fn jobs(args: &GenerateArgs) -> Result<Vec<Job>> {
     let prompts = prompts(args)?;
-    let components = args.pipeline.components()?;
-    let parts = components.parts(args.pipeline.dtype)?;
-    let template = GenerationSettings {
-        prompt: String::new(),
-        seed: 0,
-        steps: components.steps.unwrap_or(30),
-        guidance: components.guidance.unwrap_or(5.0),
-        guidance_interval: match args.guidance_interval.as_deref() {
-            Some(&[lo, hi]) => Some((lo, hi)),
-            _ => None,
-        },
-        sampler: args.sampler,
-        s_churn: args.s_churn,
-        s_min: args.s_min,
-        s_max: args.s_max,
-        s_noise: args.s_noise,
-        resolution: parts.resolution,
-        checkpoint: parts.checkpoint,
-        model: parts.model,
-        // Filled in once the checkpoint says which codec it needs.
-        vae: parts.vae.unwrap_or_default(),
-        text_encoder: parts.text_encoder,
-        dtype: parts.dtype,
-        software: format!("microdit {}", env!("CARGO_PKG_VERSION")),
-    };
+    let template = args.pipeline.settings(&args.sampler)?;
     let single =
         prompts.len() * args.num_images == 1 && args.out.extension().is_some_and(|e| e == "png");
     let mut jobs = Vec::new();
@@ -164,15 +125,7 @@ fn job_from_png(png: &Path, args: &GenerateArgs) -> Result<Job> {
 fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -> Result<()> {
     let first = &jobs.first().context("nothing to generate")?.settings;
     let start = Instant::now();
-    let parts = Parts {
-        checkpoint: first.checkpoint.clone(),
-        model: first.model.clone(),
-        vae: (!first.vae.is_empty()).then(|| first.vae.clone()),
-        text_encoder: first.text_encoder.clone(),
-        resolution: first.resolution,
-        dtype: first.dtype,
-    };
-    let pipeline = TextToImage::<B>::load(&parts, &Hub::from_env(), device)?;
+    let pipeline = TextToImage::<B>::load(&first.parts(), &Hub::from_env(), device)?;
     eprintln!("loaded models in {:.1} s", start.elapsed().as_secs_f64());
 
     let sampling_started = Instant::now();
@@ -189,7 +142,11 @@ fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -
                 "warning: prompt {n} is longer than 77 tokens; truncated as the reference does"
             );
         }
-        let bar = progress_bar(sampling.steps, &format!("image {}/{}", n + 1, jobs.len()));
+        let bar = crate::progress::bar(
+            sampling.steps,
+            &format!("image {}/{}", n + 1, jobs.len()),
+            "step",
+        );
         let latents = pipeline.sample(caption.states, settings.seed, &sampling, |_| bar.inc(1));
         bar.finish_and_clear();
         evaluations += sampling.evaluations();
@@ -223,15 +180,4 @@ fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -
         first.guidance,
     );
     Ok(())
-}
-
-fn progress_bar(steps: usize, label: &str) -> ProgressBar {
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] step {pos}/{len} {per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(label.to_string());
-    bar
 }

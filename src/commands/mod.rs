@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_frozen;
 pub mod demo;
+pub mod eval;
 pub mod generate;
 pub mod info;
 pub mod precompute;
@@ -12,9 +13,11 @@ pub mod train;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
+use crate::edm::Solver;
 use crate::model::config::ModelChoice;
 use crate::model::{DitConfig, Precision};
 use crate::pipeline::load::Components;
+use crate::pipeline::GenerationSettings;
 
 /// Choosing a model: a published preset or a config file, at some resolution.
 #[derive(Debug, Clone, clap::Args)]
@@ -109,6 +112,56 @@ impl PipelineArgs {
             _ => Components::default(),
         };
         Ok(given.or(beside).or(Components::published()))
+    }
+}
+
+/// How to sample, beyond the steps and guidance scale [`PipelineArgs`] holds.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplerArgs {
+    /// Guide only while the noise level σ is within [LO, HI] (Kynkäänniemi et al. 2024).
+    #[arg(long, num_args = 2, value_names = ["LO", "HI"])]
+    pub guidance_interval: Option<Vec<f64>>,
+    #[arg(long, value_enum, default_value = "heun")]
+    pub sampler: Solver,
+    /// Stochastic sampling: total churn (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub s_churn: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub s_min: f64,
+    #[arg(long, default_value_t = f64::INFINITY)]
+    pub s_max: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub s_noise: f64,
+}
+
+impl PipelineArgs {
+    /// The settings every image of a run shares (prompt and seed left empty); the codec
+    /// is filled in once the checkpoint says which one it needs.
+    pub fn settings(&self, sampler: &SamplerArgs) -> Result<GenerationSettings> {
+        let components = self.components()?;
+        let parts = components.parts(self.dtype)?;
+        Ok(GenerationSettings {
+            prompt: String::new(),
+            seed: 0,
+            steps: components.steps.unwrap_or(30),
+            guidance: components.guidance.unwrap_or(5.0),
+            guidance_interval: match sampler.guidance_interval.as_deref() {
+                Some(&[lo, hi]) => Some((lo, hi)),
+                _ => None,
+            },
+            sampler: sampler.sampler,
+            s_churn: sampler.s_churn,
+            s_min: sampler.s_min,
+            s_max: sampler.s_max,
+            s_noise: sampler.s_noise,
+            resolution: parts.resolution,
+            checkpoint: parts.checkpoint,
+            model: parts.model,
+            vae: parts.vae.unwrap_or_default(),
+            text_encoder: parts.text_encoder,
+            dtype: parts.dtype,
+            software: format!("microdit {}", env!("CARGO_PKG_VERSION")),
+        })
     }
 }
 

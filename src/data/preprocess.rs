@@ -150,18 +150,33 @@ fn pass(image: &RgbImage, taps: &[Taps], horizontal: bool) -> RgbImage {
     })
 }
 
-/// Pillow's `Image.resize((out_w, out_h), Image.BICUBIC)` for RGB images: horizontal pass
-/// first, each pass skipped when its size does not change.
+/// Pillow's `Image.resize((out_w, out_h), Image.BICUBIC)` for RGB images: two passes, each
+/// skipped when its size does not change. The order matters (each pass rounds to 8 bits):
+/// horizontal first, except that Pillow 13 goes vertical first when the height loses more
+/// than twice as many pixels as the width (python-pillow/Pillow#9549; older Pillow always
+/// went horizontal first and differs from 13 by rounding on such sizes).
 pub fn resize_bicubic(image: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     let (w, h) = (image.width() as usize, image.height() as usize);
-    let mut out = image.clone();
-    if out_w != w {
-        out = pass(&out, &taps(w, out_w), true);
+    let horizontal = |im: RgbImage| {
+        if out_w != w {
+            pass(&im, &taps(w, out_w), true)
+        } else {
+            im
+        }
+    };
+    let vertical = |im: RgbImage| {
+        if out_h != h {
+            pass(&im, &taps(h, out_h), false)
+        } else {
+            im
+        }
+    };
+    let vertical_first = out_h < h && (h - out_h) as i64 > 2 * (w as i64 - out_w as i64);
+    if vertical_first {
+        horizontal(vertical(image.clone()))
+    } else {
+        vertical(horizontal(image.clone()))
     }
-    if out_h != h {
-        out = pass(&out, &taps(h, out_h), false);
-    }
-    out
 }
 
 #[cfg(test)]

@@ -62,6 +62,8 @@ const FINETUNE_SHARE: f64 = 0.2;
 const EVAL_SHARE: f64 = 0.12;
 const SAMPLER_STEPS: usize = 18;
 const GUIDANCE: f64 = 3.0;
+/// Prompts sampled together when scoring.
+const EVAL_BATCH: usize = 16;
 
 /// The steps chosen for the budget, saved so that a resumed run keeps them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -349,26 +351,28 @@ fn evaluate<B: Backend>(opts: &DemoOptions, stage: &Path, device: &B::Device) ->
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut generated = Vec::new();
-    for (i, (_, scene, _)) in scenes.iter().enumerate() {
-        let caption = pipeline.encode_prompt(&scene.caption());
-        let latents = pipeline.sample(caption.states, opts.seed + i as u64, &sampling, |_| {});
-        let image = pipeline.decode(latents)?;
-        generated.push(
-            image::RgbImage::from_raw(image.side as u32, image.side as u32, image.rgb)
-                .context("image size")?,
-        );
-        bar.inc(1);
+    for (n, batch) in scenes.chunks(EVAL_BATCH).enumerate() {
+        let captions: Vec<String> = batch.iter().map(|(_, scene, _)| scene.caption()).collect();
+        let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let first = (n * EVAL_BATCH) as u64;
+        let seeds: Vec<u64> = (0..batch.len() as u64)
+            .map(|i| opts.seed + first + i)
+            .collect();
+        for image in pipeline.generate(&prompts, &seeds, &sampling, |_| {})? {
+            generated.push(image.to_rgb_image()?);
+        }
+        bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
     write_grid(&opts.out.join("samples.png"), &scenes, &generated)?;
-    Ok(score(opts, &scenes, &generated))
+    score(opts, &scenes, &generated)
 }
 
 fn score(
     opts: &DemoOptions,
     scenes: &[(bool, Scene, image::RgbImage)],
     generated: &[image::RgbImage],
-) -> Scores {
+) -> Result<Scores> {
     let (mut seen, mut held, mut real) = (Tally::default(), Tally::default(), Tally::default());
     for ((held_out, scene, reference), image) in scenes.iter().zip(generated) {
         let verdict = judge(scene, image);
@@ -410,12 +414,12 @@ fn score(
     let (ok, n) = pick(&real)
         .iter()
         .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
-    Scores {
+    Ok(Scores {
         accuracy,
-        frechet_distance: frechet_distance(&real_features, &generated_features),
-        frechet_distance_between_real_sets: frechet_distance(&real_features, &other_real),
+        frechet_distance: frechet_distance(&real_features, &generated_features)?,
+        frechet_distance_between_real_sets: frechet_distance(&real_features, &other_real)?,
         scorer_accuracy_on_real_images: ok as f64 / n.max(1) as f64,
-    }
+    })
 }
 
 /// Each prompt's generated image beside the generator's own, four times enlarged.

@@ -7,6 +7,7 @@
 use image::RgbImage;
 
 use super::shapes::{Scene, Side, COLORS};
+use crate::eval::stats::Statistics;
 
 /// A pixel this far (RGB distance) from every palette colour is background.
 const MAX_COLOR_DISTANCE: i32 = 110;
@@ -224,104 +225,10 @@ pub fn features(image: &RgbImage) -> Vec<f64> {
     f
 }
 
-fn mean_and_covariance(rows: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let (n, d) = (rows.len() as f64, rows[0].len());
-    let mean: Vec<f64> = (0..d)
-        .map(|j| rows.iter().map(|r| r[j]).sum::<f64>() / n)
-        .collect();
-    let cov = (0..d)
-        .map(|a| {
-            (0..d)
-                .map(|b| {
-                    rows.iter()
-                        .map(|r| (r[a] - mean[a]) * (r[b] - mean[b]))
-                        .sum::<f64>()
-                        / (n - 1.0).max(1.0)
-                })
-                .collect()
-        })
-        .collect();
-    (mean, cov)
-}
-
-/// Eigenvalues and eigenvectors (columns) of a symmetric matrix, by cyclic Jacobi rotations.
-fn symmetric_eigen(mut a: Vec<Vec<f64>>) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let n = a.len();
-    let mut v: Vec<Vec<f64>> = (0..n)
-        .map(|i| (0..n).map(|j| (i == j) as u8 as f64).collect())
-        .collect();
-    for _ in 0..100 {
-        let off: f64 = (0..n)
-            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
-            .map(|(i, j)| a[i][j] * a[i][j])
-            .sum();
-        if off < 1e-22 {
-            break;
-        }
-        for p in 0..n {
-            for q in p + 1..n {
-                if a[p][q].abs() < 1e-300 {
-                    continue;
-                }
-                let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
-                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let t = if theta == 0.0 { 1.0 } else { t };
-                let (c, s) = (1.0 / (t * t + 1.0).sqrt(), t / (t * t + 1.0).sqrt());
-                // A ← Jᵀ A J: columns p and q, then rows p and q; V ← V J.
-                for row in a.iter_mut().chain(v.iter_mut()) {
-                    let (x, y) = (row[p], row[q]);
-                    row[p] = c * x - s * y;
-                    row[q] = s * x + c * y;
-                }
-                let (row_p, row_q) = (a[p].clone(), a[q].clone());
-                for (k, (x, y)) in row_p.iter().zip(&row_q).enumerate() {
-                    a[p][k] = c * x - s * y;
-                    a[q][k] = s * x + c * y;
-                }
-            }
-        }
-    }
-    ((0..n).map(|i| a[i][i]).collect(), v)
-}
-
-fn matmul(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<Vec<f64>> {
-    let n = a.len();
-    (0..n)
-        .map(|i| {
-            (0..n)
-                .map(|j| (0..n).map(|k| a[i][k] * b[k][j]).sum())
-                .collect()
-        })
-        .collect()
-}
-
-/// The square root of a symmetric positive semi-definite matrix.
-fn psd_sqrt(m: &[Vec<f64>]) -> Vec<Vec<f64>> {
-    let (values, vectors) = symmetric_eigen(m.to_vec());
-    let n = m.len();
-    (0..n)
-        .map(|i| {
-            (0..n)
-                .map(|j| {
-                    (0..n)
-                        .map(|k| vectors[i][k] * values[k].max(0.0).sqrt() * vectors[j][k])
-                        .sum()
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Fréchet distance between Gaussians fitted to two feature sets (the FID formula):
-/// |μ₁ − μ₂|² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½.
-pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
-    let (m1, s1) = mean_and_covariance(a);
-    let (m2, s2) = mean_and_covariance(b);
-    let root = psd_sqrt(&s1);
-    let (cross, _) = symmetric_eigen(matmul(&matmul(&root, &s2), &root));
-    let trace = |m: &[Vec<f64>]| (0..m.len()).map(|i| m[i][i]).sum::<f64>();
-    let mean_term: f64 = m1.iter().zip(&m2).map(|(x, y)| (x - y).powi(2)).sum();
-    mean_term + trace(&s1) + trace(&s2) - 2.0 * cross.iter().map(|l| l.max(0.0).sqrt()).sum::<f64>()
+/// Fréchet distance between Gaussians fitted to two feature sets (the FID formula, with
+/// the evaluation's statistics).
+pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> anyhow::Result<f64> {
+    crate::eval::stats::frechet_distance(&Statistics::from_rows(a)?, &Statistics::from_rows(b)?)
 }
 
 #[cfg(test)]
@@ -344,15 +251,5 @@ mod tests {
         ] {
             assert!(n > 20 && ok as f64 / n as f64 > 0.97, "{name}: {ok}/{n}");
         }
-    }
-
-    #[test]
-    fn frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift() {
-        let a: Vec<Vec<f64>> = (0..50)
-            .map(|i| vec![(i % 7) as f64, (i % 5) as f64 * 0.5, (i % 3) as f64])
-            .collect();
-        assert!(frechet_distance(&a, &a).abs() < 1e-9);
-        let shifted: Vec<Vec<f64>> = a.iter().map(|r| vec![r[0] + 2.0, r[1], r[2]]).collect();
-        assert!((frechet_distance(&a, &shifted) - 4.0).abs() < 1e-9);
     }
 }

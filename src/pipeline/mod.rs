@@ -9,7 +9,7 @@
 pub mod load;
 pub mod settings;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -146,6 +146,18 @@ impl Image {
             rgb: crate::image::to_rgb8(image)?,
         })
     }
+
+    /// One image per row of [N, 3, S, S].
+    pub fn batch_from_tensor<B: Backend>(images: Tensor<B, 4>) -> Result<Vec<Self>> {
+        (0..images.dims()[0])
+            .map(|i| Self::from_tensor(images.clone().narrow(0, i, 1)))
+            .collect()
+    }
+
+    pub fn to_rgb_image(&self) -> Result<image::RgbImage> {
+        image::RgbImage::from_raw(self.side as u32, self.side as u32, self.rgb.clone())
+            .context("image buffer size")
+    }
 }
 
 pub struct TextToImage<B: Backend> {
@@ -176,6 +188,25 @@ impl<B: Backend> TextToImage<B> {
         let d = &self.dit;
         let shape = [1, d.in_channels, d.input_size, d.input_size];
         sample_latents(&self.denoiser, &self.edm, y, shape, seed, sampling, on_step)
+    }
+
+    /// Images for `prompts[i]` seeded `seeds[i]`, sampled as one batch (each row's noise as
+    /// [`Self::sample`] draws it alone); `on_step(i)` after each step.
+    pub fn generate(
+        &self,
+        prompts: &[&str],
+        seeds: &[u64],
+        sampling: &Sampling,
+        mut on_step: impl FnMut(usize),
+    ) -> Result<Vec<Image>> {
+        let y = self.text.encode(prompts, &self.device).states;
+        let d = &self.dit;
+        let shape = [d.in_channels, d.input_size, d.input_size];
+        let latents = sample_batch(&self.denoiser, &self.edm, y, seeds, shape, sampling, |i| {
+            on_step(i);
+            true
+        });
+        Image::batch_from_tensor(self.codec.decode(latents))
     }
 
     pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Image> {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::edm::{Churn, Solver};
 use crate::model::Precision;
+use crate::pipeline::load::Parts;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +54,18 @@ pub struct GenerationSettings {
 }
 
 impl GenerationSettings {
+    /// The models these settings name (an empty `vae`: chosen by the checkpoint).
+    pub fn parts(&self) -> Parts {
+        Parts {
+            checkpoint: self.checkpoint.clone(),
+            model: self.model.clone(),
+            vae: (!self.vae.is_empty()).then(|| self.vae.clone()),
+            text_encoder: self.text_encoder.clone(),
+            resolution: self.resolution,
+            dtype: self.dtype,
+        }
+    }
+
     pub fn churn(&self) -> Churn {
         Churn {
             s_churn: self.s_churn,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::jobs::{JobId, JobSpec, Store};
 use crate::backend::Backend;
@@ -52,9 +52,8 @@ impl<B: Backend> Worker<B> {
     /// jobs with the reason; the worker goes on with the next.
     pub fn run(mut self) {
         while let Some(batch) = self.store.next_batch(self.max_batch) {
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.run_batch(&batch)
-            }));
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(&batch)));
             let error = match outcome {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => format!("{e:#}"),
@@ -125,12 +124,11 @@ impl<B: Backend> Worker<B> {
         if !live {
             return Ok(());
         }
-        let images = self.pipeline.codec.decode(latents);
-        let mut row = 0;
+        let mut images = Image::batch_from_tensor(self.pipeline.codec.decode(latents))?.into_iter();
         for (id, job) in batch {
             let mut pngs = Vec::new();
             for k in 0..job.num_images {
-                let image = Image::from_tensor(images.clone().narrow(0, row, 1))?;
+                let image = images.next().context("a decoded image per row")?;
                 let settings = self.settings(job, job.seed + k as u64);
                 pngs.push(crate::image::encode_png(
                     &image.rgb,
@@ -138,7 +136,6 @@ impl<B: Backend> Worker<B> {
                     image.side,
                     &settings.to_png_text()?,
                 )?);
-                row += 1;
             }
             self.store.complete(id, pngs);
         }

@@ -118,14 +118,14 @@ pub struct ClipAttention<B: Backend> {
 }
 
 impl<B: Backend> ClipAttention<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let [b, n, w] = x.dims();
         let split = |t: Tensor<B, 3>| {
             t.reshape([b, n, self.heads, w / self.heads])
                 .swap_dims(1, 2)
         };
         let [q, k, v] = split_last(linear(&self.in_proj, x));
-        let out = attention(split(q), split(k), split(v), true);
+        let out = attention(split(q), split(k), split(v), causal);
         linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, n, w]))
     }
 }
@@ -157,9 +157,73 @@ pub struct ResidualAttentionBlock<B: Backend> {
     pub mlp: ClipMlp<B>,
 }
 
+impl<B: Backend> ResidualAttentionBlock<B> {
+    pub fn new(
+        width: usize,
+        heads: usize,
+        mlp_ratio: f64,
+        quick_gelu: bool,
+        device: &B::Device,
+    ) -> Self {
+        let hidden = (width as f64 * mlp_ratio) as usize;
+        let ln = || {
+            LayerNormConfig::new(width)
+                .with_epsilon(LN_EPS)
+                .init(device)
+        };
+        Self {
+            ln_1: ln(),
+            attn: ClipAttention {
+                in_proj: LinearConfig::new(width, 3 * width).init(device),
+                out_proj: LinearConfig::new(width, width).init(device),
+                heads,
+            },
+            ln_2: ln(),
+            mlp: ClipMlp {
+                c_fc: LinearConfig::new(width, hidden).init(device),
+                c_proj: LinearConfig::new(hidden, width).init(device),
+                quick_gelu,
+            },
+        }
+    }
+}
+
+/// open_clip's `Transformer`, shared by the text tower (causal) and the vision tower.
 #[derive(Module, Debug)]
 pub struct ClipTransformer<B: Backend> {
     pub resblocks: Vec<ResidualAttentionBlock<B>>,
+}
+
+impl<B: Backend> ClipTransformer<B> {
+    pub fn new(
+        width: usize,
+        heads: usize,
+        layers: usize,
+        mlp_ratio: f64,
+        quick_gelu: bool,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            resblocks: (0..layers)
+                .map(|_| ResidualAttentionBlock::new(width, heads, mlp_ratio, quick_gelu, device))
+                .collect(),
+        }
+    }
+
+    pub fn forward(&self, mut x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
+        for block in &self.resblocks {
+            x = x.clone() + block.attn.forward(block.ln_1.forward(x), causal);
+            x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
+        }
+        x
+    }
+}
+
+/// open_clip's `LayerNorm` (ε = 1e-5).
+pub fn clip_layer_norm<B: Backend>(width: usize, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(width)
+        .with_epsilon(LN_EPS)
+        .init(device)
 }
 
 #[derive(Module, Debug)]
@@ -174,32 +238,21 @@ impl<B: Backend> ClipTextEncoder<B> {
     /// Zero-initialised structure, for weights that are about to be loaded.
     pub fn new(cfg: &ClipTextConfig, device: &B::Device) -> Self {
         let w = cfg.width;
-        let hidden = (w as f64 * cfg.mlp_ratio) as usize;
-        let ln = || LayerNormConfig::new(w).with_epsilon(LN_EPS).init(device);
-        let block = || ResidualAttentionBlock {
-            ln_1: ln(),
-            attn: ClipAttention {
-                in_proj: LinearConfig::new(w, 3 * w).init(device),
-                out_proj: LinearConfig::new(w, w).init(device),
-                heads: cfg.heads,
-            },
-            ln_2: ln(),
-            mlp: ClipMlp {
-                c_fc: LinearConfig::new(w, hidden).init(device),
-                c_proj: LinearConfig::new(hidden, w).init(device),
-                quick_gelu: cfg.quick_gelu,
-            },
-        };
         Self {
             token_embedding: burn::nn::EmbeddingConfig::new(cfg.vocab_size, w).init(device),
             positional_embedding: Param::from_tensor(Tensor::zeros(
                 [cfg.context_length, w],
                 device,
             )),
-            transformer: ClipTransformer {
-                resblocks: (0..cfg.layers).map(|_| block()).collect(),
-            },
-            ln_final: ln(),
+            transformer: ClipTransformer::new(
+                w,
+                cfg.heads,
+                cfg.layers,
+                cfg.mlp_ratio,
+                cfg.quick_gelu,
+                device,
+            ),
+            ln_final: clip_layer_norm(w, device),
         }
     }
 
@@ -234,13 +287,9 @@ impl<B: Backend> ClipTextEncoder<B> {
 
     /// Token ids [B, L] -> `ln_final` states [B, L, width], causal attention.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let mut x =
+        let x =
             self.token_embedding.forward(tokens) + self.positional_embedding.val().unsqueeze::<3>();
-        for block in &self.transformer.resblocks {
-            x = x.clone() + block.attn.forward(block.ln_1.forward(x));
-            x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
-        }
-        self.ln_final.forward(x)
+        self.ln_final.forward(self.transformer.forward(x, true))
     }
 }
 

@@ -22,6 +22,20 @@ pub struct Embeddings<B: Backend> {
     pub truncated: usize,
 }
 
+/// Token ids [N, 77], where each caption's end token is, and how many were cut.
+pub struct Tokens<B: Backend> {
+    pub ids: Tensor<B, 2, Int>,
+    pub ends: Vec<usize>,
+    pub truncated: usize,
+}
+
+/// The end token has the largest id, so open_clip finds it with `argmax` (the first
+/// maximum).
+fn end_position(ids: &[u32]) -> usize {
+    let largest = ids.iter().copied().max().unwrap_or(0);
+    ids.iter().position(|&t| t == largest).unwrap_or(0)
+}
+
 impl<B: Backend> TextEncoder<B> {
     /// The tower of a local open_clip directory or Hub repository, with the bundled tokenizer.
     pub fn from_source(source: &str, hub: &Hub, device: &B::Device) -> Result<Self> {
@@ -34,18 +48,27 @@ impl<B: Backend> TextEncoder<B> {
     }
 
     pub fn encode(&self, captions: &[&str], device: &B::Device) -> Embeddings<B> {
-        let mut tokens = Vec::with_capacity(captions.len() * CONTEXT_LENGTH);
-        let mut truncated = 0;
+        let tokens = self.tokenize(captions, device);
+        Embeddings {
+            states: self.tower.forward(tokens.ids),
+            truncated: tokens.truncated,
+        }
+    }
+
+    pub fn tokenize(&self, captions: &[&str], device: &B::Device) -> Tokens<B> {
+        let mut ids = Vec::with_capacity(captions.len() * CONTEXT_LENGTH);
+        let (mut ends, mut truncated) = (Vec::new(), 0);
         for caption in captions {
-            let (ids, cut) = self.tokenizer.tokenize(caption);
+            let (tokens, cut) = self.tokenizer.tokenize(caption);
             truncated += cut as usize;
-            tokens.extend(ids.into_iter().map(i64::from));
+            ends.push(end_position(&tokens));
+            ids.extend(tokens.into_iter().map(i64::from));
         }
         let n = captions.len();
-        let states = self.tower.forward(Tensor::from_data(
-            TensorData::new(tokens, [n, CONTEXT_LENGTH]),
-            device,
-        ));
-        Embeddings { states, truncated }
+        Tokens {
+            ids: Tensor::from_data(TensorData::new(ids, [n, CONTEXT_LENGTH]), device),
+            ends,
+            truncated,
+        }
     }
 }

@@ -5,6 +5,6 @@ pub mod encoder;
 pub mod tokenizer;
 
 pub use clip::{ClipTextConfig, ClipTextEncoder};
-pub use encoder::{Embeddings, TextEncoder};
+pub use encoder::{Embeddings, TextEncoder, Tokens};
 
 pub use tokenizer::ClipTokenizer;

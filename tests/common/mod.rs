@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod model;
+pub mod random_weights;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -18,12 +19,16 @@ pub fn fixtures_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
 }
 
-/// Every fixture set whose `config.json` says `"kind": <kind>`; panics when there is none,
-/// so that a missing fixtures directory fails instead of passing vacuously.
+/// Every fixture set whose `config.json` says `"kind": <kind>`, under `MICRODIT_FIXTURES`
+/// and the sets this project makes itself (`tests/fixtures/eval`, by its `make.py`); panics
+/// when there is none, so that a missing fixtures directory fails instead of passing
+/// vacuously.
 pub fn fixture_sets(kind: &str) -> Vec<PathBuf> {
     let dir = fixtures_dir();
+    let own = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval");
     let mut sets: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("fixtures directory {} unreadable: {e}", dir.display()))
+        .chain(std::fs::read_dir(&own).into_iter().flatten())
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             std::fs::read_to_string(p.join("config.json"))
@@ -35,8 +40,9 @@ pub fn fixture_sets(kind: &str) -> Vec<PathBuf> {
     sets.sort();
     assert!(
         !sets.is_empty(),
-        "no '{kind}' fixture sets under {}",
-        dir.display()
+        "no '{kind}' fixture sets under {} or {}",
+        dir.display(),
+        own.display()
     );
     sets
 }
