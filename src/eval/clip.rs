@@ -191,7 +191,9 @@ fn check_defaults(
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            None => bail!("{what} option '{key}' is not supported"),
+            // An option this tower does not know is fine while it is switched off.
+            None if value.is_null() || value == &serde_json::Value::Bool(false) => {}
+            None => bail!("{what} option {key} = {value} is not supported"),
         }
     }
     Ok(())
@@ -222,7 +224,13 @@ pub fn read_config(path: &Path) -> Result<(ClipVisionConfig, Preprocess)> {
         "text_cfg",
         &m.text_cfg,
         TEXT_DEFAULTS,
-        &["ls_init_value", "pad_id"],
+        &[
+            "ls_init_value",
+            "pad_id",
+            "hf_tokenizer_name",
+            "tokenizer_kwargs",
+            "output_tokens",
+        ],
         &text_known,
     )?;
     ensure!(
@@ -462,4 +470,48 @@ pub fn clip_score(pair_scores: &[f64]) -> f64 {
         return 0.0;
     }
     (pair_scores.iter().sum::<f64>() / pair_scores.len() as f64).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vision_extra: &str, preprocess: &str) -> Result<(ClipVisionConfig, Preprocess)> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("open_clip_config.json");
+        let text = format!(
+            r#"{{"model_cfg": {{"embed_dim": 1024, "quick_gelu": true,
+              "vision_cfg": {{"image_size": 378, "layers": 32, "width": 1280, "head_width": 80,
+                             "patch_size": 14 {vision_extra}}},
+              "text_cfg": {{"context_length": 77, "vocab_size": 49408, "width": 1024,
+                           "heads": 16, "layers": 24, "hf_tokenizer_name": "x"}}}},
+              "preprocess_cfg": {{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5] {preprocess}}}}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        read_config(&path)
+    }
+
+    #[test]
+    fn reads_the_dfn5b_config_and_rejects_variants_it_does_not_implement() {
+        let (vision, pre) = config(
+            "",
+            r#", "interpolation": "bicubic", "resize_mode": "squash""#,
+        )
+        .unwrap();
+        assert_eq!(vision, ClipVisionConfig::dfn5b_vit_h_14_378());
+        assert!(pre.squash && pre.size == 378 && pre.mean == [0.5; 3]);
+        assert!(config(r#", "attentional_pool": false, "act_kwargs": null"#, "").is_ok());
+        let err = config(r#", "attentional_pool": true"#, "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("attentional_pool"), "{err}");
+        let err = config("", r#", "resize_mode": "longest""#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("longest"), "{err}");
+        let err = config("", r#", "interpolation": "bilinear""#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bilinear"), "{err}");
+    }
 }
