@@ -1,5 +1,6 @@
-//! microdit's operations under autodiff: the matrix product with its own backward (so the
-//! gradients' products are as precise as the forward's), attention as differentiable steps.
+//! microdit's operations under autodiff, each one node with its own backward: the matrix
+//! product (so the gradients' products are as precise as the forward's) and attention
+//! (the inner backend's forward and backward; the probabilities are recomputed, not kept).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -9,7 +10,7 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Shape, TensorMetadata};
 
-use super::{attention_unfused_primitive, Backend};
+use super::Backend;
 
 impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -77,6 +78,47 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
         v: FloatTensor<Self>,
         causal: bool,
     ) -> FloatTensor<Self> {
-        attention_unfused_primitive::<Self>(q, k, v, causal)
+        #[derive(Debug)]
+        struct Attention;
+
+        impl<B: Backend> Backward<B, 3> for Attention {
+            /// The checkpointed q, k, v and whether the attention is causal.
+            type State = ([NodeId; 3], bool);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (ids, causal) = ops.state;
+                let [q, k, v] = ids.map(|id| checkpointer.retrieve_node_output(id));
+                let inputs = B::scaled_dot_attention_backward(q, k, v, grad, causal);
+                for (parent, g) in ops.parents.into_iter().zip(inputs) {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        match Attention
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
+                let out = B::scaled_dot_attention(q.primitive, k.primitive, v.primitive, causal);
+                prep.finish((ids, causal), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::scaled_dot_attention(
+                q.primitive,
+                k.primitive,
+                v.primitive,
+                causal,
+            )),
+        }
     }
 }

@@ -16,6 +16,7 @@
 //!   layer norms, softmax and the loss in f32 (PyTorch autocast's rules, `model::precision`).
 
 mod autodiff;
+mod flex;
 #[cfg(feature = "cuda")]
 pub mod cube;
 #[cfg(feature = "cuda")]
@@ -25,7 +26,7 @@ pub mod cuda_runtime;
 
 use burn::tensor::activation::softmax;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorPrimitive};
 
 pub type Cpu = burn::backend::Flex;
 pub type CpuDevice = burn::backend::flex::FlexDevice;
@@ -59,18 +60,28 @@ pub trait Backend: burn::tensor::backend::Backend {
         Self::float_matmul(lhs, rhs)
     }
 
-    /// `softmax(q kᵀ / √d) v` for q [B, H, N, d], k and v [B, H, L, d], optionally causal.
+    /// `softmax(q kᵀ / √d) v` for q [B, H, N, d], k and v [B, H, L, d], optionally causal
+    /// (key j hidden from query i when j > i). The default is burn's attention module.
     fn scaled_dot_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         causal: bool,
     ) -> FloatTensor<Self> {
-        let options = AttentionModuleOptions {
-            is_causal: causal,
-            ..Default::default()
-        };
-        Self::attention(q, k, v, None, None, options)
+        attention_module::<Self>(q, k, v, causal)
+    }
+
+    /// The gradients `[dq, dk, dv]` of [`Backend::scaled_dot_attention`] given its
+    /// output's gradient `grad`; the default recomputes the probabilities and follows
+    /// [`attention_unfused`] step by step ([`attention_backward_unfused`]).
+    fn scaled_dot_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        causal: bool,
+    ) -> [FloatTensor<Self>; 3] {
+        attention_backward_unfused::<Self>(q, k, v, grad, causal)
     }
 
     /// One AdamW step for one f32 parameter tensor: returns the new parameter and first
@@ -152,8 +163,6 @@ impl<B> AutodiffBackend for B where
 {
 }
 
-impl Backend for burn::backend::Flex {}
-
 /// `lhs @ rhs` through [`Backend::matmul`].
 pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
     let out = B::matmul(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
@@ -194,8 +203,22 @@ pub fn attention_unfused_primitive<B: Backend>(
         .tensor()
 }
 
+/// burn's attention module (no mask, no bias).
+pub fn attention_module<B: burn::tensor::backend::Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    causal: bool,
+) -> FloatTensor<B> {
+    let options = AttentionModuleOptions {
+        is_causal: causal,
+        ..Default::default()
+    };
+    B::attention(q, k, v, None, None, options)
+}
+
 /// Attention as three steps, scores and softmax in f32 whatever the operands' precision
-/// (autocast's rule): what the autodiff backend differentiates, and CUDA's default.
+/// (autocast's rule): CUDA's default.
 pub fn attention_unfused<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -203,16 +226,43 @@ pub fn attention_unfused<B: Backend>(
     causal: bool,
 ) -> Tensor<B, 4> {
     let dtype = q.dtype();
+    matmul(attention_probabilities(q, k, causal).cast(dtype), v)
+}
+
+/// `softmax((q kᵀ)·d^-½)` in f32, future keys masked when causal.
+fn attention_probabilities<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
     let [_, _, n, d] = q.dims();
     let l = k.dims()[2];
-    let scores =
-        matmul(q, k.swap_dims(2, 3)).cast(burn::tensor::FloatDType::F32) * (d as f64).powf(-0.5);
+    let scores = matmul(q, k.swap_dims(2, 3)).cast(FloatDType::F32) * (d as f64).powf(-0.5);
     let scores = if causal {
         let device = scores.device();
-        let future = Tensor::<B, 2, burn::tensor::Bool>::tril_mask([n, l], 0, &device);
+        let future = Tensor::<B, 2, Bool>::tril_mask([n, l], 0, &device);
         scores.mask_fill(future.unsqueeze::<4>(), f32::NEG_INFINITY)
     } else {
         scores
     };
-    matmul(softmax(scores, 3).cast(dtype), v)
+    softmax(scores, 3)
+}
+
+/// The gradients of [`attention_unfused`] as autodiff computes them, the probabilities
+/// recomputed: `dv = pᵀ g`, `ds = p ∘ (g vᵀ − rowsum(p ∘ g vᵀ))` in f32,
+/// `dq = (d^-½ ds) k`, `dk = (d^-½ ds)ᵀ q`, the products in the operands' type.
+pub fn attention_backward_unfused<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    causal: bool,
+) -> [FloatTensor<B>; 3] {
+    let [q, k, v, grad] = [q, k, v, grad].map(|t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t)));
+    let dtype = q.dtype();
+    let d = q.dims()[3];
+    let p = attention_probabilities(q.clone(), k.clone(), causal);
+    let dv = matmul(p.clone().cast(dtype).swap_dims(2, 3), grad.clone());
+    let dp = matmul(grad, v.swap_dims(2, 3)).cast(FloatDType::F32);
+    let ds = p.clone() * (dp.clone() - (dp * p).sum_dim(3));
+    let ds = (ds * (d as f64).powf(-0.5)).cast(dtype);
+    let dq = matmul(ds.clone(), k);
+    let dk = matmul(ds.swap_dims(2, 3), q);
+    [dq, dk, dv].map(|t| t.into_primitive().tensor())
 }

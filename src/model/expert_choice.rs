@@ -5,7 +5,7 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
-use burn::tensor::IndexingUpdateOp;
+use burn::tensor::{BasicOps, IndexingUpdateOp};
 
 use super::init::{Dist, Init};
 use super::precision::{linear, matmul_in_weight_type, promote, softmax_f32};
@@ -50,6 +50,9 @@ impl<B: Backend> ExpertChoiceFeedForward<B> {
     /// on them, and adds the outputs, weighted by those probabilities, back to their tokens.
     /// Gather/scatter-add replace the reference's one-hot einsums (same sums, less work);
     /// the top-k selection runs on the device (`argtopk`), with no copy to the host.
+    /// Tokens are gathered straight into expert-major order ([E, N·K, D]), so the experts'
+    /// products need no regrouping copies; each token still receives its experts'
+    /// outputs in expert order, as the reference sums them.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [n, t, d] = x.dims();
         let e = self.num_experts;
@@ -59,25 +62,24 @@ impl<B: Backend> ExpertChoiceFeedForward<B> {
         }
         let probs = softmax_f32(linear(&self.gate, x.clone()), 2).swap_dims(1, 2); // [N, E, T]
         let picked = top_k_indices(probs.clone().detach(), k); // [N, E, K]
-        let weights = probs.gather(2, picked.clone()); // [N, E, K]
+        let weights = expert_major(probs.gather(2, picked.clone())); // [E·N·K, 1]
 
-        let token_index = picked.reshape([n, e * k, 1]).expand([n, e * k, d]);
-        let per_expert = |t: Tensor<B, 3>| {
-            t.reshape([n, e, k, d])
-                .swap_dims(0, 1)
-                .reshape([e, n * k, d])
-        };
+        // Row of each picked token in x viewed as [N·T, D].
         let device = x.device();
-        let xin = per_expert(x.gather(1, token_index.clone()));
+        let first_row = Tensor::<B, 1, Int>::arange(0..n as i64, &device) * t as i64;
+        let rows = expert_major(picked + first_row.reshape([n, 1, 1])).expand([e * n * k, d]);
+        let xin = x.reshape([n * t, d]).gather(0, rows.clone()).reshape([e, n * k, d]);
         let h = gelu(matmul_in_weight_type(xin, self.w1.val()));
-        let h = matmul_in_weight_type(h, self.w2.val()); // [E, N*K, D]
-        let (h, weights) = promote(h.reshape([e, n, k, d]).swap_dims(0, 1), weights);
-        let h = h * weights.unsqueeze_dim(3);
-        Tensor::zeros([n, t, d], (&device, h.dtype())).scatter(
-            1,
-            token_index,
-            h.reshape([n, e * k, d]),
-            IndexingUpdateOp::Add,
-        )
+        let h = matmul_in_weight_type(h, self.w2.val()); // [E, N·K, D]
+        let (h, weights) = promote(h.reshape([e * n * k, d]), weights);
+        Tensor::zeros([n * t, d], (&device, h.dtype()))
+            .scatter(0, rows, h * weights, IndexingUpdateOp::Add)
+            .reshape([n, t, d])
     }
+}
+
+/// `[N, E, K]` values as one column in expert-major order, `[E·N·K, 1]`.
+fn expert_major<B: Backend, K: BasicOps<B>>(t: Tensor<B, 3, K>) -> Tensor<B, 2, K> {
+    let [n, e, k] = t.dims();
+    t.swap_dims(0, 1).reshape([e * n * k, 1])
 }

@@ -1,0 +1,375 @@
+//! microdit's operations on burn-flex (the CPU backend).
+//!
+//! Attention is the one written out here. burn-flex's own attention copies q, k and v to
+//! contiguous buffers (the head split leaves them strided), runs its (batch, head) pairs on
+//! one thread, and its output must be copied again when heads are merged. This one reads
+//! q, k, v where they lie, runs the pairs on rayon's pool, and writes its output (and
+//! the gradients) head-interleaved, `[B, N, H, d]` in memory, so that merging heads back
+//! (`swap_dims(1, 2).reshape(…)`) is free. The arithmetic is `attention_unfused`'s:
+//! scores `(q kᵀ)·d^-½`, a row softmax, then `p v`, in f32.
+
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::Flex;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bytes, DType, Shape};
+use rayon::prelude::*;
+
+use super::{attention_backward_unfused, attention_module, Backend};
+
+impl Backend for Flex {
+    fn scaled_dot_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        causal: bool,
+    ) -> FloatTensor<Self> {
+        match Heads::new([&q, &k, &v], causal) {
+            Some(heads) => heads.forward([&q, &k, &v]),
+            None => attention_module::<Self>(q, k, v, causal),
+        }
+    }
+
+    fn scaled_dot_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        causal: bool,
+    ) -> [FloatTensor<Self>; 3] {
+        match Heads::new([&q, &k, &v, &grad], causal) {
+            Some(heads) => heads.backward([&q, &k, &v, &grad]),
+            None => attention_backward_unfused::<Self>(q, k, v, grad, causal),
+        }
+    }
+}
+
+/// One f32 matrix in a buffer: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+struct Matrix {
+    ptr: *mut f32,
+    row: isize,
+    col: isize,
+}
+
+impl Matrix {
+    /// A contiguous row-major matrix with `cols` columns, written through `data`.
+    fn dense(data: &mut [f32], cols: usize) -> Self {
+        Self {
+            ptr: data.as_mut_ptr(),
+            row: cols as isize,
+            col: 1,
+        }
+    }
+
+    fn transposed(self) -> Self {
+        Self {
+            row: self.col,
+            col: self.row,
+            ..self
+        }
+    }
+}
+
+/// `dst = scale · lhs · rhs` for `lhs` [m, k] and `rhs` [k, n], on the calling thread.
+///
+/// # Safety
+/// Every matrix must lie inside a live buffer; `dst` must be writable and not aliased.
+unsafe fn product(dst: Matrix, lhs: Matrix, rhs: Matrix, [m, k, n]: [usize; 3], scale: f32) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.col,
+            dst.row,
+            false,
+            lhs.ptr,
+            lhs.col,
+            lhs.row,
+            rhs.ptr,
+            rhs.col,
+            rhs.row,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The shapes of one attention call over f32 tensors `[B, H, len, d]`.
+struct Heads {
+    batch: usize,
+    heads: usize,
+    /// Query rows `N`, key rows `L`, head width `d`.
+    n: usize,
+    l: usize,
+    d: usize,
+    causal: bool,
+}
+
+/// A read-only `[B, H, len, d]` tensor: its buffer's start and its strides.
+#[derive(Clone, Copy)]
+struct View {
+    start: *const f32,
+    strides: [isize; 4],
+}
+
+impl View {
+    fn of(t: &FlexTensor) -> Self {
+        let s = t.layout().strides();
+        Self {
+            start: t.storage::<f32>()[t.layout().start_offset()..].as_ptr(),
+            strides: [s[0], s[1], s[2], s[3]],
+        }
+    }
+
+    /// The `[len, d]` matrix of head `h` of batch element `b` (only ever read).
+    fn head(&self, b: usize, h: usize) -> Matrix {
+        let [sb, sh, row, col] = self.strides;
+        let at = b as isize * sb + h as isize * sh;
+        Matrix {
+            ptr: self.start.wrapping_offset(at) as *mut f32,
+            row,
+            col,
+        }
+    }
+}
+
+/// An output `[B, H, len, d]` stored as `[B, len, H, d]`.
+struct HeadInterleaved {
+    data: Vec<f32>,
+    shape: [usize; 4],
+}
+
+/// Where the tasks write an [`HeadInterleaved`] output, each its own heads.
+#[derive(Clone, Copy)]
+struct HeadWriter {
+    start: *mut f32,
+    shape: [usize; 4],
+}
+
+impl HeadInterleaved {
+    fn new([batch, heads, len, d]: [usize; 4]) -> Self {
+        Self {
+            data: vec![0.0; batch * heads * len * d],
+            shape: [batch, heads, len, d],
+        }
+    }
+
+    fn writer(&mut self) -> HeadWriter {
+        HeadWriter {
+            start: self.data.as_mut_ptr(),
+            shape: self.shape,
+        }
+    }
+
+    fn into_tensor(self) -> FlexTensor {
+        let [_, heads, len, d] = self.shape;
+        let strides = vec![(len * heads * d) as isize, d as isize, (heads * d) as isize, 1];
+        let layout = Layout::new(Shape::from(self.shape.to_vec()), strides, 0);
+        FlexTensor::new(Bytes::from_elems(self.data), layout, DType::F32)
+    }
+}
+
+impl HeadWriter {
+    fn head(&self, b: usize, h: usize) -> Matrix {
+        let [_, heads, len, d] = self.shape;
+        Matrix {
+            ptr: self.start.wrapping_add((b * len * heads + h) * d),
+            row: (heads * d) as isize,
+            col: 1,
+        }
+    }
+}
+
+/// Raw pointers cross into rayon's tasks: inputs are only read, and each task writes its
+/// own heads of the outputs.
+struct Shared<T>(T);
+unsafe impl<T> Sync for Shared<T> {}
+unsafe impl<T> Send for Shared<T> {}
+
+impl<T: Copy> Shared<T> {
+    fn get(&self) -> T {
+        self.0
+    }
+}
+
+impl Heads {
+    /// The call's shapes when every tensor is 4-d f32 with non-negative strides (what this
+    /// implementation handles); `None` sends the call to the generic path.
+    fn new<const N: usize>(tensors: [&FlexTensor; N], causal: bool) -> Option<Self> {
+        let usable = |t: &&FlexTensor| {
+            t.dtype() == DType::F32
+                && t.layout().num_dims() == 4
+                && t.layout().has_positive_strides()
+        };
+        if !tensors.iter().all(usable) {
+            return None;
+        }
+        let [q, k] = [0, 1].map(|i| tensors[i].layout().shape());
+        Some(Self {
+            batch: q[0],
+            heads: q[1],
+            n: q[2],
+            l: k[2],
+            d: q[3],
+            causal,
+        })
+    }
+
+    fn scale(&self) -> f32 {
+        (self.d as f32).powf(-0.5)
+    }
+
+    /// Runs `task(b, h, scratch)` for every (batch, head) pair on rayon's pool, with
+    /// `matrices` `[N, L]` scratch matrices per thread.
+    fn for_each_head(&self, matrices: usize, task: impl Fn(usize, usize, &mut [f32]) + Sync) {
+        (0..self.batch * self.heads).into_par_iter().for_each_init(
+            || vec![0.0f32; matrices * self.n * self.l],
+            |scratch, i| task(i / self.heads, i % self.heads, scratch),
+        );
+    }
+
+    /// `p = softmax((q kᵀ)·scale)` of one head into `p` [N, L]; future keys masked when
+    /// causal (key j > query i, PyTorch's top-left alignment).
+    ///
+    /// # Safety
+    /// `q` and `k` must be heads of live `[B, H, len, d]` buffers of this call's shapes.
+    unsafe fn probabilities(&self, q: Matrix, k: Matrix, p: &mut [f32]) {
+        let scores = Matrix::dense(p, self.l);
+        unsafe { product(scores, q, k.transposed(), [self.n, self.d, self.l], self.scale()) };
+        for (i, row) in p.chunks_exact_mut(self.l).enumerate() {
+            let visible = if self.causal { i + 1 } else { self.l };
+            softmax_row(row, visible.min(self.l));
+        }
+    }
+
+    fn forward(&self, [q, k, v]: [&FlexTensor; 3]) -> FlexTensor {
+        let [q, k, v] = [q, k, v].map(View::of);
+        let mut out = HeadInterleaved::new([self.batch, self.heads, self.n, self.d]);
+        let (inputs, dst) = (Shared([q, k, v]), Shared(out.writer()));
+        self.for_each_head(1, |b, h, p| unsafe {
+            let [q, k, v] = inputs.get().map(|t| t.head(b, h));
+            self.probabilities(q, k, p);
+            product(dst.get().head(b, h), Matrix::dense(p, self.l), v, [self.n, self.l, self.d], 1.0);
+        });
+        out.into_tensor()
+    }
+
+    /// `[dq, dk, dv]` from the output's gradient `g`, recomputing `p`:
+    /// `dv = pᵀ g`, `ds = p ∘ (g vᵀ − rowsum(p ∘ g vᵀ))`, `dq = scale · ds k`,
+    /// `dk = scale · dsᵀ q` (softmax's backward as autodiff computes it).
+    fn backward(&self, [q, k, v, g]: [&FlexTensor; 4]) -> [FlexTensor; 3] {
+        let inputs = Shared([q, k, v, g].map(View::of));
+        let (n, l, d) = (self.n, self.l, self.d);
+        let mut grads = [n, l, l].map(|len| HeadInterleaved::new([self.batch, self.heads, len, d]));
+        let dst = Shared(grads.each_mut().map(|t| t.writer()));
+        self.for_each_head(2, |b, h, scratch| unsafe {
+            let [q, k, v, g] = inputs.get().map(|t| t.head(b, h));
+            let [dq, dk, dv] = dst.get().map(|t| t.head(b, h));
+            let (p, ds) = scratch.split_at_mut(n * l);
+            self.probabilities(q, k, p);
+            product(dv, Matrix::dense(p, l).transposed(), g, [l, n, d], 1.0);
+            product(Matrix::dense(ds, l), g, v.transposed(), [n, d, l], 1.0);
+            for (ds_row, p_row) in ds.chunks_exact_mut(l).zip(p.chunks_exact(l)) {
+                softmax_backward_row(ds_row, p_row);
+            }
+            let ds = Matrix::dense(ds, l);
+            product(dq, ds, k, [n, l, d], self.scale());
+            product(dk, ds.transposed(), q, [l, n, d], self.scale());
+        });
+        grads.map(HeadInterleaved::into_tensor)
+    }
+}
+
+/// In-place softmax of the first `visible` entries; the rest become 0.
+fn softmax_row(row: &mut [f32], visible: usize) {
+    let (seen, hidden) = row.split_at_mut(visible);
+    hidden.fill(0.0);
+    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in seen.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    seen.iter_mut().for_each(|x| *x /= sum);
+}
+
+/// `dp ← p ∘ (dp − Σ p ∘ dp)`: the softmax's backward for one row.
+fn softmax_backward_row(dp: &mut [f32], p: &[f32]) {
+    let dot: f32 = dp.iter().zip(p).map(|(g, p)| g * p).sum();
+    dp.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::backend::Backend as BurnBackend;
+    use burn::tensor::{ElementConversion, Tensor, TensorData};
+
+    use crate::backend::{attention, attention_unfused, Cpu, Trainable};
+
+    type Ad = Trainable<Cpu>;
+
+    /// A deterministic `[b, len, width]` tensor of values in (−1, 1).
+    fn values<B: BurnBackend>([b, len, width]: [usize; 3], seed: f32) -> Tensor<B, 3> {
+        let data = (0..b * len * width)
+            .map(|i| (i as f32 * 0.731 + seed).sin())
+            .collect::<Vec<_>>();
+        Tensor::from_data(TensorData::new(data, [b, len, width]), &Default::default())
+    }
+
+    /// q [B, H, N, d] and k, v [B, H, L, d] as the model makes them: heads split off a
+    /// fused projection, so all three are strided views.
+    fn heads<B: BurnBackend>([b, h, n, l, d]: [usize; 5]) -> [Tensor<B, 4>; 3] {
+        let split = |t: Tensor<B, 3>, len| t.reshape([b, len, h, d]).swap_dims(1, 2);
+        let [q, _] = <[_; 2]>::try_from(values::<B>([b, n, 2 * h * d], 0.3).chunk(2, 2)).unwrap();
+        let [k, v] = <[_; 2]>::try_from(values::<B>([b, l, 2 * h * d], 1.7).chunk(2, 2)).unwrap();
+        [split(q.mul_scalar(3.0), n), split(k, l), split(v, l)]
+    }
+
+    fn relative_error<B: BurnBackend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
+        let diff = (a - b.clone()).powi_scalar(2).sum().sqrt().into_scalar();
+        let norm = b.powi_scalar(2).sum().sqrt().into_scalar();
+        diff.elem::<f32>() / norm.elem::<f32>()
+    }
+
+    const CASES: [([usize; 5], bool); 2] = [([2, 3, 5, 7, 4], false), ([2, 2, 6, 6, 8], true)];
+
+    #[test]
+    fn attention_equals_the_unfused_steps() {
+        for (shape, causal) in CASES {
+            let [q, k, v] = heads::<Cpu>(shape);
+            let fused = attention(q.clone(), k.clone(), v.clone(), causal);
+            let steps = attention_unfused(q, k, v, causal);
+            let err = relative_error(fused, steps);
+            assert!(err < 1e-6, "{shape:?} causal {causal}: {err}");
+        }
+    }
+
+    #[test]
+    fn attention_gradients_equal_autodiff_of_the_unfused_steps() {
+        for (shape, causal) in CASES {
+            let grads = |fused: bool| {
+                let [q, k, v] = heads::<Ad>(shape).map(|t| t.require_grad());
+                let out = if fused {
+                    attention(q.clone(), k.clone(), v.clone(), causal)
+                } else {
+                    attention_unfused(q.clone(), k.clone(), v.clone(), causal)
+                };
+                // A weighted sum, so that each output element has its own gradient.
+                let [b, h, n, d] = out.dims();
+                let weights = values::<Ad>([b * h, n, d], 2.9).reshape([b, h, n, d]);
+                let g = (out * weights).sum().backward();
+                [q, k, v].map(|t| t.grad(&g).unwrap())
+            };
+            for (i, (fused, steps)) in grads(true).into_iter().zip(grads(false)).enumerate() {
+                let err = relative_error(fused, steps);
+                assert!(err < 1e-5, "{shape:?} causal {causal}, input {i}: {err}");
+            }
+        }
+    }
+}
