@@ -16,13 +16,13 @@
 //!   layer norms, softmax and the loss in f32 (PyTorch autocast's rules, `model::precision`).
 
 mod autodiff;
-mod flex;
 #[cfg(feature = "cuda")]
 pub mod cube;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 #[cfg(feature = "cuda")]
 pub mod cuda_runtime;
+mod flex;
 
 use burn::tensor::activation::softmax;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
@@ -230,7 +230,11 @@ pub fn attention_unfused<B: Backend>(
 }
 
 /// `softmax((q kᵀ)·d^-½)` in f32, future keys masked when causal.
-fn attention_probabilities<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
+fn attention_probabilities<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    causal: bool,
+) -> Tensor<B, 4> {
     let [_, _, n, d] = q.dims();
     let l = k.dims()[2];
     let scores = matmul(q, k.swap_dims(2, 3)).cast(FloatDType::F32) * (d as f64).powf(-0.5);
@@ -254,7 +258,8 @@ pub fn attention_backward_unfused<B: Backend>(
     grad: FloatTensor<B>,
     causal: bool,
 ) -> [FloatTensor<B>; 3] {
-    let [q, k, v, grad] = [q, k, v, grad].map(|t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t)));
+    let [q, k, v, grad] =
+        [q, k, v, grad].map(|t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t)));
     let dtype = q.dtype();
     let d = q.dims()[3];
     let p = attention_probabilities(q.clone(), k.clone(), causal);

@@ -68,7 +68,10 @@ impl<B: Backend> ExpertChoiceFeedForward<B> {
         let device = x.device();
         let first_row = Tensor::<B, 1, Int>::arange(0..n as i64, &device) * t as i64;
         let rows = expert_major(picked + first_row.reshape([n, 1, 1])).expand([e * n * k, d]);
-        let xin = x.reshape([n * t, d]).gather(0, rows.clone()).reshape([e, n * k, d]);
+        let xin = x
+            .reshape([n * t, d])
+            .gather(0, rows.clone())
+            .reshape([e, n * k, d]);
         let h = gelu(matmul_in_weight_type(xin, self.w1.val()));
         let h = matmul_in_weight_type(h, self.w2.val()); // [E, N·K, D]
         let (h, weights) = promote(h.reshape([e * n * k, d]), weights);

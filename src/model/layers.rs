@@ -24,7 +24,16 @@ pub fn modulate<B: Backend>(
 ) -> Tensor<B, 3> {
     let (x, scale) = promote(x, scale);
     let (x, shift) = promote(x, shift);
-    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim(1)
+    let n = x.dims()[1];
+    x * per_token(scale + 1.0, n) + per_token(shift, n)
+}
+
+/// A per-sample `t` [B, D] repeated for each of `n` tokens, [B, n, D] in memory.
+/// Broadcasting it instead is slow on the CPU: burn-flex vectorises only broadcasts
+/// shared by the whole batch and walks a per-sample one element by element, about ten
+/// times slower than this copy plus a contiguous operation.
+fn per_token<B: Backend>(t: Tensor<B, 2>, n: usize) -> Tensor<B, 3> {
+    t.unsqueeze_dim::<3>(1).repeat_dim(1, n)
 }
 
 /// The residual update `x + gate * branch` (gate [B, D] per sample), in the wider type.
@@ -34,7 +43,8 @@ pub fn gated_residual<B: Backend>(
     branch: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
     let (gate, branch) = promote(gate, branch);
-    residual(x, gate.unsqueeze_dim(1) * branch)
+    let n = branch.dims()[1];
+    residual(x, branch * per_token(gate, n))
 }
 
 /// `x + branch` in the wider type.

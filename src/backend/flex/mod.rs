@@ -1,6 +1,7 @@
-//! microdit's operations on burn-flex (the CPU backend).
+//! microdit's operations on burn-flex (the CPU backend): AdamW in one pass
+//! ([`adamw`]) and attention.
 //!
-//! Attention is the one written out here. burn-flex's own attention copies q, k and v to
+//! Attention: burn-flex's own attention copies q, k and v to
 //! contiguous buffers (the head split leaves them strided), runs its (batch, head) pairs on
 //! one thread, and its output must be copied again when heads are merged. This one reads
 //! q, k, v where they lie, runs the pairs on rayon's pool, and writes its output (and
@@ -14,9 +15,29 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
-use super::{attention_backward_unfused, attention_module, Backend};
+mod adamw;
+mod rows;
+
+use super::{adamw_step_unfused, attention_backward_unfused, attention_module, AdamWStep, Backend};
+use rows::{softmax_backward_row, softmax_row};
 
 impl Backend for Flex {
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        step: &AdamWStep,
+    ) -> [FloatTensor<Self>; 3] {
+        let tensors = [param, grad, moment_1, moment_2];
+        if tensors.iter().all(|t| t.dtype() == DType::F32) {
+            adamw::step(tensors, step)
+        } else {
+            let [param, grad, moment_1, moment_2] = tensors;
+            adamw_step_unfused::<Self>(param, grad, moment_1, moment_2, step)
+        }
+    }
+
     fn scaled_dot_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -169,7 +190,12 @@ impl HeadInterleaved {
 
     fn into_tensor(self) -> FlexTensor {
         let [_, heads, len, d] = self.shape;
-        let strides = vec![(len * heads * d) as isize, d as isize, (heads * d) as isize, 1];
+        let strides = vec![
+            (len * heads * d) as isize,
+            d as isize,
+            (heads * d) as isize,
+            1,
+        ];
         let layout = Layout::new(Shape::from(self.shape.to_vec()), strides, 0);
         FlexTensor::new(Bytes::from_elems(self.data), layout, DType::F32)
     }
@@ -241,7 +267,15 @@ impl Heads {
     /// `q` and `k` must be heads of live `[B, H, len, d]` buffers of this call's shapes.
     unsafe fn probabilities(&self, q: Matrix, k: Matrix, p: &mut [f32]) {
         let scores = Matrix::dense(p, self.l);
-        unsafe { product(scores, q, k.transposed(), [self.n, self.d, self.l], self.scale()) };
+        unsafe {
+            product(
+                scores,
+                q,
+                k.transposed(),
+                [self.n, self.d, self.l],
+                self.scale(),
+            )
+        };
         for (i, row) in p.chunks_exact_mut(self.l).enumerate() {
             let visible = if self.causal { i + 1 } else { self.l };
             softmax_row(row, visible.min(self.l));
@@ -255,7 +289,13 @@ impl Heads {
         self.for_each_head(1, |b, h, p| unsafe {
             let [q, k, v] = inputs.get().map(|t| t.head(b, h));
             self.probabilities(q, k, p);
-            product(dst.get().head(b, h), Matrix::dense(p, self.l), v, [self.n, self.l, self.d], 1.0);
+            product(
+                dst.get().head(b, h),
+                Matrix::dense(p, self.l),
+                v,
+                [self.n, self.l, self.d],
+                1.0,
+            );
         });
         out.into_tensor()
     }
@@ -284,25 +324,6 @@ impl Heads {
         });
         grads.map(HeadInterleaved::into_tensor)
     }
-}
-
-/// In-place softmax of the first `visible` entries; the rest become 0.
-fn softmax_row(row: &mut [f32], visible: usize) {
-    let (seen, hidden) = row.split_at_mut(visible);
-    hidden.fill(0.0);
-    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for x in seen.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    seen.iter_mut().for_each(|x| *x /= sum);
-}
-
-/// `dp ← p ∘ (dp − Σ p ∘ dp)`: the softmax's backward for one row.
-fn softmax_backward_row(dp: &mut [f32], p: &[f32]) {
-    let dot: f32 = dp.iter().zip(p).map(|(g, p)| g * p).sum();
-    dp.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
 }
 
 #[cfg(test)]
