@@ -67,7 +67,7 @@ unsafe fn softmax_backward_row_avx2(dp: &mut [f32], p: &[f32]) {
 fn softmax_row_portable(row: &mut [f32], visible: usize) {
     let (seen, hidden) = row.split_at_mut(visible);
     hidden.fill(0.0);
-    let max = fold_lanes(seen, f32::NEG_INFINITY, f32::max);
+    let max = fold_lanes(seen, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
     for x in seen.iter_mut() {
         *x = exp(*x - max);
     }
@@ -110,16 +110,18 @@ fn fold_lanes(values: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
 
 /// `eˣ` to within 2 ulp for x ≤ 0 down to the smallest normal result (smaller x give that
 /// result, not 0): Cephes' `expf`, `eˣ = 2ⁿ·eʳ` with `n = round(x·log₂e)`, `r = x − n·ln 2`
-/// in two parts (Cody–Waite) and a degree-7 polynomial for `eʳ`; branch-free, so it
-/// vectorises.
+/// in two parts (Cody–Waite) and a degree-7 polynomial for `eʳ`; branch-free and without
+/// float-to-integer casts, so it vectorises.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2²³ rounds to the nearest integer.
+    // 1.5·2²³: adding it rounds to an integer n, which then sits in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.3);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let x = if x < -87.3 { -87.3 } else { x };
+    let x = if x > 88.3 { 88.3 } else { x };
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_2e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -128,7 +130,8 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 0.166_666_65;
     let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
