@@ -331,7 +331,9 @@ mod tests {
     use burn::tensor::backend::Backend as BurnBackend;
     use burn::tensor::{ElementConversion, Tensor, TensorData};
 
-    use crate::backend::{attention, attention_unfused, Cpu, Trainable};
+    use crate::backend::{
+        attention, attention_backward_unfused, attention_unfused, Backend, Cpu, Trainable,
+    };
 
     type Ad = Trainable<Cpu>;
 
@@ -389,6 +391,31 @@ mod tests {
             };
             for (i, (fused, steps)) in grads(true).into_iter().zip(grads(false)).enumerate() {
                 let err = relative_error(fused, steps);
+                assert!(err < 1e-5, "{shape:?} causal {causal}, input {i}: {err}");
+            }
+        }
+    }
+
+    /// The default backward (what CUDA runs) against this backend's own.
+    #[test]
+    fn default_attention_backward_equals_the_cpu_kernel() {
+        for (shape, causal) in CASES {
+            let [b, h, n, _, d] = shape;
+            let [q, k, v] = heads::<Cpu>(shape).map(|t| t.into_primitive().tensor());
+            let grad = values::<Cpu>([b * h, n, d], 2.9).reshape([b, h, n, d]);
+            let grad = grad.into_primitive().tensor();
+            let kernel = Cpu::scaled_dot_attention_backward(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                grad.clone(),
+                causal,
+            );
+            let steps = attention_backward_unfused::<Cpu>(q, k, v, grad, causal);
+            for (i, (a, b)) in kernel.into_iter().zip(steps).enumerate() {
+                let wrap =
+                    |t| Tensor::<Cpu, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(t));
+                let err = relative_error(wrap(a), wrap(b));
                 assert!(err < 1e-5, "{shape:?} causal {causal}, input {i}: {err}");
             }
         }

@@ -5,62 +5,43 @@
 /// Lanes of the partial maxima and sums: a multiple of every vector width used.
 const LANES: usize = 16;
 
-/// In-place softmax of the first `visible` entries; the rest become 0.
-pub fn softmax_row(row: &mut [f32], visible: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { softmax_row_avx512(row, visible) };
+/// `pub fn $name` running `$portable` compiled for AVX-512 or AVX2 when the CPU has them
+/// (detected at run time), and as built otherwise.
+macro_rules! compiled_per_cpu {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) => $portable:ident) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                #[target_feature(enable = "avx512f,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $portable($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $portable($($arg),*)
+                }
+                if has!("avx512f") && has!("fma") {
+                    return unsafe { avx512($($arg),*) };
+                }
+                if has!("avx2") && has!("fma") {
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { softmax_row_avx2(row, visible) };
-        }
-    }
-    softmax_row_portable(row, visible)
+    };
 }
 
-/// `dp ← p ∘ (dp − Σ p ∘ dp)`: the softmax's backward for one row.
-pub fn softmax_backward_row(dp: &mut [f32], p: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { softmax_backward_row_avx512(dp, p) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { softmax_backward_row_avx2(dp, p) };
-        }
-    }
-    softmax_backward_row_portable(dp, p)
+compiled_per_cpu! {
+    /// In-place softmax of the first `visible` entries; the rest become 0.
+    pub fn softmax_row(row: &mut [f32], visible: usize) => softmax_row_portable
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn softmax_row_avx512(row: &mut [f32], visible: usize) {
-    softmax_row_portable(row, visible)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32], visible: usize) {
-    softmax_row_portable(row, visible)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn softmax_backward_row_avx512(dp: &mut [f32], p: &[f32]) {
-    softmax_backward_row_portable(dp, p)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_backward_row_avx2(dp: &mut [f32], p: &[f32]) {
-    softmax_backward_row_portable(dp, p)
+compiled_per_cpu! {
+    /// `dp ← p ∘ (dp − Σ p ∘ dp)`: the softmax's backward for one row.
+    pub fn softmax_backward_row(dp: &mut [f32], p: &[f32]) => softmax_backward_row_portable
 }
 
 #[inline(always)]
