@@ -5,8 +5,9 @@ routing, same EDM loss and Heun step) written for this benchmark; parity with th
 itself is established by the fixture tests, not here.
 
     python3 bench/pytorch_bench.py --preset MicroDiT_Tiny_2 --batch 4 --iters 3
+    python3 bench/pytorch_bench.py --config runs/demo/dit.json --batch 32   # a config file
 """
-import argparse, math, statistics, time
+import argparse, json, math, statistics, time
 
 import numpy as np
 import torch
@@ -22,6 +23,25 @@ PRESETS = {
     "MicroDiT_Tiny_2": dict(dim=512, depth=16, head_dim=32, mixer_depth=4, mixer_dim=512),
     "MicroDiT_XL_2": dict(dim=1024, depth=28, head_dim=64, mixer_depth=6, mixer_dim=768),
 }
+
+
+def from_config(path):
+    """The reference DiT constructor's arguments (as `microdit bench --config` reads them)
+    mapped onto this implementation's; absent ones take the reference's defaults."""
+    c = json.load(open(path))
+    depth = c.get("depth", 28)
+    mixer_dim = c.get("patch_mixer_dim", 512)
+    return dict(
+        dim=c.get("dim", 1152), depth=depth, head_dim=c.get("head_dim", 64),
+        mixer_depth=c.get("patch_mixer_depth", 4), mixer_dim=mixer_dim,
+        C=c.get("in_channels", 4), size=c.get("input_size", 32), p=c.get("patch_size", 2),
+        cc=c.get("caption_channels", 1024), mult=c.get("multiple_of", 256),
+        experts=c.get("num_experts", 8), capacity=c.get("expert_capacity", 2.0),
+        mixer_qkv=int(c.get("patch_mixer_qkv_ratio", 1.0) * mixer_dim),
+        mixer_hidden=int(c.get("patch_mixer_mlp_ratio", 4.0) * mixer_dim),
+        qkv_multipliers=c.get("qkv_multipliers", list(np.linspace(0.5, 1.0, depth))),
+        ffn_multipliers=c.get("ffn_multipliers", list(np.linspace(0.5, 4.0, depth))),
+    )
 
 
 def ln(d):
@@ -62,7 +82,7 @@ class SwiGLU(nn.Module):
 
 
 class ExpertChoice(nn.Module):
-    def __init__(s, d, hidden, mult, e=8, cap=2.0):
+    def __init__(s, d, hidden, mult, e, cap):
         super().__init__(); f = round_up(hidden, mult); s.e, s.cap = e, cap
         s.w1 = nn.Parameter(torch.randn(e, d, f) * 0.02); s.w2 = nn.Parameter(torch.randn(e, f, d) * 0.02); s.gate = nn.Linear(d, e, bias=False)
     def forward(s, x):
@@ -76,10 +96,10 @@ class ExpertChoice(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(s, d, hd, q, hidden, mult, moe, cond):
+    def __init__(s, d, hd, q, hidden, mult, moe, cond, experts=8, capacity=2.0):
         super().__init__()
         s.n1, s.n2, s.n3 = ln(d), ln(d), ln(d); s.attn = SelfAttn(d, q, hd); s.cross = CrossAttn(d, hd)
-        s.mlp = ExpertChoice(d, hidden, mult) if moe else SwiGLU(d, hidden, mult)
+        s.mlp = ExpertChoice(d, hidden, mult, experts, capacity) if moe else SwiGLU(d, hidden, mult)
         s.ada = nn.Linear(cond, 6 * d)
     def forward(s, x, y, c):
         sh1, sc1, g1, sh2, sc2, g2 = s.ada(F.gelu(c, approximate="tanh")).unsqueeze(1).chunk(6, -1)
@@ -96,7 +116,8 @@ class Mlp(nn.Module):
 
 
 class MicroDiT(nn.Module):
-    def __init__(s, dim, depth, head_dim, mixer_depth, mixer_dim, C=4, size=32, p=2, cc=1024, mult=256):
+    def __init__(s, dim, depth, head_dim, mixer_depth, mixer_dim, C=4, size=32, p=2, cc=1024, mult=256,
+                 experts=8, capacity=2.0, mixer_qkv=None, mixer_hidden=None, qkv_multipliers=None, ffn_multipliers=None):
         super().__init__()
         s.p, s.C = p, C; T = (size // p) ** 2
         s.x_emb = nn.Conv2d(C, dim, p, p)
@@ -105,12 +126,15 @@ class MicroDiT(nn.Module):
         s.y_proj = Mlp(cc, dim)
         s.cn1, s.cn2 = ln(dim), ln(dim); s.cattn = SelfAttn(dim, dim, head_dim); s.cmlp = SwiGLU(dim, 4 * dim, mult)
         s.pooled = Mlp(dim, dim)
-        s.mixer = nn.ModuleList([Block(mixer_dim, head_dim, mixer_dim, 4 * mixer_dim, mult, i >= 1 and (i + 1) % 2 == 0, dim) for i in range(mixer_depth)])
+        moe = dict(experts=experts, capacity=capacity)
+        mq, mh = mixer_qkv or mixer_dim, mixer_hidden or 4 * mixer_dim
+        s.mixer = nn.ModuleList([Block(mixer_dim, head_dim, mq, mh, mult, i >= 1 and (i + 1) % 2 == 0, dim, **moe) for i in range(mixer_depth)])
         proj = lambda a, b: nn.Sequential(ln(a), nn.Linear(a, b, bias=False)) if mixer_dim != dim else nn.Identity()
         s.xin, s.xout, s.ymap = proj(dim, mixer_dim), proj(mixer_dim, dim), proj(dim, mixer_dim)
-        qr, fr = np.linspace(0.5, 1.0, depth), np.linspace(0.5, 4.0, depth)
+        qr = qkv_multipliers if qkv_multipliers is not None else np.linspace(0.5, 1.0, depth)
+        fr = ffn_multipliers if ffn_multipliers is not None else np.linspace(0.5, 4.0, depth)
         qkv = lambda r: dim if r == 1 else round_up(int(dim * r), 2 * head_dim)
-        s.blocks = nn.ModuleList([Block(dim, head_dim, qkv(qr[i]), int(dim * fr[i]), mult, i < depth - 1 and (i + 1) % 2 == 0, dim) for i in range(depth)])
+        s.blocks = nn.ModuleList([Block(dim, head_dim, qkv(qr[i]), int(dim * fr[i]), mult, i < depth - 1 and (i + 1) % 2 == 0, dim, **moe) for i in range(depth)])
         s.fn = ln(dim); s.fada = nn.Linear(dim, 2 * dim); s.flin = nn.Linear(dim, p * p * C)
 
     def forward(s, x, t, y, ids_keep=None, ids_restore=None):
@@ -152,6 +176,7 @@ def denoise(m, x, sigma, y, sd=0.9, mask=None, cfg=1.0):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="MicroDiT_Tiny_2"); ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--config", help="a reference DiT constructor JSON instead of a preset")
     ap.add_argument("--caption-len", type=int, default=77); ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--mask-ratios", default="0.75,0"); ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--device", default="cpu"); ap.add_argument("--resolution", type=int, default=256)
@@ -161,10 +186,11 @@ def main():
     dev = torch.device(a.device); torch.manual_seed(0)
     # PyTorch's defaults: f32 products in true f32 (no TF32); bf16 through autocast.
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
-    side = a.resolution // 8; T = (side // 2) ** 2
-    m = MicroDiT(**PRESETS[a.preset], size=side).to(dev)
+    arch = from_config(a.config) if a.config else dict(PRESETS[a.preset], size=a.resolution // 8)
+    side, C, p = arch["size"], arch.get("C", 4), arch.get("p", 2); T = (side // p) ** 2
+    m = MicroDiT(**arch).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=2.4e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-    b = a.batch; x0 = torch.randn(b, 4, side, side, device=dev); y = torch.randn(b, a.caption_len, 1024, device=dev)
+    b = a.batch; x0 = torch.randn(b, C, side, side, device=dev); y = torch.randn(b, a.caption_len, arch.get("cc", 1024), device=dev)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     print(f"{sum(p.numel() for p in m.parameters())} parameters, batch {b}, torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}, {a.device}")
 
@@ -187,7 +213,7 @@ def main():
                 d = denoise(m, x0 + torch.randn_like(x0) * s, sigma, y, mask=mask)
             loss = w * (d.float() - x0) ** 2
             if mask is not None:
-                per = F.avg_pool2d(loss.mean(1), 2).flatten(1); vis = torch.ones(b, T, device=dev); vis.scatter_(1, mask[0], 0); vis = 1 - vis
+                per = F.avg_pool2d(loss.mean(1), p).flatten(1); vis = torch.ones(b, T, device=dev); vis.scatter_(1, mask[0], 0); vis = 1 - vis
                 loss = (per * vis).sum(1) / vis.sum(1)
             loss.mean().backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 0.25); opt.step(); opt.zero_grad(set_to_none=True)
         t = timed(step); print(f"{'train step, mask ratio ' + str(ratio):<40} {t:>9.3f} s   {b / t:>8.2f} images/s")
