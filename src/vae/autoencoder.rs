@@ -1,6 +1,7 @@
 //! diffusers' `AutoencoderKL`: a convolutional encoder to a diagonal Gaussian over latents,
 //! and a decoder back to pixels. Module paths follow diffusers' state-dict keys.
 
+use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
@@ -34,6 +35,24 @@ fn group_norm<B: Backend>(groups: usize, channels: usize, device: &B::Device) ->
         .init(device)
 }
 
+/// `GroupNorm::forward` with the same operations in the same order, except that the
+/// per-channel scale and shift are applied to `[B·C, H·W]` rows with one value per row:
+/// burn-flex vectorises that broadcast, while the module's `[1, C, 1, 1]` one is walked
+/// element by element (a tenth of a VAE encode).
+fn normalize_groups<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, c, h, w] = x.dims();
+    let hidden = c / norm.num_groups * h * w;
+    let x = x.reshape([b, norm.num_groups, hidden]);
+    let x = x.clone() - x.sum_dim(2) / hidden as f64;
+    let var = x.clone().square().sum_dim(2) / hidden as f64;
+    let x = (x / var.add_scalar(norm.epsilon).sqrt()).reshape([b * c, h * w]);
+    let per_row = |p: &Option<Param<Tensor<B, 1>>>| {
+        let p = p.as_ref().expect("the VAE's group norms are affine").val();
+        p.reshape([1, c]).repeat_dim(0, b).reshape([b * c, 1])
+    };
+    (x * per_row(&norm.gamma) + per_row(&norm.beta)).reshape([b, c, h, w])
+}
+
 /// `ResnetBlock2D` without a time embedding: two (GroupNorm, SiLU, 3×3 conv) stages and a
 /// 1×1 shortcut when the width changes.
 #[derive(Module, Debug)]
@@ -57,8 +76,10 @@ impl<B: Backend> ResnetBlock<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self
+            .conv1
+            .forward(silu(normalize_groups(&self.norm1, x.clone())));
+        let h = self.conv2.forward(silu(normalize_groups(&self.norm2, h)));
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,
@@ -91,9 +112,7 @@ impl<B: Backend> SpatialAttention<B> {
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let seq = self
-            .group_norm
-            .forward(x.clone())
+        let seq = normalize_groups(&self.group_norm, x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
         let heads = |t: Tensor<B, 3>| t.unsqueeze_dim::<4>(1);
@@ -246,7 +265,8 @@ impl<B: Backend> Encoder<B> {
             }
         }
         let x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out
+            .forward(silu(normalize_groups(&self.conv_norm_out, x)))
     }
 }
 
@@ -297,7 +317,8 @@ impl<B: Backend> Decoder<B> {
                 x = u.forward(x);
             }
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out
+            .forward(silu(normalize_groups(&self.conv_norm_out, x)))
     }
 }
 
