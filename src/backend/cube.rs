@@ -32,7 +32,7 @@ use cubecl::{calculate_cube_count_elemwise, tensor_vector_size_parallel};
 
 use cubecl::cuda::CudaRuntime;
 
-use super::{adamw_step_unfused, attention_unfused_primitive, cublas, AdamWStep, Backend};
+use super::{adamw_step_fused_in_f32, attention_unfused_primitive, cublas, AdamWStep, Backend};
 
 /// How half-precision products are computed: a fixed tensor-core strategy, or burn's
 /// autotuner (`MICRODIT_MATMUL=autotune`: best kernels, minutes of benchmarking on a cold
@@ -223,12 +223,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> Backend
         step: &AdamWStep,
     ) -> [FloatTensor<Self>; 3] {
         let tensors = [param, grad, moment_1, moment_2];
-        if tensors.iter().all(|t| t.dtype == DType::F32) {
-            fused_adamw(tensors, step)
-        } else {
-            let [param, grad, moment_1, moment_2] = tensors;
-            adamw_step_unfused::<Self>(param, grad, moment_1, moment_2, step)
-        }
+        adamw_step_fused_in_f32::<Self>(tensors, step, fused_adamw)
     }
 
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {

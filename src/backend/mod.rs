@@ -26,7 +26,7 @@ mod flex;
 
 use burn::tensor::activation::softmax;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
-use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorMetadata, TensorPrimitive};
 
 pub type Cpu = burn::backend::Flex;
 pub type CpuDevice = burn::backend::flex::FlexDevice;
@@ -150,6 +150,21 @@ pub fn adamw_step_unfused<B: burn::tensor::backend::Backend>(
     let delta = (m.clone() / c1) / ((v.clone() / c2).sqrt() + step.epsilon);
     let param = param.mul_scalar(step.decay()) - delta.mul_scalar(step.lr);
     [param, m, v].map(|t| t.into_primitive().tensor())
+}
+
+/// A backend's `fused` AdamW step when the parameter, gradient and both moments are f32,
+/// burn's update operation by operation otherwise.
+pub fn adamw_step_fused_in_f32<B: Backend>(
+    tensors: [FloatTensor<B>; 4],
+    step: &AdamWStep,
+    fused: impl FnOnce([FloatTensor<B>; 4], &AdamWStep) -> [FloatTensor<B>; 3],
+) -> [FloatTensor<B>; 3] {
+    if tensors.iter().all(|t| t.dtype() == DType::F32) {
+        fused(tensors, step)
+    } else {
+        let [param, grad, moment_1, moment_2] = tensors;
+        adamw_step_unfused::<B>(param, grad, moment_1, moment_2, step)
+    }
 }
 
 /// A [`Backend`] that records gradients, over a [`Backend`].

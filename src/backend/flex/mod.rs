@@ -18,7 +18,9 @@ use rayon::prelude::*;
 mod adamw;
 mod rows;
 
-use super::{adamw_step_unfused, attention_backward_unfused, attention_module, AdamWStep, Backend};
+use super::{
+    adamw_step_fused_in_f32, attention_backward_unfused, attention_module, AdamWStep, Backend,
+};
 use rows::{softmax_backward_row, softmax_row};
 
 impl Backend for Flex {
@@ -30,12 +32,7 @@ impl Backend for Flex {
         step: &AdamWStep,
     ) -> [FloatTensor<Self>; 3] {
         let tensors = [param, grad, moment_1, moment_2];
-        if tensors.iter().all(|t| t.dtype() == DType::F32) {
-            adamw::step(tensors, step)
-        } else {
-            let [param, grad, moment_1, moment_2] = tensors;
-            adamw_step_unfused::<Self>(param, grad, moment_1, moment_2, step)
-        }
+        adamw_step_fused_in_f32::<Self>(tensors, step, adamw::step)
     }
 
     fn scaled_dot_attention(
