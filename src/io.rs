@@ -1,5 +1,6 @@
-//! File output that never leaves a half-written file behind: write a temporary file in the
-//! same directory, flush it to disk, then rename it over the destination.
+//! Files: output that never leaves a half-written file behind (write a temporary file in
+//! the same directory, flush it to disk, then rename it over the destination), and JSON
+//! input whose errors name the file and what it should have been.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -8,6 +9,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use burn::tensor::{DType, TensorData};
 use safetensors::tensor::{Dtype, TensorView};
+
+/// Reads `path` as JSON; a file that does not parse is reported as "PATH: not WHAT".
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not {what}", path.display()))
+}
 
 pub fn write_atomic(
     path: &Path,

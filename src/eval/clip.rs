@@ -201,14 +201,10 @@ fn check_defaults(
 
 /// Reads the vision tower's config and the eval preprocessing from `open_clip_config.json`.
 pub fn read_config(path: &Path) -> Result<(ClipVisionConfig, Preprocess)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let cfg: HubConfig = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: not an open_clip config with model_cfg.vision_cfg and embed_dim",
-            path.display()
-        )
-    })?;
+    let cfg: HubConfig = crate::io::read_json(
+        path,
+        "an open_clip config with model_cfg.vision_cfg and embed_dim",
+    )?;
     let m = cfg.model_cfg;
     let v = m.vision_cfg;
     check_defaults("vision_cfg", &v.other, VISION_DEFAULTS, VISION_IGNORED, &[])?;

@@ -84,10 +84,7 @@ impl Components {
         else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("reading {}", file.display()))?;
-        let mut parts: Self =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        let mut parts: Self = crate::io::read_json(&file, "a microdit pipeline.json")?;
         let base = file.parent().unwrap_or(Path::new("."));
         for name in [&mut parts.model, &mut parts.vae, &mut parts.text_encoder]
             .into_iter()

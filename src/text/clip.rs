@@ -67,14 +67,8 @@ fn default_mlp_ratio() -> f64 {
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: HubConfig = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{}: not an open_clip config (model_cfg.text_cfg)",
-                path.display()
-            )
-        })?;
+        let cfg: HubConfig =
+            crate::io::read_json(path, "an open_clip config (model_cfg.text_cfg)")?;
         let t = cfg.model_cfg.text_cfg;
         anyhow::ensure!(
             t.heads > 0 && t.width.is_multiple_of(t.heads),

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -58,10 +58,7 @@ fn silu() -> String {
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .with_context(|| format!("parsing VAE config {}", path.display()))?;
+        let cfg: Self = crate::io::read_json(path, "a diffusers AutoencoderKL config")?;
         ensure!(
             !cfg.block_out_channels.is_empty(),
             "block_out_channels is empty"
