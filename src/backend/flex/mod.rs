@@ -222,8 +222,10 @@ impl<T: Copy> Shared<T> {
 }
 
 impl Heads {
-    /// The call's shapes when every tensor is 4-d f32 with non-negative strides (what this
-    /// implementation handles); `None` sends the call to the generic path.
+    /// The call's shapes when every tensor is 4-d f32 with non-negative strides, k and v
+    /// are `[B, H, L, d]` for q `[B, H, N, d]` and an output gradient (fourth, if given) is
+    /// q's shape (what this implementation handles); `None` sends the call to the generic
+    /// path.
     fn new<const N: usize>(tensors: [&FlexTensor; N], causal: bool) -> Option<Self> {
         let usable = |t: &&FlexTensor| {
             t.dtype() == DType::F32
@@ -233,7 +235,11 @@ impl Heads {
         if !tensors.iter().all(usable) {
             return None;
         }
-        let [q, k] = [0, 1].map(|i| tensors[i].layout().shape());
+        let [q, k, v] = [0, 1, 2].map(|i| tensors[i].layout().shape());
+        let same_heads = k == v && k[0] == q[0] && k[1] == q[1] && k[3] == q[3];
+        if !same_heads || tensors.get(3).is_some_and(|g| g.layout().shape() != q) {
+            return None;
+        }
         Some(Self {
             batch: q[0],
             heads: q[1],
@@ -368,6 +374,18 @@ mod tests {
             let err = relative_error(fused, steps);
             assert!(err < 1e-6, "{shape:?} causal {causal}: {err}");
         }
+    }
+
+    /// Values wider than the keys are outside the kernel's shapes: the generic path
+    /// takes them.
+    #[test]
+    fn values_of_another_width_take_the_generic_path() {
+        let [q, k, _] = heads::<Cpu>([2, 3, 5, 7, 4]);
+        let v = values::<Cpu>([2 * 3, 7, 6], 0.9).reshape([2, 3, 7, 6]);
+        let fused = attention(q.clone(), k.clone(), v.clone(), false);
+        assert_eq!(fused.dims(), [2, 3, 5, 6]);
+        let err = relative_error(fused, attention_unfused(q, k, v, false));
+        assert!(err < 1e-6, "{err}");
     }
 
     #[test]
