@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod precompute;
 pub mod progress;
 pub mod random;
+pub mod run_dir;
 pub mod serve;
 pub mod state_dict;
 pub mod text;

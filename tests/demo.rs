@@ -57,7 +57,11 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
     )
     .unwrap();
     assert_eq!(
-        (settings.vae.as_str(), settings.resolution, settings.steps),
+        (
+            settings.vae.as_str(),
+            settings.resolution,
+            settings.sampling.steps
+        ),
         ("space-to-depth:2", 32, 18)
     );
 }

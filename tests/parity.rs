@@ -11,7 +11,7 @@ use burn::prelude::*;
 use common::{assert_close, fixture_sets, to_vec, Cases};
 use microdit::backend::{test_device, Backend, TestBackend, Trainable};
 use microdit::edm::{
-    denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Solver,
+    denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Sampler,
 };
 use microdit::model::weights::{load_state_dict, load_weights, ToGradients};
 use microdit::model::{DitConfig, Init, MicroDit, PatchMask};
@@ -263,7 +263,7 @@ fn run_sampler(s: &Set, model: &MicroDit<B>, prefix: &str, churn: Churn) -> Vec<
     let out = sample(
         c.tensor(&format!("{prefix}.latents"), &dev),
         &karras_sigmas(&s.edm, steps),
-        Solver::Heun,
+        Sampler::Heun,
         churn,
         |x, sigma| {
             denoise(

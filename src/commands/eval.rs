@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
-use super::{DeviceChoice, PipelineArgs, SamplerArgs};
+use super::{DeviceChoice, PipelineArgs};
 use crate::backend::Backend;
 use crate::eval::captions::{self, coco_pairs, load_rgb, Caption};
 use crate::eval::run::{fid_statistics, EvalRun, Manifest, Metrics, Shard};
@@ -122,7 +122,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
     #[command(flatten)]
-    pub sampler: SamplerArgs,
+    pub sampling: crate::pipeline::SamplingArgs,
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -251,7 +251,7 @@ fn evaluate(args: &RunArgs) -> Result<()> {
         _ => None,
     };
     let manifest = Manifest {
-        settings: args.pipeline.settings(&args.sampler)?,
+        settings: args.pipeline.settings(&args.sampling)?,
         seed: args.seed,
         captions: (0..num).map(|k| all[k % all.len()].clone()).collect(),
     };

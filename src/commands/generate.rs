@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 
-use super::{PipelineArgs, SamplerArgs};
+use super::PipelineArgs;
 use crate::backend::Backend;
 use crate::hub::Hub;
-use crate::pipeline::{GenerationSettings, Sampling, TextToImage};
+use crate::pipeline::{GenerationSettings, SamplingArgs, TextToImage};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
@@ -25,7 +25,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
-    pub sampler: SamplerArgs,
+    pub sampling: SamplingArgs,
     /// Output PNG file (one image) or folder.
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -78,7 +78,7 @@ fn prompts(args: &GenerateArgs) -> Result<Vec<String>> {
 /// Every image's settings and file: image i of prompt p gets seed + p·n + i.
 fn jobs(args: &GenerateArgs) -> Result<Vec<Job>> {
     let prompts = prompts(args)?;
-    let template = args.pipeline.settings(&args.sampler)?;
+    let template = args.pipeline.settings(&args.sampling)?;
     let single =
         prompts.len() * args.num_images == 1 && args.out.extension().is_some_and(|e| e == "png");
     let mut jobs = Vec::new();
@@ -135,7 +135,7 @@ fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -
             vae: pipeline.codec.name(),
             ..job.settings.clone()
         };
-        let sampling = Sampling::from_settings(&settings);
+        let sampling = &settings.sampling;
         let caption = pipeline.encode_prompt(&settings.prompt);
         if caption.truncated > 0 {
             eprintln!(
@@ -147,7 +147,7 @@ fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -
             &format!("image {}/{}", n + 1, jobs.len()),
             "step",
         );
-        let latents = pipeline.sample(caption.states, settings.seed, &sampling, |_| bar.inc(1));
+        let latents = pipeline.sample(caption.states, settings.seed, sampling, |_| bar.inc(1));
         bar.finish_and_clear();
         evaluations += sampling.evaluations();
         let image = pipeline.decode(latents)?;
@@ -171,13 +171,13 @@ fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -
         format!("{}/", args.out.display())
     };
     println!(
-        "wrote {} image{} to {where_to} in {elapsed:.1} s ({:.2} s per network evaluation, {} steps, {:?}, guidance {})",
+        "wrote {} image{} to {where_to} in {elapsed:.1} s ({:.2} s per network evaluation, {} steps, {}, guidance {})",
         images.len(),
         if images.len() == 1 { "" } else { "s" },
         elapsed / evaluations.max(1) as f64,
-        first.steps,
-        first.sampler,
-        first.guidance,
+        first.sampling.steps,
+        first.sampling.sampler,
+        first.sampling.guidance,
     );
     Ok(())
 }

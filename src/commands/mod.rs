@@ -13,11 +13,10 @@ pub mod train;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
-use crate::edm::Solver;
 use crate::model::config::ModelChoice;
 use crate::model::{DitConfig, Precision};
 use crate::pipeline::load::Components;
-use crate::pipeline::GenerationSettings;
+use crate::pipeline::{GenerationSettings, SamplingArgs};
 
 /// Choosing a model: a published preset or a config file, at some resolution.
 #[derive(Debug, Clone, clap::Args)]
@@ -78,12 +77,6 @@ pub struct PipelineArgs {
     /// pipeline.json's].
     #[arg(long)]
     pub resolution: Option<usize>,
-    /// Sampler steps [default: 30, or pipeline.json's].
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Classifier-free guidance scale, 1 = none [default: 5, or pipeline.json's].
-    #[arg(long)]
-    pub guidance: Option<f64>,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
     /// Precision of the denoiser (bf16/f16 halve its memory; the text tower and the VAE
@@ -102,8 +95,8 @@ impl PipelineArgs {
             vae: self.vae.clone(),
             text_encoder: self.text_encoder.clone(),
             resolution: self.resolution,
-            steps: self.steps,
-            guidance: self.guidance,
+            steps: None,
+            guidance: None,
         };
         let beside = match &self.checkpoint {
             Some(c) if Path::new(c).exists() => {
@@ -115,45 +108,17 @@ impl PipelineArgs {
     }
 }
 
-/// How to sample, beyond the steps and guidance scale [`PipelineArgs`] holds.
-#[derive(Debug, Clone, clap::Args)]
-pub struct SamplerArgs {
-    /// Guide only while the noise level σ is within [LO, HI] (Kynkäänniemi et al. 2024).
-    #[arg(long, num_args = 2, value_names = ["LO", "HI"])]
-    pub guidance_interval: Option<Vec<f64>>,
-    #[arg(long, value_enum, default_value = "heun")]
-    pub sampler: Solver,
-    /// Stochastic sampling: total churn (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    pub s_churn: f64,
-    #[arg(long, default_value_t = 0.0)]
-    pub s_min: f64,
-    #[arg(long, default_value_t = f64::INFINITY)]
-    pub s_max: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub s_noise: f64,
-}
-
 impl PipelineArgs {
-    /// The settings every image of a run shares (prompt and seed left empty); the codec
-    /// is filled in once the checkpoint says which one it needs.
-    pub fn settings(&self, sampler: &SamplerArgs) -> Result<GenerationSettings> {
+    /// The settings every image of a run shares (prompt and seed left empty): the sampling
+    /// options given over the model's defaults; the codec is filled in once the checkpoint
+    /// says which one it needs.
+    pub fn settings(&self, sampling: &SamplingArgs) -> Result<GenerationSettings> {
         let components = self.components()?;
         let parts = components.parts(self.dtype)?;
         Ok(GenerationSettings {
             prompt: String::new(),
             seed: 0,
-            steps: components.steps.unwrap_or(30),
-            guidance: components.guidance.unwrap_or(5.0),
-            guidance_interval: match sampler.guidance_interval.as_deref() {
-                Some(&[lo, hi]) => Some((lo, hi)),
-                _ => None,
-            },
-            sampler: sampler.sampler,
-            s_churn: sampler.s_churn,
-            s_min: sampler.s_min,
-            s_max: sampler.s_max,
-            s_noise: sampler.s_noise,
+            sampling: sampling.over(&components.sampling())?,
             resolution: parts.resolution,
             checkpoint: parts.checkpoint,
             model: parts.model,

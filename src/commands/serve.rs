@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use super::PipelineArgs;
 use crate::backend::Backend;
 use crate::hub::Hub;
-use crate::pipeline::load::run_checkpoint;
+use crate::pipeline::SamplingArgs;
 use crate::pipeline::TextToImage;
 use crate::serve::worker::ModelRecord;
 use crate::serve::{serve, Limits, ServerOptions};
@@ -18,6 +18,9 @@ use crate::serve::{serve, Limits, ServerOptions};
 pub struct ServeArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+    /// The defaults of requests that do not say (each request may change any of them).
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// A folder where `microdit train` or `microdit demo` trained a model: its newest
     /// checkpoint (of the last stage) is served, with the parts its pipeline.json names.
     #[arg(long, conflicts_with = "checkpoint")]
@@ -46,7 +49,7 @@ pub struct ServeArgs {
 pub fn run(args: &ServeArgs) -> Result<()> {
     let mut pipeline_args = args.pipeline.clone();
     if let Some(run) = &args.run {
-        pipeline_args.checkpoint = Some(run_checkpoint(run)?.display().to_string());
+        pipeline_args.checkpoint = Some(run.display().to_string());
     }
     anyhow::ensure!(
         args.queue > 0 && args.max_batch > 0 && args.keep_jobs > 0,
@@ -54,6 +57,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     );
     let components = pipeline_args.components()?;
     let parts = components.parts(pipeline_args.dtype)?;
+    let default_sampling = args.sampling.over(&components.sampling())?;
     let options = ServerOptions {
         addr: SocketAddr::new(args.host, args.port),
         token: args.token.clone().filter(|t| !t.is_empty()),
@@ -64,25 +68,24 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     crate::with_backend!(pipeline_args.device, |Bk, device| {
         let pipeline = TextToImage::<Bk>::load(&parts, &Hub::from_env(), &device)
             .context("loading the model")?;
-        start::<Bk>(pipeline, &parts, &components, options)
+        start::<Bk>(pipeline, &parts, default_sampling, options)
     })
 }
 
 fn start<B: Backend>(
     pipeline: TextToImage<B>,
     parts: &crate::pipeline::load::Parts,
-    components: &crate::pipeline::load::Components,
+    default_sampling: crate::pipeline::Sampling,
     options: ServerOptions,
 ) -> Result<()> {
     let unit = pipeline.codec.downscale() * pipeline.dit.patch_size;
     let resolution = pipeline.resolution();
     let limits = Limits {
-        default_steps: components.steps.unwrap_or(30),
-        default_guidance: components.guidance.unwrap_or(5.0),
+        default_sampling,
         default_resolution: resolution,
         resolution_multiple: unit,
         max_resolution: 2 * resolution,
-        max_steps: 250,
+        max_steps: crate::pipeline::settings::MAX_STEPS,
         max_images: options.max_batch,
     };
     let record = ModelRecord {

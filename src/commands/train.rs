@@ -56,8 +56,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             cfg.init_from = previous.clone();
         }
         previous = Some(dir.clone());
-        let finished = checkpoint::latest(&dir)
-            .and_then(|c| std::fs::read(c.join("state.json")).ok())
+        let finished = crate::run_dir::latest(&dir)
+            .and_then(|c| std::fs::read(c.join(crate::run_dir::STATE)).ok())
             .and_then(|b| serde_json::from_slice::<checkpoint::TrainState>(&b).ok())
             .is_some_and(|s| s.step >= cfg.steps);
         if finished && args.resume {

@@ -23,7 +23,7 @@ use super::stats::frechet_distance;
 use super::{progress, Report};
 use crate::backend::Backend;
 use crate::hub::Hub;
-use crate::pipeline::{GenerationSettings, Sampling, TextToImage};
+use crate::pipeline::{GenerationSettings, TextToImage};
 
 /// Worker `index` of `count` makes images k with k mod count = index.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -123,7 +123,6 @@ impl EvalRun {
             vae: pipeline.codec.name(),
             ..m.settings.clone()
         };
-        let sampling = Sampling::from_settings(&settings);
         let done = m.captions.len() - self.pending(Shard::ALL).len();
         eprintln!(
             "generating {} images ({} of {} already in {})",
@@ -139,7 +138,7 @@ impl EvalRun {
                 .map(|&k| m.captions[k].caption.as_str())
                 .collect();
             let seeds: Vec<u64> = chunk.iter().map(|&k| m.seed + k as u64).collect();
-            let images = pipeline.generate(&prompts, &seeds, &sampling, |_| {})?;
+            let images = pipeline.generate(&prompts, &seeds, &settings.sampling, |_| {})?;
             for ((&k, image), seed) in chunk.iter().zip(images).zip(seeds) {
                 let settings = GenerationSettings {
                     prompt: m.captions[k].caption.clone(),

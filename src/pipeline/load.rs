@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::TextToImage;
+use super::{Sampling, TextToImage};
 use crate::backend::Backend;
 use crate::edm::EdmConfig;
 use crate::hub::{known, Hub};
 use crate::model::config::ModelChoice;
 use crate::model::weights::{denoiser_part, load_state_dict};
 use crate::model::{Init, MicroDit, Precision};
+use crate::run_dir;
 use crate::state_dict::read_state_dict;
 use crate::text::TextEncoder;
 use crate::vae::LatentCodec;
@@ -115,6 +116,16 @@ impl Components {
         })
     }
 
+    /// The default sampling: the reference's, with this pipeline's steps and guidance.
+    pub fn sampling(&self) -> Sampling {
+        let reference = Sampling::default();
+        Sampling {
+            steps: self.steps.unwrap_or(reference.steps),
+            guidance: self.guidance.unwrap_or(reference.guidance),
+            ..reference
+        }
+    }
+
     /// Writes `pipeline.json` into `dir` (paths in it relative to `dir`).
     pub fn write(&self, dir: &Path) -> Result<()> {
         crate::io::write_atomic(&dir.join(PIPELINE_FILE), |f| {
@@ -123,17 +134,17 @@ impl Components {
     }
 }
 
-/// A weights file from a file, a training run folder (its newest checkpoint's weights), or
-/// `owner/repo/path/in/repo` on the Hub.
+/// A weights file from a file, a training run folder (its newest checkpoint's weights; in a
+/// folder of stages, the newest stage's), or `owner/repo/path/in/repo` on the Hub.
 pub fn resolve_checkpoint(hub: &Hub, source: &str) -> Result<PathBuf> {
     let path = Path::new(source);
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
     if path.is_dir() {
-        let run = crate::train::checkpoint::latest(path)
-            .with_context(|| format!("{source} is a folder without training checkpoints"))?;
-        return Ok(run.join("weights.safetensors"));
+        let run = run_dir::newest_stage(path)?;
+        let checkpoint = run_dir::latest(&run).context("newest_stage has checkpoints")?;
+        return Ok(checkpoint.join(run_dir::WEIGHTS));
     }
     let parts: Vec<&str> = source.splitn(3, '/').collect();
     match parts.as_slice() {
@@ -143,25 +154,6 @@ pub fn resolve_checkpoint(hub: &Hub, source: &str) -> Result<PathBuf> {
              on the Hugging Face Hub"
         ),
     }
-}
-
-/// The checkpoint folder of a training run: `dir` itself when it holds checkpoints, else
-/// its sub-folder (a stage) whose newest checkpoint was written last.
-pub fn run_checkpoint(dir: &Path) -> Result<PathBuf> {
-    if crate::train::checkpoint::latest(dir).is_some() {
-        return Ok(dir.to_path_buf());
-    }
-    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter_map(|stage| {
-            let newest = crate::train::checkpoint::latest(&stage)?;
-            let written = std::fs::metadata(&newest).and_then(|m| m.modified()).ok()?;
-            Some((written, stage))
-        })
-        .max()
-        .map(|(_, stage)| stage)
-        .with_context(|| format!("{} holds no training checkpoints", dir.display()))
 }
 
 /// What to load, every name resolved ([`Components`] layered down to one choice each).

@@ -15,60 +15,16 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::Backend;
-use crate::edm::{denoise, karras_sigmas, sample, Churn, EdmConfig, Guidance, Solver};
+use crate::edm::{denoise, karras_sigmas, sample, EdmConfig, Guidance};
 use crate::model::config::ModelChoice;
 use crate::model::{DitConfig, MicroDit};
 use crate::random::standard_normal;
 use crate::text::{Embeddings, TextEncoder};
 use crate::vae::LatentCodec;
-pub use settings::GenerationSettings;
-
-/// How the sampler runs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampling {
-    pub steps: usize,
-    pub solver: Solver,
-    pub churn: Churn,
-    /// Classifier-free guidance scale (1 = none).
-    pub guidance: f64,
-    /// Guide only while σ is within this range (Kynkäänniemi et al. 2024).
-    pub guidance_interval: (f64, f64),
-}
-
-impl Sampling {
-    /// Deterministic Heun with guidance at every noise level.
-    pub fn heun(steps: usize, guidance: f64) -> Self {
-        Self {
-            steps,
-            solver: Solver::Heun,
-            churn: Churn::default(),
-            guidance,
-            guidance_interval: (0.0, f64::INFINITY),
-        }
-    }
-
-    pub fn from_settings(s: &GenerationSettings) -> Self {
-        Self {
-            steps: s.steps,
-            solver: s.sampler,
-            churn: s.churn(),
-            guidance: s.guidance,
-            guidance_interval: s.guidance_interval.unwrap_or((0.0, f64::INFINITY)),
-        }
-    }
-
-    /// Network evaluations a run makes: one per step, plus Heun's correction on every step
-    /// but the last.
-    pub fn evaluations(&self) -> usize {
-        match self.solver {
-            Solver::Euler => self.steps,
-            Solver::Heun => (2 * self.steps).saturating_sub(1),
-        }
-    }
-}
+pub use settings::{GenerationSettings, Sampling, SamplingArgs};
 
 /// Latents `shape` = [1, C, S, S] for caption embedding `y` [1, L, Cc], from ChaCha8(`seed`)
-/// noise (the starting latents, then any churn noise); `on_step(i)` after each step.
+/// noise (the starting latents, then the fresh noise of any stochastic steps); `on_step(i)` after each step.
 pub fn sample_latents<B: Backend>(
     denoiser: &MicroDit<B>,
     edm: &EdmConfig,
@@ -110,14 +66,13 @@ pub fn sample_batch<B: Backend>(
         Tensor::cat(rows, 0)
     };
     let latents = draw(&mut rngs);
-    let (lo, hi) = sampling.guidance_interval;
     sample(
         latents,
         &karras_sigmas(edm, sampling.steps),
-        sampling.solver,
-        sampling.churn,
+        sampling.sampler,
+        sampling.churn(),
         |x, sigma| {
-            let guidance = if (lo..=hi).contains(&sigma) {
+            let guidance = if sampling.guided_at(sigma) {
                 Guidance::from_scale(sampling.guidance)
             } else {
                 Guidance::None

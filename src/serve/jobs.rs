@@ -8,39 +8,25 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::edm::Solver;
+use crate::pipeline::Sampling;
 
-/// `POST /v1/jobs`: a prompt and `generate`'s settings, with its option names; absent
-/// settings take the server's defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// `POST /v1/jobs`: a prompt, a seed, an image count and size, and `generate`'s sampling
+/// settings by their option names (`steps`, `sampler`, …); absent settings take the
+/// server's defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct JobRequest {
     pub prompt: String,
     #[serde(default)]
     pub seed: u64,
-    pub steps: Option<usize>,
-    pub guidance: Option<f64>,
-    pub guidance_interval: Option<[f64; 2]>,
-    #[serde(default = "heun")]
-    pub sampler: Solver,
-    #[serde(default)]
-    pub s_churn: f64,
-    #[serde(default)]
-    pub s_min: f64,
-    pub s_max: Option<f64>,
-    #[serde(default = "one")]
-    pub s_noise: f64,
     pub resolution: Option<usize>,
     #[serde(default = "one_image")]
     pub num_images: usize,
+    /// Everything else: changes to the default [`Sampling`] (unknown names are refused
+    /// when they are applied).
+    #[serde(flatten)]
+    pub sampling: serde_json::Map<String, serde_json::Value>,
 }
 
-fn heun() -> Solver {
-    Solver::Heun
-}
-fn one() -> f64 {
-    1.0
-}
 fn one_image() -> usize {
     1
 }
@@ -50,32 +36,16 @@ fn one_image() -> usize {
 pub struct JobSpec {
     pub prompt: String,
     pub seed: u64,
-    pub steps: usize,
-    pub guidance: f64,
-    pub guidance_interval: Option<(f64, f64)>,
-    pub sampler: Solver,
-    pub s_churn: f64,
-    pub s_min: f64,
-    pub s_max: f64,
-    pub s_noise: f64,
     pub resolution: usize,
     pub num_images: usize,
+    #[serde(flatten)]
+    pub sampling: Sampling,
 }
 
 impl JobSpec {
-    /// Jobs whose batches can run together: everything but the prompt, seed and count equal.
+    /// Jobs whose batches can run together: the same sampling at the same size.
     pub fn same_batch(&self, other: &Self) -> bool {
-        Self {
-            prompt: String::new(),
-            seed: 0,
-            num_images: 0,
-            ..self.clone()
-        } == Self {
-            prompt: String::new(),
-            seed: 0,
-            num_images: 0,
-            ..other.clone()
-        }
+        self.sampling == other.sampling && self.resolution == other.resolution
     }
 }
 
@@ -249,7 +219,7 @@ impl Store {
             if let Some(job) = inner.jobs.get(id) {
                 job.state.send_replace(JobState::Running {
                     step: 0,
-                    steps: spec.steps,
+                    steps: spec.sampling.steps,
                 });
             }
         }

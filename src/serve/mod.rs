@@ -34,7 +34,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::backend::Backend;
-use crate::pipeline::TextToImage;
+use crate::pipeline::{Sampling, TextToImage};
 use crate::text::ClipTokenizer;
 use jobs::{JobRequest, JobSpec, JobState, Refusal, Store};
 use worker::{ModelRecord, Worker};
@@ -55,11 +55,10 @@ pub struct ServerOptions {
     pub max_batch: usize,
 }
 
-/// Default settings and what a request may ask for.
+/// Default settings and what a request may ask for (sampling limits: [`Sampling::validate`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Limits {
-    pub default_steps: usize,
-    pub default_guidance: f64,
+    pub default_sampling: Sampling,
     pub default_resolution: usize,
     /// Resolutions must be multiples of this (latent downscale × patch size).
     pub resolution_multiple: usize,
@@ -203,47 +202,19 @@ fn resolve(app: &App, r: JobRequest) -> Result<JobSpec, String> {
             ids.len()
         ));
     }
+    let sampling = l
+        .default_sampling
+        .with(r.sampling)
+        .map_err(|e| e.to_string())?;
     let spec = JobSpec {
         prompt: r.prompt,
         seed: r.seed,
-        steps: r.steps.unwrap_or(l.default_steps),
-        guidance: r.guidance.unwrap_or(l.default_guidance),
-        guidance_interval: r.guidance_interval.map(|[lo, hi]| (lo, hi)),
-        sampler: r.sampler,
-        s_churn: r.s_churn,
-        s_min: r.s_min,
-        s_max: r.s_max.unwrap_or(f64::INFINITY),
-        s_noise: r.s_noise,
         resolution: r.resolution.unwrap_or(l.default_resolution),
         num_images: r.num_images,
+        sampling,
     };
     let unit = l.resolution_multiple;
     let checks = [
-        (
-            (1..=l.max_steps).contains(&spec.steps),
-            format!("steps must be 1 to {}", l.max_steps),
-        ),
-        (
-            spec.guidance.is_finite() && (0.0..=50.0).contains(&spec.guidance),
-            "guidance must be between 0 and 50".into(),
-        ),
-        (
-            spec.guidance_interval
-                .is_none_or(|(lo, hi)| lo >= 0.0 && lo <= hi),
-            "guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi".into(),
-        ),
-        (
-            spec.s_churn.is_finite() && spec.s_churn >= 0.0,
-            "s_churn must be a non-negative number".into(),
-        ),
-        (
-            spec.s_min >= 0.0 && spec.s_min <= spec.s_max,
-            "s_min must be between 0 and s_max".into(),
-        ),
-        (
-            spec.s_noise.is_finite() && spec.s_noise > 0.0,
-            "s_noise must be positive".into(),
-        ),
         (
             spec.resolution.is_multiple_of(unit)
                 && (2 * unit..=l.max_resolution).contains(&spec.resolution),

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use super::jobs::{JobId, JobSpec, Store};
 use crate::backend::Backend;
 use crate::model::{DitConfig, MicroDit};
-use crate::pipeline::{sample_batch, GenerationSettings, Image, Sampling, TextToImage};
+use crate::pipeline::{sample_batch, GenerationSettings, Image, TextToImage};
 
 /// What every image's settings share: the model's parts (as `generate` records them).
 #[derive(Debug, Clone)]
@@ -87,18 +87,6 @@ impl<B: Backend> Worker<B> {
             .collect();
         let prompts: Vec<&str> = rows.iter().map(|(s, _)| s.prompt.as_str()).collect();
         let seeds: Vec<u64> = rows.iter().map(|(_, seed)| *seed).collect();
-        let sampling = Sampling {
-            steps: spec.steps,
-            solver: spec.sampler,
-            churn: crate::edm::Churn {
-                s_churn: spec.s_churn,
-                s_min: spec.s_min,
-                s_max: spec.s_max,
-                s_noise: spec.s_noise,
-            },
-            guidance: spec.guidance,
-            guidance_interval: spec.guidance_interval.unwrap_or((0.0, f64::INFINITY)),
-        };
         let device = self.pipeline.device.clone();
         let y = self.pipeline.text.encode(&prompts, &device).states;
         let store = self.store.clone();
@@ -112,11 +100,11 @@ impl<B: Backend> Worker<B> {
             y,
             &seeds,
             shape,
-            &sampling,
+            &spec.sampling,
             |i| {
                 // Every job reports; the batch stops when all of them were cancelled.
                 live = batch.iter().fold(false, |any, (id, _)| {
-                    store.progress(id, i + 1, spec.steps) | any
+                    store.progress(id, i + 1, spec.sampling.steps) | any
                 });
                 live
             },
@@ -148,14 +136,7 @@ impl<B: Backend> Worker<B> {
         GenerationSettings {
             prompt: job.prompt.clone(),
             seed,
-            steps: job.steps,
-            guidance: job.guidance,
-            guidance_interval: job.guidance_interval,
-            sampler: job.sampler,
-            s_churn: job.s_churn,
-            s_min: job.s_min,
-            s_max: job.s_max,
-            s_noise: job.s_noise,
+            sampling: job.sampling.clone(),
             resolution: job.resolution,
             checkpoint: r.checkpoint.clone(),
             model: r.model.clone(),

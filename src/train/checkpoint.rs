@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::{AdamWSettings, Ema, GroupedAdamW};
 use crate::model::weights::{load_weights, save_weights};
 use crate::model::MicroDit;
+use crate::run_dir;
 
 /// Everything besides the tensors that a run needs to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,10 +70,6 @@ fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
 }
 
-fn checkpoints_dir(run: &Path) -> PathBuf {
-    run.join("checkpoints")
-}
-
 /// Writes `step-NNNNNNNN/` under the run's `checkpoints/` and keeps the newest `keep`.
 pub fn save<B: AutodiffBackend>(
     run: &Path,
@@ -82,9 +79,13 @@ pub fn save<B: AutodiffBackend>(
     state: &TrainState,
     keep: usize,
 ) -> Result<PathBuf> {
-    let dir = checkpoints_dir(run);
-    let name = format!("step-{:08}", state.step);
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let target = run_dir::checkpoint(run, state.step);
+    let name = target
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    let tmp = run_dir::checkpoints(run).join(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let write = || -> Result<()> {
@@ -93,12 +94,12 @@ pub fn save<B: AutodiffBackend>(
         if let Some(group) = &optim.experts {
             recorder().record(group.optim.to_record(), tmp.join("optimizer-experts"))?;
         }
-        save_weights(&model.valid(), &tmp.join("weights.safetensors"))?;
+        save_weights(&model.valid(), &tmp.join(run_dir::WEIGHTS))?;
         if let Some(ema) = ema {
-            save_weights(&ema.model, &tmp.join("ema.safetensors"))?;
+            save_weights(&ema.model, &tmp.join(run_dir::EMA_WEIGHTS))?;
         }
         let json = serde_json::to_vec_pretty(state)?;
-        crate::io::write_atomic(&tmp.join("state.json"), |f| {
+        crate::io::write_atomic(&tmp.join(run_dir::STATE), |f| {
             std::io::Write::write_all(f, &json)
         })?;
         Ok(())
@@ -109,39 +110,18 @@ pub fn save<B: AutodiffBackend>(
             "writing checkpoint {name} (the previous checkpoints are intact)"
         )));
     }
-    let target = dir.join(&name);
     let _ = std::fs::remove_dir_all(&target);
     std::fs::rename(&tmp, &target)
         .with_context(|| format!("moving {} into place", target.display()))?;
-    prune(&dir, keep);
+    prune(run, keep);
     Ok(target)
 }
 
-fn complete_checkpoints(dir: &Path) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-                && p.join("state.json").exists()
-        })
-        .collect();
-    found.sort();
-    found
-}
-
-fn prune(dir: &Path, keep: usize) {
-    let all = complete_checkpoints(dir);
+fn prune(run: &Path, keep: usize) {
+    let all = run_dir::complete_checkpoints(run);
     for old in &all[..all.len().saturating_sub(keep)] {
         let _ = std::fs::remove_dir_all(old);
     }
-}
-
-/// The newest complete checkpoint of a run, if any (temporary, half-written ones are ignored).
-pub fn latest(run: &Path) -> Option<PathBuf> {
-    complete_checkpoints(&checkpoints_dir(run)).pop()
 }
 
 /// A run as a checkpoint left it.
@@ -191,7 +171,7 @@ pub fn load<B: AutodiffBackend>(
             .with_context(ctx)?,
     );
     let optim = load_optimizer(checkpoint, optim, device)?;
-    let ema_path = checkpoint.join("ema.safetensors");
+    let ema_path = checkpoint.join(run_dir::EMA_WEIGHTS);
     let ema = match ema_decay.filter(|_| ema_path.exists()) {
         // Built from the model so that its parameters share the model's ids.
         Some(decay) => Some(Ema {
@@ -201,7 +181,7 @@ pub fn load<B: AutodiffBackend>(
         None => None,
     };
     let state: TrainState =
-        serde_json::from_slice(&std::fs::read(checkpoint.join("state.json")).with_context(ctx)?)
+        serde_json::from_slice(&std::fs::read(checkpoint.join(run_dir::STATE)).with_context(ctx)?)
             .with_context(ctx)?;
     Ok(Restored {
         model,

@@ -195,6 +195,41 @@ impl TrainConfig {
             self.checkpoint_every > 0 && self.keep_last > 0,
             "checkpoint_every and keep_last must be positive"
         );
+        self.validate_optimiser()
+    }
+
+    /// The optimiser's numbers: a negative learning rate would train by gradient ascent, a
+    /// NaN one would be noticed only when the loss turns NaN.
+    fn validate_optimiser(&self) -> Result<()> {
+        let finite = |name: &str, value: f64, ok: bool, range: &str| {
+            ensure!(
+                value.is_finite() && ok,
+                "{name} = {value}: must be a finite number {range}"
+            );
+            Ok(())
+        };
+        finite("lr", self.lr, self.lr >= 0.0, "≥ 0")?;
+        finite("alpha_f", self.alpha_f, self.alpha_f >= 0.0, "≥ 0")?;
+        finite("grad_clip", self.grad_clip, self.grad_clip > 0.0, "> 0")?;
+        let wd = self.weight_decay as f64;
+        finite("weight_decay", wd, wd >= 0.0, "≥ 0")?;
+        let eps = self.eps as f64;
+        finite("eps", eps, eps > 0.0, "> 0")?;
+        for (k, beta) in self.betas.iter().enumerate() {
+            let b = *beta as f64;
+            finite(
+                &format!("betas[{k}]"),
+                b,
+                (0.0..1.0).contains(&b),
+                "in [0, 1)",
+            )?;
+        }
+        if let Some(scale) = self.expert_lr_scale {
+            finite("expert_lr_scale", scale, scale >= 0.0, "≥ 0")?;
+        }
+        if let Some(decay) = self.ema_decay {
+            finite("ema_decay", decay, (0.0..1.0).contains(&decay), "in [0, 1)")?;
+        }
         Ok(())
     }
 
@@ -239,5 +274,42 @@ impl TrainConfig {
         self.lr
             * (self.alpha_f
                 + (1.0 - self.alpha_f) * 0.5 * (1.0 + (std::f64::consts::PI * tau).cos()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> TrainConfig {
+        TrainConfig {
+            model: "MicroDiT_Tiny_2".into(),
+            data: vec![PathBuf::from("data")],
+            steps: 10,
+            global_batch: 4,
+            micro_batch: 4,
+            ..TrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn optimiser_numbers_must_be_finite_and_in_range() {
+        valid().validate().unwrap();
+        let refused = |change: fn(&mut TrainConfig), says: &str| {
+            let mut cfg = valid();
+            change(&mut cfg);
+            let error = cfg.validate().unwrap_err().to_string();
+            assert!(error.contains(says), "{error}");
+        };
+        refused(|c| c.lr = -1e-3, "lr = -0.001: must be a finite number ≥ 0");
+        refused(|c| c.lr = f64::NAN, "lr = NaN");
+        refused(|c| c.lr = f64::INFINITY, "lr = inf");
+        refused(|c| c.weight_decay = -0.1, "weight_decay");
+        refused(|c| c.betas = [0.9, 1.0], "betas[1]");
+        refused(|c| c.eps = 0.0, "eps");
+        refused(|c| c.grad_clip = f64::NAN, "grad_clip");
+        refused(|c| c.alpha_f = -1.0, "alpha_f");
+        refused(|c| c.expert_lr_scale = Some(f64::NAN), "expert_lr_scale");
+        refused(|c| c.ema_decay = Some(1.5), "ema_decay");
     }
 }

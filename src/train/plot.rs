@@ -31,11 +31,12 @@ pub fn read_losses(metrics: &Path) -> Result<Vec<(f64, f64)>> {
 }
 
 pub fn plot(run: &Path, out: &Path) -> Result<()> {
-    let points = read_losses(&run.join("metrics.jsonl"))?;
+    let metrics = run.join(crate::run_dir::METRICS);
+    let points = read_losses(&metrics)?;
     ensure!(
         points.len() >= 2,
         "{} has fewer than two logged steps",
-        run.join("metrics.jsonl").display()
+        metrics.display()
     );
     let (x0, x1) = (points[0].0, points[points.len() - 1].0);
     let logs: Vec<f64> = points.iter().map(|p| p.1.max(1e-12).ln()).collect();

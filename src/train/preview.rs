@@ -59,7 +59,7 @@ impl<B: Backend> Preview<B> {
             captions: Tensor::from_data(TensorData::new(data.to_vec::<f32>()?, [n, l, c]), device),
             codec,
             sampling: Sampling::heun(steps, guidance),
-            dir: run.join("samples"),
+            dir: run.join(crate::run_dir::SAMPLES),
         })
     }
 

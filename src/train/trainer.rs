@@ -28,6 +28,7 @@ use crate::data::latents::LatentsDataset;
 use crate::edm::{edm_loss, LossNoise};
 use crate::model::weights::load_weights;
 use crate::model::{DitConfig, Init, MicroDit, Precision};
+use crate::run_dir;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -336,7 +337,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         };
         std::fs::create_dir_all(run)
             .with_context(|| format!("creating run directory {}", run.display()))?;
-        let fresh = checkpoint::latest(run).is_none();
+        let fresh = run_dir::latest(run).is_none();
         let (model, optim, ema, state, rng) =
             Self::initial_state(cfg, &dit, run, opts, device, rank)?;
 
@@ -419,7 +420,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         };
         let mut optim = GroupedAdamW::new(&settings, cfg.expert_lr_scale);
         let (state, rng) = TrainState::new(cfg.seed.wrapping_add(1));
-        match checkpoint::latest(run) {
+        match run_dir::latest(run) {
             Some(ckpt) if opts.resume => {
                 let restored = checkpoint::load(&ckpt, model, optim, cfg.ema_decay, device)?;
                 let rng = restored.state.rng()?;
@@ -440,9 +441,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             None => {}
         }
         if let Some(init) = &cfg.init_from {
-            let previous = checkpoint::latest(init);
+            let previous = run_dir::latest(init);
             let weights = match &previous {
-                Some(ckpt) => ckpt.join("weights.safetensors"),
+                Some(ckpt) => ckpt.join(run_dir::WEIGHTS),
                 None => init.clone(),
             };
             if let Some(ckpt) = previous.as_ref().filter(|_| cfg.carry_optimizer) {
@@ -470,7 +471,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         }
         if fresh {
             let config = toml::to_string(cfg)?;
-            crate::io::write_atomic(&run.join("config.toml"), |f| f.write_all(config.as_bytes()))?;
+            crate::io::write_atomic(&run.join(run_dir::CONFIG), |f| {
+                f.write_all(config.as_bytes())
+            })?;
         }
         let preview = match (cfg.sample_every, &cfg.sample_captions) {
             (every, Some(captions)) if every > 0 => Some(Preview::new(
@@ -486,8 +489,8 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(run.join("metrics.jsonl"))
-            .with_context(|| format!("opening {}", run.join("metrics.jsonl").display()))?;
+            .open(run.join(run_dir::METRICS))
+            .with_context(|| format!("opening {}", run.join(run_dir::METRICS).display()))?;
         Ok((preview, Some(metrics)))
     }
 

@@ -20,15 +20,20 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 /// Every fixture set whose `config.json` says `"kind": <kind>`, under `MICRODIT_FIXTURES`
-/// and the sets this project makes itself (`tests/fixtures/eval`, by its `make.py`); panics
-/// when there is none, so that a missing fixtures directory fails instead of passing
-/// vacuously.
+/// and the sets this project makes itself (`tests/fixtures/*/`, each folder by its
+/// `make.py`); panics when there is none, so that a missing fixtures directory fails
+/// instead of passing vacuously.
 pub fn fixture_sets(kind: &str) -> Vec<PathBuf> {
     let dir = fixtures_dir();
-    let own = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval");
+    let own = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let own_sets = std::fs::read_dir(&own)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .flat_map(|maker| std::fs::read_dir(maker).into_iter().flatten());
     let mut sets: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("fixtures directory {} unreadable: {e}", dir.display()))
-        .chain(std::fs::read_dir(&own).into_iter().flatten())
+        .chain(own_sets)
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             std::fs::read_to_string(p.join("config.json"))
