@@ -25,10 +25,20 @@ fn microdit(args: &[String]) -> (bool, String) {
 
 fn generate(s: &Setup, extra: &[&str]) -> String {
     let mut args = s.base.clone();
+    if extra.contains(&"--steps") {
+        without(&mut args, "--steps");
+    }
     args.extend(extra.iter().map(|a| a.to_string()));
     let (ok, log) = microdit(&args);
     assert!(ok, "generate failed:\n{log}");
     log
+}
+
+/// Drops `flag` and its value from `args`.
+fn without(args: &mut Vec<String>, flag: &str) {
+    if let Some(at) = args.iter().position(|a| a == flag) {
+        args.drain(at..at + 2);
+    }
 }
 
 #[test]
@@ -139,6 +149,16 @@ fn half_precision_generation_makes_nearly_the_same_image() {
     );
 }
 
+/// The decoded pixels of a PNG file.
+fn pixels(path: &std::path::Path) -> Vec<u8> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(std::fs::read(path).unwrap()))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    reader.next_frame(&mut buf).unwrap();
+    buf
+}
+
 #[test]
 fn several_prompts_make_a_folder_of_seeded_images_and_a_grid() {
     let s = setup();
@@ -159,14 +179,105 @@ fn several_prompts_make_a_folder_of_seeded_images_and_a_grid() {
             out.to_str().unwrap(),
         ],
     );
-    for name in [
-        "000-00-seed10.png",
-        "000-01-seed11.png",
-        "001-00-seed12.png",
-        "001-01-seed13.png",
-        "grid.png",
+    let images = [
+        ("000-00-seed10.png", "a red circle", 10),
+        ("000-01-seed11.png", "a red circle", 11),
+        ("001-00-seed12.png", "a blue square", 12),
+        ("001-01-seed13.png", "a blue square", 13),
+    ];
+    for (name, prompt, seed) in images {
+        let text = microdit::image::read_png_text(&out.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let settings = microdit::pipeline::GenerationSettings::from_png_text(text).unwrap();
+        assert_eq!((settings.prompt.as_str(), settings.seed), (prompt, seed));
+    }
+    // Each image is the one its prompt and seed make alone.
+    let alone = s.model.root.join("alone.png");
+    generate(
+        &s,
+        &["a blue square", "--seed", "13", "--out", alone.to_str().unwrap()],
+    );
+    assert_eq!(pixels(&alone), pixels(&out.join("001-01-seed13.png")));
+    assert_ne!(
+        pixels(&out.join("001-00-seed12.png")),
+        pixels(&out.join("001-01-seed13.png"))
+    );
+    let grid = png::Decoder::new(std::io::Cursor::new(
+        std::fs::read(out.join("grid.png")).unwrap(),
+    ));
+    let info = grid.read_info().unwrap();
+    let (w, h) = (info.info().width, info.info().height);
+    assert!(w * h >= 4 * 16 * 16 && w % 16 == 0 && h % 16 == 0, "grid {w}x{h}");
+}
+
+#[test]
+fn dpm_solver_images_record_their_sampler_and_reproduce() {
+    let s = setup();
+    let path = |n: &str| s.model.root.join(n);
+    for (sampler, steps) in [("dpmpp-2m", "20"), ("dpmpp-2m-sde", "6")] {
+        let file = path(&format!("{sampler}.png"));
+        let log = generate(
+            &s,
+            &[
+                "a lighthouse",
+                "--sampler",
+                sampler,
+                "--steps",
+                steps,
+                "--out",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(log.contains(&format!("{steps} steps, {sampler}")), "{log}");
+        let text = microdit::image::read_png_text(&file).unwrap();
+        assert!(text.contains(&("sampler".into(), sampler.into())), "{text:?}");
+        assert!(text.contains(&("steps".into(), steps.into())), "{text:?}");
+        let again = path(&format!("{sampler}-again.png"));
+        let (ok, log) = microdit(&[
+            "generate".into(),
+            "--from-png".into(),
+            file.to_str().unwrap().into(),
+            "--out".into(),
+            again.to_str().unwrap().into(),
+        ]);
+        assert!(ok, "{log}");
+        assert_eq!(std::fs::read(&file).unwrap(), std::fs::read(&again).unwrap());
+    }
+    assert_ne!(
+        pixels(&path("dpmpp-2m.png")),
+        pixels(&path("dpmpp-2m-sde.png"))
+    );
+}
+
+/// `generate` refuses what the server refuses, with the very message
+/// (`Sampling::validate`, which both apply).
+#[test]
+fn out_of_range_sampling_is_refused_as_the_server_refuses_it() {
+    let s = setup();
+    let defaults = microdit::pipeline::Sampling::default();
+    for (flags, change) in [
+        (vec!["--steps", "0"], serde_json::json!({"steps": 0})),
+        (vec!["--guidance=-1"], serde_json::json!({"guidance": -1.0})),
+        (
+            vec!["--guidance-interval", "3", "1"],
+            serde_json::json!({"guidance_interval": [3.0, 1.0]}),
+        ),
+        (vec!["--s-noise", "0"], serde_json::json!({"s_noise": 0.0})),
+        (
+            vec!["--sampler", "dpmpp-2m", "--s-churn", "1"],
+            serde_json::json!({"sampler": "dpmpp-2m", "s_churn": 1.0}),
+        ),
     ] {
-        assert!(out.join(name).exists(), "{name} missing");
+        let expected = defaults
+            .with(change.as_object().unwrap().clone())
+            .unwrap_err()
+            .to_string();
+        let mut args = s.base.clone();
+        without(&mut args, "--steps");
+        args.push("x".into());
+        args.extend(flags.iter().map(|f| f.to_string()));
+        let (ok, log) = microdit(&args);
+        assert!(!ok && log.contains(&expected), "{flags:?}: want '{expected}':\n{log}");
     }
 }
 
