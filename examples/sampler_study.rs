@@ -89,7 +89,11 @@ fn main() -> anyhow::Result<()> {
             let mut error = 0.0;
             for (seed, exact) in SEEDS.iter().zip(&reference) {
                 let x = run(&sampling, *seed);
-                let diff = (x - exact.clone()).powi_scalar(2).sum().sqrt().into_scalar();
+                let diff = (x - exact.clone())
+                    .powi_scalar(2)
+                    .sum()
+                    .sqrt()
+                    .into_scalar();
                 let norm = exact.clone().powi_scalar(2).sum().sqrt().into_scalar();
                 error += (diff / norm) as f64 / SEEDS.len() as f64;
             }

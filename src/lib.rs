@@ -14,6 +14,7 @@ pub mod hub;
 pub mod image;
 pub mod io;
 pub mod model;
+pub mod nn;
 pub mod pipeline;
 pub mod precompute;
 pub mod progress;

@@ -195,7 +195,13 @@ fn several_prompts_make_a_folder_of_seeded_images_and_a_grid() {
     let alone = s.model.root.join("alone.png");
     generate(
         &s,
-        &["a blue square", "--seed", "13", "--out", alone.to_str().unwrap()],
+        &[
+            "a blue square",
+            "--seed",
+            "13",
+            "--out",
+            alone.to_str().unwrap(),
+        ],
     );
     assert_eq!(pixels(&alone), pixels(&out.join("001-01-seed13.png")));
     assert_ne!(
@@ -207,7 +213,10 @@ fn several_prompts_make_a_folder_of_seeded_images_and_a_grid() {
     ));
     let info = grid.read_info().unwrap();
     let (w, h) = (info.info().width, info.info().height);
-    assert!(w * h >= 4 * 16 * 16 && w % 16 == 0 && h % 16 == 0, "grid {w}x{h}");
+    assert!(
+        w * h >= 4 * 16 * 16 && w % 16 == 0 && h % 16 == 0,
+        "grid {w}x{h}"
+    );
 }
 
 #[test]
@@ -230,7 +239,10 @@ fn dpm_solver_images_record_their_sampler_and_reproduce() {
         );
         assert!(log.contains(&format!("{steps} steps, {sampler}")), "{log}");
         let text = microdit::image::read_png_text(&file).unwrap();
-        assert!(text.contains(&("sampler".into(), sampler.into())), "{text:?}");
+        assert!(
+            text.contains(&("sampler".into(), sampler.into())),
+            "{text:?}"
+        );
         assert!(text.contains(&("steps".into(), steps.into())), "{text:?}");
         let again = path(&format!("{sampler}-again.png"));
         let (ok, log) = microdit(&[
@@ -241,7 +253,10 @@ fn dpm_solver_images_record_their_sampler_and_reproduce() {
             again.to_str().unwrap().into(),
         ]);
         assert!(ok, "{log}");
-        assert_eq!(std::fs::read(&file).unwrap(), std::fs::read(&again).unwrap());
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            std::fs::read(&again).unwrap()
+        );
     }
     assert_ne!(
         pixels(&path("dpmpp-2m.png")),
@@ -277,7 +292,10 @@ fn out_of_range_sampling_is_refused_as_the_server_refuses_it() {
         args.push("x".into());
         args.extend(flags.iter().map(|f| f.to_string()));
         let (ok, log) = microdit(&args);
-        assert!(!ok && log.contains(&expected), "{flags:?}: want '{expected}':\n{log}");
+        assert!(
+            !ok && log.contains(&expected),
+            "{flags:?}: want '{expected}':\n{log}"
+        );
     }
 }
 

@@ -13,7 +13,7 @@
 //!   TF32 tensor cores, so CPU and GPU agree to float32 rounding (as PyTorch's default
 //!   `allow_tf32 = False` for matmuls).
 //! - bf16/f16: matrix products and attention with f16/bf16 operands and f32 accumulation;
-//!   layer norms, softmax and the loss in f32 (PyTorch autocast's rules, `model::precision`).
+//!   layer norms, softmax and the loss in f32 (PyTorch autocast's rules, `nn::precision`).
 
 mod autodiff;
 #[cfg(feature = "cuda")]

@@ -200,7 +200,15 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
     // The sampler's first step (corrected, as every step but the last), then stop.
     let seconds = time(&what, args.warmup, args.iters, || {
         let no_noise = |_| unreachable!("deterministic");
-        let _ = sample(x.clone(), &sigmas, Sampler::Heun, Churn::default(), call, no_noise, |_| false);
+        let _ = sample(
+            x.clone(),
+            &sigmas,
+            Sampler::Heun,
+            Churn::default(),
+            call,
+            no_noise,
+            |_| false,
+        );
         B::InnerBackend::sync(&dev).expect("device sync");
     });
     report(&what, seconds, args.batch, "images");

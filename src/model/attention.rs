@@ -5,9 +5,9 @@ use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::init::{Dist, Init};
-use super::layers::split_last;
-use super::precision::{cast, linear, normalize};
 use crate::backend::{attention, Backend};
+use crate::nn::precision::{cast, linear, normalize};
+use crate::nn::split_last;
 
 /// Scaled dot-product attention of `q` [B, N, H] over `k`, `v` [B, L, H] with `heads` heads,
 /// after normalising q and k (in f32); attention itself in v's type; returns [B, N, H].

@@ -10,9 +10,10 @@ use super::config::BlockShape;
 use super::expert_choice::ExpertChoiceFeedForward;
 use super::feed_forward::FeedForward;
 use super::init::{Dist, Init};
-use super::layers::{gated_residual, layer_norm, modulate, residual, split_last};
-use super::precision::{layer_norm_f32, linear};
+use super::layers::{gated_residual, layer_norm, modulate, residual};
 use crate::backend::Backend;
+use crate::nn::precision::{layer_norm_f32, linear};
+use crate::nn::split_last;
 
 /// Every second block swaps its dense feed-forward for experts.
 // Built once per model; boxing would only add an indirection.

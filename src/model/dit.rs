@@ -10,8 +10,8 @@ use super::embeddings::{sincos_pos_embed, unpatchify, PatchEmbed, TimestepEmbedd
 use super::init::Init;
 use super::layers::{cast_like, residual, Mlp, NormLinear};
 use super::masking::PatchMask;
-use super::precision::{cast, to_f32, LowPrecisionCopy};
 use crate::backend::Backend;
+use crate::nn::precision::{cast, to_f32, LowPrecisionCopy};
 
 /// The fixed 2-D sin-cos positions of `cfg`'s patch grid, [1, T, D], in f32.
 fn positions<B: Backend>(cfg: &DitConfig, device: &B::Device) -> Tensor<B, 3> {

@@ -7,8 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use super::init::{Dist, Init};
-use super::precision::{linear, matmul_in_weight_type};
 use crate::backend::Backend;
+use crate::nn::precision::{linear, matmul_in_weight_type};
 
 /// A `p x p`, stride-`p` convolution from C latent channels to D, computed as one matmul over
 /// patchified latents. The weight keeps the convolution's [D, C, p, p] layout.

@@ -8,8 +8,8 @@ use burn::tensor::activation::gelu;
 use burn::tensor::{BasicOps, IndexingUpdateOp};
 
 use super::init::{Dist, Init};
-use super::precision::{linear, matmul_in_weight_type, promote, softmax_f32};
 use crate::backend::{top_k_indices, Backend};
+use crate::nn::precision::{linear, matmul_in_weight_type, promote, softmax_f32};
 
 #[derive(Module, Debug)]
 pub struct ExpertChoiceFeedForward<B: Backend> {

@@ -5,8 +5,8 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use super::init::{Dist, Init};
-use super::precision::linear;
 use crate::backend::Backend;
+use crate::nn::precision::linear;
 
 /// `w3(silu(w1 x) * w2 x)`, hidden width from [`super::config::BlockShape::swiglu_hidden`].
 #[derive(Module, Debug)]

@@ -5,8 +5,8 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use super::init::{Dist, Init};
-use super::precision::{cast, layer_norm_f32, linear, promote};
 use crate::backend::Backend;
+use crate::nn::precision::{cast, layer_norm_f32, linear, promote};
 
 /// `nn.LayerNorm(dim, eps, bias=False)`: a learned scale and no shift.
 pub fn layer_norm<B: Backend>(dim: usize, eps: f64, init: &Init<B>) -> LayerNorm<B> {
@@ -59,13 +59,6 @@ pub fn cast_like<B: Backend, const D: usize, const E: usize>(
     like: &Tensor<B, E>,
 ) -> Tensor<B, D> {
     cast(x, like.dtype())
-}
-
-/// Splits the last dimension of `x` into `N` equal parts (PyTorch's `chunk(N, -1)`).
-pub fn split_last<B: Backend, const D: usize, const N: usize>(
-    x: Tensor<B, D>,
-) -> [Tensor<B, D>; N] {
-    <[Tensor<B, D>; N]>::try_from(x.chunk(N, D - 1)).expect("last dimension divisible into N parts")
 }
 
 /// timm's `Mlp` with a LayerNorm between the activation and the second layer, as the

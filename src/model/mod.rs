@@ -12,11 +12,10 @@ pub mod init;
 pub mod layers;
 pub mod masking;
 pub mod params;
-pub mod precision;
 pub mod weights;
 
+pub use crate::nn::precision::Precision;
 pub use config::DitConfig;
 pub use dit::MicroDit;
 pub use init::Init;
 pub use masking::PatchMask;
-pub use precision::Precision;

@@ -13,8 +13,8 @@ use burn::tensor::activation::{gelu, sigmoid};
 use serde::Deserialize;
 
 use crate::backend::attention;
-use crate::model::layers::split_last;
-use crate::model::precision::linear;
+use crate::nn::precision::linear;
+use crate::nn::split_last;
 use crate::state_dict::{apply_state_dict, read_state_dict, CLIP_TEXT_KEYS};
 
 /// The text half of an open_clip `open_clip_config.json`.
