@@ -24,7 +24,8 @@ use crate::data::preprocess::{resize_bicubic, resize_center_crop};
 use crate::hub::Hub;
 use crate::state_dict::{apply_state_dict, read_state_dict, CLIP_VISION_KEYS};
 use crate::text::clip::{clip_layer_norm, ClipTransformer};
-use crate::text::TextEncoder;
+use crate::text::open_clip_config::{check_options, OpenClipConfig};
+use crate::text::{ClipTextConfig, TextEncoder};
 
 /// OpenAI's CLIP image normalisation, open_clip's default (its constants as written).
 #[allow(clippy::excessive_precision)]
@@ -86,22 +87,6 @@ pub struct Preprocess {
 }
 
 #[derive(Deserialize)]
-struct HubConfig {
-    model_cfg: ModelCfg,
-    #[serde(default)]
-    preprocess_cfg: PreprocessCfg,
-}
-
-#[derive(Deserialize)]
-struct ModelCfg {
-    embed_dim: usize,
-    #[serde(default)]
-    quick_gelu: bool,
-    vision_cfg: VisionCfg,
-    text_cfg: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Deserialize)]
 struct VisionCfg {
     #[serde(default = "default_image_size")]
     image_size: usize,
@@ -115,14 +100,6 @@ struct VisionCfg {
     /// Every other key, checked against the variants this tower implements.
     #[serde(flatten)]
     other: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Deserialize, Default)]
-struct PreprocessCfg {
-    mean: Option<[f32; 3]>,
-    std: Option<[f32; 3]>,
-    interpolation: Option<String>,
-    resize_mode: Option<String>,
 }
 
 fn default_image_size() -> usize {
@@ -156,79 +133,23 @@ const VISION_DEFAULTS: &[(&str, &str)] = &[
 ];
 /// Training-only options, irrelevant to inference.
 const VISION_IGNORED: &[&str] = &["patch_dropout", "attn_pooler_queries", "attn_pooler_heads"];
-/// The text options that change `encode_text` beyond the tower [`TextEncoder`] runs.
-const TEXT_DEFAULTS: &[(&str, &str)] = &[
-    ("pool_type", "\"argmax\""),
-    ("proj_type", "\"linear\""),
-    ("proj_bias", "false"),
-    ("embed_cls", "false"),
-    ("no_causal_mask", "false"),
-    ("hf_model_name", "null"),
-];
-
-fn check_defaults(
-    what: &str,
-    given: &serde_json::Map<String, serde_json::Value>,
-    defaults: &[(&str, &str)],
-    ignored: &[&str],
-    known: &[&str],
-) -> Result<()> {
-    for (key, value) in given {
-        if known.contains(&key.as_str()) || ignored.contains(&key.as_str()) {
-            continue;
-        }
-        match defaults.iter().find(|(k, _)| k == key) {
-            Some((_, default))
-                if serde_json::from_str::<serde_json::Value>(default)
-                    .ok()
-                    .as_ref()
-                    == Some(value) => {}
-            Some(_) => bail!(
-                "{what} option {key} = {value} is not supported (only {default_list})",
-                default_list = defaults
-                    .iter()
-                    .map(|(k, v)| format!("{k} = {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            // An option this tower does not know is fine while it is switched off.
-            None if value.is_null() || value == &serde_json::Value::Bool(false) => {}
-            None => bail!("{what} option {key} = {value} is not supported"),
-        }
-    }
-    Ok(())
-}
-
 /// Reads the vision tower's config and the eval preprocessing from `open_clip_config.json`.
 pub fn read_config(path: &Path) -> Result<(ClipVisionConfig, Preprocess)> {
-    let cfg: HubConfig = crate::io::read_json(
-        path,
-        "an open_clip config with model_cfg.vision_cfg and embed_dim",
-    )?;
-    let m = cfg.model_cfg;
-    let v = m.vision_cfg;
-    check_defaults("vision_cfg", &v.other, VISION_DEFAULTS, VISION_IGNORED, &[])?;
-    let text_known = [
-        "context_length",
-        "vocab_size",
-        "width",
-        "heads",
-        "layers",
-        "mlp_ratio",
-    ];
-    check_defaults(
-        "text_cfg",
-        &m.text_cfg,
-        TEXT_DEFAULTS,
-        &[
-            "ls_init_value",
-            "pad_id",
-            "hf_tokenizer_name",
-            "tokenizer_kwargs",
-            "output_tokens",
-        ],
-        &text_known,
-    )?;
+    vision_config(&OpenClipConfig::read(path)?).with_context(|| format!("in {}", path.display()))
+}
+
+fn vision_config(cfg: &OpenClipConfig) -> Result<(ClipVisionConfig, Preprocess)> {
+    let m = &cfg.model_cfg;
+    let embed_dim = m.embed_dim.context("model_cfg has no embed_dim")?;
+    let vision = m
+        .vision_cfg
+        .clone()
+        .context("model_cfg has no vision_cfg")?;
+    let v = VisionCfg::deserialize(serde_json::Value::Object(vision))
+        .context("model_cfg.vision_cfg")?;
+    check_options("vision_cfg", &v.other, VISION_DEFAULTS, VISION_IGNORED, &[])?;
+    // The text tower the score's captions go through must be one microdit runs.
+    ClipTextConfig::from_config(cfg)?;
     ensure!(
         v.head_width > 0 && v.width.is_multiple_of(v.head_width),
         "vision width {} is not a multiple of head_width {}",
@@ -241,7 +162,7 @@ pub fn read_config(path: &Path) -> Result<(ClipVisionConfig, Preprocess)> {
         v.image_size,
         v.patch_size
     );
-    let p = cfg.preprocess_cfg;
+    let p = &cfg.preprocess_cfg;
     if let Some(i) = p.interpolation.as_deref().filter(|&i| i != "bicubic") {
         bail!("preprocess_cfg interpolation '{i}' is not supported (only bicubic)");
     }
@@ -259,7 +180,7 @@ pub fn read_config(path: &Path) -> Result<(ClipVisionConfig, Preprocess)> {
             layers: v.layers,
             mlp_ratio: v.mlp_ratio,
             quick_gelu: m.quick_gelu,
-            embed_dim: m.embed_dim,
+            embed_dim,
         },
         Preprocess {
             size: v.image_size,
@@ -498,16 +419,16 @@ mod tests {
         assert!(pre.squash && pre.size == 378 && pre.mean == [0.5; 3]);
         assert!(config(r#", "attentional_pool": false, "act_kwargs": null"#, "").is_ok());
         let err = config(r#", "attentional_pool": true"#, "")
-            .unwrap_err()
-            .to_string();
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
         assert!(err.contains("attentional_pool"), "{err}");
         let err = config("", r#", "resize_mode": "longest""#)
-            .unwrap_err()
-            .to_string();
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
         assert!(err.contains("longest"), "{err}");
         let err = config("", r#", "interpolation": "bilinear""#)
-            .unwrap_err()
-            .to_string();
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
         assert!(err.contains("bilinear"), "{err}");
     }
 }

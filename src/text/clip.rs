@@ -11,11 +11,13 @@ use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid};
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::backend::attention;
 use crate::nn::precision::linear;
 use crate::nn::split_last;
 use crate::state_dict::{apply_state_dict, read_state_dict, CLIP_TEXT_KEYS};
+use crate::text::open_clip_config::{check_text_options, OpenClipConfig};
 
 /// The text half of an open_clip `open_clip_config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,18 +32,7 @@ pub struct ClipTextConfig {
     pub quick_gelu: bool,
 }
 
-#[derive(Deserialize)]
-struct HubConfig {
-    model_cfg: ModelCfg,
-}
-
-#[derive(Deserialize)]
-struct ModelCfg {
-    #[serde(default)]
-    quick_gelu: bool,
-    text_cfg: TextCfg,
-}
-
+/// `text_cfg` as open_clip reads it (absent sizes take open_clip's defaults).
 #[derive(Deserialize)]
 struct TextCfg {
     #[serde(default = "default_context")]
@@ -55,6 +46,16 @@ struct TextCfg {
     mlp_ratio: f64,
 }
 
+/// The `text_cfg` keys [`TextCfg`] reads.
+const TEXT_KEYS: &[&str] = &[
+    "context_length",
+    "vocab_size",
+    "width",
+    "heads",
+    "layers",
+    "mlp_ratio",
+];
+
 fn default_context() -> usize {
     77
 }
@@ -66,10 +67,18 @@ fn default_mlp_ratio() -> f64 {
 }
 
 impl ClipTextConfig {
+    /// The text tower of an `open_clip_config.json`; options it does not implement are
+    /// errors.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: HubConfig =
-            crate::io::read_json(path, "an open_clip config (model_cfg.text_cfg)")?;
-        let t = cfg.model_cfg.text_cfg;
+        Self::from_config(&OpenClipConfig::read(path)?)
+            .with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn from_config(cfg: &OpenClipConfig) -> Result<Self> {
+        let m = &cfg.model_cfg;
+        check_text_options(&m.text_cfg, TEXT_KEYS)?;
+        let t = TextCfg::deserialize(Value::Object(m.text_cfg.clone()))
+            .context("model_cfg.text_cfg")?;
         anyhow::ensure!(
             t.heads > 0 && t.width.is_multiple_of(t.heads),
             "text width {} not divisible by {} heads",
@@ -83,7 +92,7 @@ impl ClipTextConfig {
             heads: t.heads,
             layers: t.layers,
             mlp_ratio: t.mlp_ratio,
-            quick_gelu: cfg.model_cfg.quick_gelu,
+            quick_gelu: m.quick_gelu,
         })
     }
 

@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod encoder;
+pub mod open_clip_config;
 pub mod tokenizer;
 
 pub use clip::{ClipTextConfig, ClipTextEncoder};
