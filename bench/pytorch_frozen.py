@@ -1,4 +1,4 @@
-"""The work of `microdit bench-text` / `bench-vae` with open_clip and diffusers, random weights.
+"""The work of `microdit bench text` / `bench vae` with open_clip and diffusers, random weights.
 
     python3 bench/pytorch_frozen.py text --batch 8 --iters 3
     python3 bench/pytorch_frozen.py vae --latent-size 32 --iters 1

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use microdit::commands::{
-    bench, bench_frozen, demo, eval, generate, info, precompute, serve, train, ModelArgs,
+    bench, bench_frozen, demo, eval, generate, info, plot, precompute, serve, train, ModelArgs,
 };
 
 /// MicroDiT: train and sample the Sparse Elucidated Latent Diffusion Transformer.
@@ -27,26 +27,22 @@ enum Command {
     /// Train a MicroDiT on MDS latent shards: one stage config, or several in sequence.
     Train(train::TrainArgs),
     /// Plot a training run's loss curve (from its metrics.jsonl) as a PNG.
-    Plot {
-        /// The run directory.
-        run: std::path::PathBuf,
-        /// Output file (default: RUN/loss.png).
-        #[arg(long)]
-        out: Option<std::path::PathBuf>,
-    },
+    Plot(plot::PlotArgs),
     /// Watch a small text-to-image model learn captioned shapes on a CPU (no downloads).
     Demo(demo::DemoArgs),
     /// Print an architecture's parameter count, part by part (no weights are allocated).
     Info(ModelArgs),
-    /// Time one denoiser training step and one guided sampler step.
-    Bench(bench::BenchArgs),
-    /// Time text encoding with the full-size ViT-H text tower (random weights).
+    /// Time the networks on random weights: `bench` (the denoiser's training and sampler
+    /// steps), `bench text`, `bench vae`, `bench encode`, `bench eval`.
+    Bench(bench::BenchCommand),
+    /// The earlier names of `bench text|vae|eval|encode`.
+    #[command(hide = true)]
     BenchText(bench_frozen::TextBenchArgs),
-    /// Time decoding one latent with the full-size SDXL VAE (random weights).
+    #[command(hide = true)]
     BenchVae(bench_frozen::VaeBenchArgs),
-    /// Time the evaluation's networks (FID Inception, CLIP vision tower; random weights).
+    #[command(hide = true)]
     BenchEval(bench_frozen::EvalBenchArgs),
-    /// Time precompute's image path: decode, resize and SDXL VAE encoding (random weights).
+    #[command(hide = true)]
     BenchEncode(bench_frozen::EncodeBenchArgs),
 }
 
@@ -75,10 +71,8 @@ fn main() {
         Command::Demo(args) => demo::run(args),
         Command::Precompute(args) => precompute::run(args),
         Command::Train(args) => train::run(args),
-        Command::Plot { run, out } => {
-            microdit::train::plot::plot(run, &out.clone().unwrap_or_else(|| run.join("loss.png")))
-        }
-        Command::Bench(args) => bench::run(args),
+        Command::Plot(args) => plot::run(args),
+        Command::Bench(args) => bench::run_command(args),
         Command::BenchText(args) => bench_frozen::run_text(args),
         Command::BenchVae(args) => bench_frozen::run_vae(args),
         Command::BenchEncode(args) => bench_frozen::run_encode(args),

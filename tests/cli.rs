@@ -75,3 +75,29 @@ fn precompute_refuses_bad_input_clearly() {
     let (ok, _, err) = microdit(&["precompute", images, "--out", out, "--vae", "/no/vae"]).split();
     assert!(!ok && err.contains("loading the VAE"), "{err}");
 }
+
+#[test]
+fn bench_names_each_network_and_keeps_the_old_names_hidden() {
+    let (ok, out, _) = microdit(&["bench", "--help"]).split();
+    for what in ["denoiser", "text", "vae", "encode", "eval"] {
+        assert!(ok && out.contains(&format!("  {what} ")), "{what}:\n{out}");
+    }
+    for old in ["bench-text", "bench-vae", "bench-encode", "bench-eval"] {
+        let (ok, _, err) = microdit(&[old, "--help"]).split();
+        assert!(ok, "{old}: {err}");
+    }
+    let (_, top, _) = microdit(&["--help"]).split();
+    assert!(!top.contains("bench-vae"), "{top}");
+    let (ok, _, err) = microdit(&["bench", "vae", "--latent-size", "0"]).split();
+    assert!(
+        !ok && err.contains("--latent-size must be at least 1"),
+        "{err}"
+    );
+    let (ok, _, err) = microdit(&["bench", "--batch", "0"]).split();
+    assert!(
+        !ok && err.contains("--batch, --iters and --caption-len"),
+        "{err}"
+    );
+    let (ok, _, err) = microdit(&["plot", "/nonexistent-run"]).split();
+    assert!(!ok && err.contains("metrics.jsonl"), "{err}");
+}

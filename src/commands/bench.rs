@@ -1,6 +1,8 @@
-//! `microdit bench`: one training step (forward + backward + clip + AdamW) at each mask
-//! ratio and one guided Heun sampler step, timed. `bench/pytorch_bench.py` does the same
-//! work in PyTorch, so the two can be run side by side on one machine.
+//! `microdit bench`: timings of each network on random weights, beside which
+//! `bench/pytorch_*.py` time the same work in PyTorch. `bench denoiser` (also plain
+//! `bench`): one training step (forward + backward + clip + AdamW) at each mask ratio and
+//! one guided Heun sampler step; `bench text|vae|encode|eval`: the frozen parts and the
+//! evaluation networks (`bench_frozen.rs`).
 //!
 //! Every run's time is printed as it finishes (the first includes compiling GPU kernels on
 //! a cold start), then the median of the timed runs with images/s and, on a GPU, model
@@ -15,6 +17,7 @@ use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::bench_frozen::{self, EncodeBenchArgs, EvalBenchArgs, TextBenchArgs, VaeBenchArgs};
 use super::{DeviceChoice, ModelArgs};
 use crate::backend::{AutodiffBackend, Trainable};
 use crate::edm::{
@@ -29,6 +32,49 @@ use crate::train::optim::{clip_grad_norm, AdamWSettings};
 /// Dense bf16 tensor-core peak of an H100/H200 SXM (NVIDIA's datasheet), the usual MFU
 /// denominator.
 const GPU_PEAK_FLOPS: f64 = 989e12;
+
+/// `microdit bench [WHAT]`: without a subcommand, the denoiser.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub what: Option<Bench>,
+    #[command(flatten)]
+    pub denoiser: BenchArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Bench {
+    /// One denoiser training step per mask ratio and one guided sampler step (the default).
+    Denoiser(BenchArgs),
+    /// Text encoding with the full-size ViT-H text tower.
+    Text(TextBenchArgs),
+    /// Decoding one latent with the full-size SDXL VAE.
+    Vae(VaeBenchArgs),
+    /// Precompute's image path: decode, resize and SDXL VAE encoding.
+    Encode(EncodeBenchArgs),
+    /// The evaluation's networks: FID Inception, CLIP vision tower, Fréchet distance.
+    Eval(EvalBenchArgs),
+}
+
+impl Bench {
+    pub fn run(&self) -> Result<()> {
+        match self {
+            Self::Denoiser(args) => run(args),
+            Self::Text(args) => bench_frozen::run_text(args),
+            Self::Vae(args) => bench_frozen::run_vae(args),
+            Self::Encode(args) => bench_frozen::run_encode(args),
+            Self::Eval(args) => bench_frozen::run_eval(args),
+        }
+    }
+}
+
+pub fn run_command(command: &BenchCommand) -> Result<()> {
+    match &command.what {
+        Some(what) => what.run(),
+        None => run(&command.denoiser),
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -67,6 +113,10 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.batch > 0 && args.iters > 0 && args.caption_len > 0,
+        "--batch, --iters and --caption-len must be at least 1"
+    );
     let cfg = args.model.config()?;
     crate::with_backend!(args.device, |Bk, device| bench::<Trainable<Bk>>(
         &cfg, args, &device

@@ -67,19 +67,31 @@ pub struct EncodeBenchArgs {
     pub device: DeviceChoice,
 }
 
+/// Counts that must be at least 1, by option name.
+fn positive(counts: &[(&str, usize)]) -> Result<()> {
+    for (name, value) in counts {
+        anyhow::ensure!(*value > 0, "--{name} must be at least 1");
+    }
+    Ok(())
+}
+
 pub fn run_text(args: &TextBenchArgs) -> Result<()> {
+    positive(&[("batch", args.batch), ("iters", args.iters)])?;
     crate::with_backend!(args.device, |Bk, device| text::<Bk>(args, &device))
 }
 
 pub fn run_vae(args: &VaeBenchArgs) -> Result<()> {
+    positive(&[("latent-size", args.latent_size), ("iters", args.iters)])?;
     crate::with_backend!(args.device, |Bk, device| vae::<Bk>(args, &device))
 }
 
 pub fn run_eval(args: &EvalBenchArgs) -> Result<()> {
+    positive(&[("batch", args.batch), ("iters", args.iters)])?;
     crate::with_backend!(args.device, |Bk, device| eval::<Bk>(args, &device))
 }
 
 pub fn run_encode(args: &EncodeBenchArgs) -> Result<()> {
+    positive(&[("resolution", args.resolution), ("batch", args.batch)])?;
     crate::with_backend!(args.device, |Bk, device| encode::<Bk>(args, &device))
 }
 

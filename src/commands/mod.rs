@@ -6,6 +6,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod info;
+pub mod plot;
 pub mod precompute;
 pub mod serve;
 pub mod train;
