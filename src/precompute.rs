@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::Backend;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -107,7 +107,8 @@ pub fn precompute<B: Backend>(
         .filter(|p| !part_done(out, *p))
         .collect();
     let pairs_in = |p: usize| part_range(p, options.part_size, source.len()).len();
-    let bar = progress_bar(mine.iter().map(|p| pairs_in(*p)).sum(), options.quiet);
+    let pairs = mine.iter().map(|p| pairs_in(*p)).sum();
+    let bar = crate::progress::bar_unless(options.quiet, pairs, "precompute", "pair");
     bar.set_position(
         mine.iter()
             .filter(|p| !todo.contains(p))
@@ -174,20 +175,6 @@ fn part_done(out: &Path, part: usize) -> bool {
 
 fn part_range(part: usize, part_size: usize, len: usize) -> std::ops::Range<usize> {
     part * part_size..((part + 1) * part_size).min(len)
-}
-
-fn progress_bar(len: usize, quiet: bool) -> ProgressBar {
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(len as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} pairs, {per_sec} eta {eta} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar
 }
 
 fn write_part<B: Backend>(

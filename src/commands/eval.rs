@@ -4,14 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use rayon::prelude::*;
 
 use super::{DeviceChoice, PipelineArgs};
 use crate::backend::Backend;
-use crate::eval::captions::{self, coco_pairs, load_rgb, Caption};
+use crate::eval::captions::{self, prepare_coco};
 use crate::eval::run::{fid_statistics, EvalRun, Manifest, Metrics, Shard};
 use crate::eval::stats::frechet_distance;
-use crate::eval::{progress, DEFAULT_CLIP};
+use crate::eval::DEFAULT_CLIP;
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -190,34 +189,10 @@ fn coco(
     size: usize,
     out: &Path,
 ) -> Result<()> {
-    ensure!(size > 0, "--size must be positive");
-    let pairs = coco_pairs(annotations, images, num, seed)?;
+    let prepared = prepare_coco(annotations, images, num, seed, size, out)?;
     let dir = out.join("images");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let bar = progress(pairs.len(), "COCO images");
-    let prepared: Vec<Caption> = pairs
-        .par_iter()
-        .enumerate()
-        .map(|(k, pair)| {
-            let name = format!("images/{k:06}.png");
-            let target = out.join(&name);
-            if !target.exists() {
-                let source = Path::new(pair.image.as_deref().unwrap_or_default());
-                let image = crate::data::preprocess::resize_center_crop(&load_rgb(source)?, size)?;
-                crate::image::write_png(&target, image.as_raw(), size, size, &[])?;
-            }
-            bar.inc(1);
-            Ok(Caption {
-                caption: pair.caption.clone(),
-                image: Some(name),
-            })
-        })
-        .collect::<Result<_>>()?;
-    bar.finish_and_clear();
-    captions::write(&out.join("captions.jsonl"), &prepared)?;
     println!(
-        "wrote {} captions to {} and their images, {size}² px, to {}; next: microdit eval stats {} -o {}",
-        prepared.len(),
+        "wrote {prepared} captions to {} and their images, {size}² px, to {}; next: microdit eval stats {} -o {}",
         out.join("captions.jsonl").display(),
         dir.display(),
         dir.display(),

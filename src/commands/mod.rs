@@ -154,33 +154,19 @@ impl std::str::FromStr for DeviceChoice {
 }
 
 /// Runs `$body` with `$B` bound to the backend for `$device` (a `DeviceChoice`) and `$dev`
-/// to its device value.
+/// to its device value ([`with_backend_devices!`] with one device).
 #[macro_export]
 macro_rules! with_backend {
     ($device:expr, |$B:ident, $dev:ident| $body:expr) => {{
-        match $device {
-            $crate::commands::DeviceChoice::Cpu => {
-                type $B = $crate::backend::Cpu;
-                let $dev = $crate::backend::CpuDevice::default();
-                $body
-            }
-            #[cfg(feature = "cuda")]
-            $crate::commands::DeviceChoice::Cuda(index) => {
-                $crate::backend::cuda_runtime::configure();
-                type $B = $crate::backend::Cuda;
-                let $dev = $crate::backend::CudaDevice::new(index);
-                $body
-            }
-            #[cfg(not(feature = "cuda"))]
-            $crate::commands::DeviceChoice::Cuda(_) => Err(anyhow::anyhow!(
-                "this microdit was built without CUDA support: rebuild with `cargo build --release --features cuda`"
-            )),
-        }
+        $crate::with_backend_devices!(&[$device], |$B, devices| {
+            let $dev = devices.into_iter().next().expect("one device");
+            $body
+        })
     }};
 }
 
-/// Like [`with_backend!`] for a list of devices of one kind (data-parallel training):
-/// `$devs` is a `Vec` of the backend's devices.
+/// Runs `$body` with `$B` bound to the backend of `$devices` (`DeviceChoice`s of one kind,
+/// as data-parallel training takes them) and `$devs` to a `Vec` of its device values.
 #[macro_export]
 macro_rules! with_backend_devices {
     ($devices:expr, |$B:ident, $devs:ident| $body:expr) => {{

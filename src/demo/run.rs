@@ -346,10 +346,7 @@ fn evaluate<B: Backend>(opts: &DemoOptions, stage: &Path, device: &B::Device) ->
     let pipeline = TextToImage::<B>::load(&parts, &Hub::new(opts.out.clone(), true), device)?;
     let sampling = Sampling::heun(SAMPLER_STEPS, GUIDANCE);
     let scenes = eval_scenes(opts);
-    let bar = indicatif::ProgressBar::new(scenes.len() as u64);
-    if opts.quiet {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = crate::progress::bar_unless(opts.quiet, scenes.len(), "scoring", "image");
     let mut generated = Vec::new();
     for (n, batch) in scenes.chunks(EVAL_BATCH).enumerate() {
         let captions: Vec<String> = batch.iter().map(|(_, scene, _)| scene.caption()).collect();

@@ -10,6 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +136,46 @@ const IMAGE_EXTENSIONS: &[&str] = &[
 ];
 
 /// The images of a folder as pytorch-fid lists them: those extensions (lower case), sorted.
+/// COCO-30K's real side: `num` image–caption pairs drawn with `seed`
+/// ([`coco_pairs`]), each image centre-cropped and resized (bicubic) to `size`² into
+/// `out/images/NNNNNN.png` (kept when already there, so a re-run resumes), the captions,
+/// naming them, into `out/captions.jsonl`. Returns how many pairs were written.
+pub fn prepare_coco(
+    annotations: &Path,
+    images: &Path,
+    num: usize,
+    seed: u64,
+    size: usize,
+    out: &Path,
+) -> Result<usize> {
+    ensure!(size > 0, "--size must be positive");
+    let pairs = coco_pairs(annotations, images, num, seed)?;
+    let dir = out.join("images");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bar = super::progress(pairs.len(), "COCO images");
+    let prepared: Vec<Caption> = pairs
+        .par_iter()
+        .enumerate()
+        .map(|(k, pair)| {
+            let name = format!("images/{k:06}.png");
+            let target = out.join(&name);
+            if !target.exists() {
+                let source = Path::new(pair.image.as_deref().unwrap_or_default());
+                let image = crate::data::preprocess::resize_center_crop(&load_rgb(source)?, size)?;
+                crate::image::write_png(&target, image.as_raw(), size, size, &[])?;
+            }
+            bar.inc(1);
+            Ok(Caption {
+                caption: pair.caption.clone(),
+                image: Some(name),
+            })
+        })
+        .collect::<Result<_>>()?;
+    bar.finish_and_clear();
+    write(&out.join("captions.jsonl"), &prepared)?;
+    Ok(prepared.len())
+}
+
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading the image folder {}", dir.display()))?

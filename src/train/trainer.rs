@@ -16,7 +16,7 @@ use burn::module::{AutodiffModule, ModuleMapper, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
@@ -356,16 +356,8 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             // trainings): then Ctrl-C keeps its default meaning.
             let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
         }
-        let bar = if opts.quiet || !rank.is_main() {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(cfg.steps as u64)
-        };
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
+        let quiet = opts.quiet || !rank.is_main();
+        let bar = crate::progress::bar_unless(quiet, cfg.steps, "train", "step");
         bar.set_position(state.step as u64);
         let first_step = state.step;
         Ok(Self {
