@@ -18,6 +18,7 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
         eval_prompts: 3,
         seed: 5,
         quiet: true,
+        sampling: DemoOptions::default_sampling(),
     };
     let device = CpuDevice::default();
     let scores = run::<Trainable<Cpu>>(&opts, &device).unwrap();

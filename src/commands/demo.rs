@@ -7,6 +7,7 @@ use anyhow::Result;
 use super::DeviceChoice;
 use crate::backend::Trainable;
 use crate::demo::{DemoOptions, Variant};
+use crate::pipeline::SamplingArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -34,6 +35,10 @@ pub struct DemoArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// How the scored samples are drawn [default: 18 Heun steps, guidance 3]; re-running a
+    /// finished demo with other settings only samples and scores again.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
@@ -45,6 +50,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         eval_prompts: args.eval_prompts,
         seed: args.seed,
         quiet: args.quiet,
+        sampling: args.sampling.over(&DemoOptions::default_sampling())?,
     };
     crate::with_backend!(args.device, |Bk, device| crate::demo::run::<Trainable<Bk>>(
         &opts, &device
