@@ -65,4 +65,22 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
         ),
         ("space-to-depth:2", 32, 18)
     );
+
+    // The demo's folder itself means its newest stage, for `generate` as for `serve --run`.
+    let whole = dir.path().join("whole.png");
+    let run = common::microdit(&[
+        "generate".as_ref(),
+        "--checkpoint".as_ref(),
+        opts.out.as_os_str(),
+        "a red circle".as_ref(),
+        "--out".as_ref(),
+        whole.as_os_str(),
+    ]);
+    assert!(run.ok(), "{}", run.log());
+    let pixels = |p: &std::path::Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_eq!(
+        pixels(&whole),
+        pixels(&png),
+        "the newest stage is stage2-finetune"
+    );
 }

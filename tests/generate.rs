@@ -82,7 +82,8 @@ fn same_seed_same_bytes_other_seed_other_image_and_png_reproduces_itself() {
 
     let decoder = png::Decoder::new(std::io::Cursor::new(read("a.png")));
     let reader = decoder.read_info().unwrap();
-    assert_eq!((reader.info().width, reader.info().height), (16, 16));
+    let side = s.model.resolution as u32;
+    assert_eq!((reader.info().width, reader.info().height), (side, side));
     let text = microdit::image::read_png_text(&s.model.root.join("a.png")).unwrap();
     assert!(text.contains(&("prompt".into(), "an owl with the moon behind it".into())));
     assert!(text.contains(&("seed".into(), "7".into())));

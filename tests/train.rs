@@ -561,7 +561,7 @@ fn bf16_compute_trains_f32_master_weights_like_f32() {
 
 /// The weights of a run's newest checkpoint, flattened.
 fn latest_weights(run: &Path) -> Vec<f32> {
-    let ckpt = microdit::train::checkpoint::latest(run).unwrap();
+    let ckpt = microdit::run_dir::latest(run).unwrap();
     safetensors_values(&ckpt.join("weights.safetensors"))
         .into_iter()
         .map(|v| v as f32)

@@ -1,5 +1,6 @@
 // tests/serve.rs drives this: a headless Chromium loads the server's page, asks for two
-// images of a prompt and waits until they show; the screenshot goes to the README.
+// images of a prompt with DPM-Solver++ and a guidance interval, and waits until they show
+// with those settings; the screenshot goes to the README.
 //     node tests/browser/page.mjs http://127.0.0.1:PORT SCREENSHOT.png
 import { chromium } from "playwright-core";
 
@@ -17,6 +18,9 @@ try {
   await page.fill("#prompt", "an owl with the moon behind it, pixel art");
   await page.fill("#num_images", "2");
   await page.fill("#seed", "7");
+  await page.selectOption("#sampler", "dpmpp-2m");
+  await page.fill("#interval_lo", "0.5");
+  await page.fill("#interval_hi", "20");
   await page.click("#generate");
   await page.waitForFunction(
     () => [...document.querySelectorAll(".gallery img")].filter((i) => i.complete && i.naturalWidth > 0).length === 2,
@@ -24,7 +28,9 @@ try {
     { timeout: 120000 },
   );
   const caption = await page.locator(".gallery .meta").first().textContent();
-  if (!caption.includes("seed 7")) throw new Error(`unexpected caption: ${caption}`);
+  for (const part of ["seed 7", "dpmpp-2m steps", "guided for σ in [0.5, 20]"]) {
+    if (!caption.includes(part)) throw new Error(`unexpected caption: ${caption}`);
+  }
   await page.screenshot({ path: screenshot });
   console.log("image shown:", caption);
 } finally {

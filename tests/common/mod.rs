@@ -185,6 +185,21 @@ pub fn fixture_dirs_with(file: &str) -> Vec<PathBuf> {
     dirs
 }
 
+/// Every fixture set whose `config.json` has a top-level `key` (`"dit"`: a denoiser set).
+pub fn fixture_sets_with_key(key: &str) -> Vec<PathBuf> {
+    let sets: Vec<PathBuf> = fixture_dirs_with("config.json")
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(p.join("config.json"))
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .is_some_and(|v| v.get(key).is_some())
+        })
+        .collect();
+    assert!(!sets.is_empty(), "no fixture set with a '{key}' config");
+    sets
+}
+
 /// What a run of the `microdit` binary printed and how it ended.
 pub struct Run {
     pub code: Option<i32>,

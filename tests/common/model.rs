@@ -13,8 +13,10 @@ pub struct TinyModel {
     _dir: tempfile::TempDir,
     /// A scratch folder that lives as long as the model.
     pub root: PathBuf,
-    /// The model options of `generate` and `serve`: 16 px images, 3 steps.
+    /// The model options of `generate` and `serve`: `resolution` px images, 3 steps.
     pub args: Vec<String>,
+    /// Image side: 16 px, or the least the fixture VAE's downscale allows.
+    pub resolution: usize,
 }
 
 /// Adds N(0, 0.05²) noise to every parameter.
@@ -32,14 +34,22 @@ impl ModuleMapper<Cpu> for Perturb {
 pub fn tiny_model() -> TinyModel {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
+    // Whichever sets come first: every size below is taken from them.
     let text = super::fixture_dirs_with("open_clip_config.json").remove(0);
     let vae = super::fixture_dirs_with("diffusion_pytorch_model.safetensors").remove(0);
+    let dit = super::fixture_sets_with_key("dit").remove(0);
     let width = microdit::text::ClipTextConfig::from_file(&text.join("open_clip_config.json"))
         .unwrap()
         .width;
+    let vae_cfg = microdit::vae::VaeConfig::from_file(&vae.join("config.json")).unwrap();
+    let base = DitConfig::from_file(&dit.join("config.json")).unwrap();
+    let unit = vae_cfg.downscale() * base.patch_size;
+    let resolution = 16usize.max(2 * unit).next_multiple_of(unit);
     let cfg = DitConfig {
         caption_channels: width,
-        ..DitConfig::from_file(&super::fixtures_dir().join("dit-tiny/config.json")).unwrap()
+        in_channels: vae_cfg.latent_channels,
+        input_size: resolution / vae_cfg.downscale(),
+        ..base
     };
     std::fs::write(root.join("dit.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
     // The reference init zeroes the output layers, so a fresh model denoises to the same
@@ -58,7 +68,7 @@ pub fn tiny_model() -> TinyModel {
         "--text-encoder".into(),
         s(&text),
         "--resolution".into(),
-        "16".into(),
+        resolution.to_string(),
         "--steps".into(),
         "3".into(),
     ];
@@ -66,5 +76,6 @@ pub fn tiny_model() -> TinyModel {
         _dir: dir,
         root,
         args,
+        resolution,
     }
 }
