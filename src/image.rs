@@ -61,12 +61,13 @@ pub fn read_png_text_bytes(bytes: &[u8]) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Square tiles of side `size`, as near-square a grid as fits them.
+/// Square tiles of side `size`, as near-square a grid as fits them; cells left over are
+/// black (the demo's background, and no frame around photographs).
 pub fn write_grid(path: &Path, tiles: &[&[u8]], size: usize) -> Result<()> {
     let cols = (tiles.len() as f64).sqrt().ceil() as usize;
     let rows = tiles.len().div_ceil(cols);
     let (w, h) = (cols * size, rows * size);
-    let mut sheet = vec![255u8; w * h * 3];
+    let mut sheet = vec![0u8; w * h * 3];
     for (n, tile) in tiles.iter().enumerate() {
         let (r, c) = (n / cols, n % cols);
         for y in 0..size {
@@ -86,4 +87,21 @@ pub fn to_rgb8<B: Backend>(image: Tensor<B, 4>) -> Result<Vec<u8>> {
         .swap_dims(0, 1);
     let values: Vec<f32> = rgb.into_data().convert::<f32>().to_vec()?;
     Ok(values.into_iter().map(|v| v.round() as u8).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grid_leaves_its_spare_cells_black() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grid.png");
+        let white = vec![255u8; 2 * 2 * 3];
+        write_grid(&path, &[&white, &white, &white], 2).unwrap();
+        let sheet = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(sheet.dimensions(), (4, 4));
+        assert_eq!(sheet.get_pixel(0, 0).0, [255; 3]);
+        assert_eq!(sheet.get_pixel(3, 3).0, [0; 3], "the fourth cell is unused");
+    }
 }

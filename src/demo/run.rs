@@ -475,12 +475,17 @@ fn write_report(
         s.guidance
     );
     md += "\n| attribute | seen combinations | held-out combinations | chance |\n| --- | ---: | ---: | ---: |\n";
+    // A group without a prompt of some kind has no rate: "–", not "NaN%".
+    let percent = |rate: f64| match rate.is_nan() {
+        true => "–".to_string(),
+        false => format!("{:.0}%", 100.0 * rate),
+    };
     for (name, seen, held, chance) in &scores.accuracy {
         md += &format!(
-            "| {name} | {:.0}% | {:.0}% | {:.0}% |\n",
-            100.0 * seen,
-            100.0 * held,
-            100.0 * chance
+            "| {name} | {} | {} | {} |\n",
+            percent(*seen),
+            percent(*held),
+            percent(*chance)
         );
     }
     md += &format!(

@@ -132,8 +132,8 @@ fn multistep<B: Backend>(
     mut coefficients: impl FnMut(usize, bool) -> (StepCoefficients, Option<Tensor<B, 4>>),
 ) -> Tensor<B, 4> {
     let mut old: Option<Tensor<B, 4>> = None;
-    for i in 0..sigmas.len() - 1 {
-        let denoised = denoise(x.clone(), sigmas[i]);
+    for (i, &sigma) in sigmas[..sigmas.len() - 1].iter().enumerate() {
+        let denoised = denoise(x.clone(), sigma);
         let (c, z) = coefficients(i, old.is_some());
         x = c.apply(x, &denoised, old.as_ref());
         if let Some(z) = z {
