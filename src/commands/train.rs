@@ -8,7 +8,7 @@ use super::DeviceChoice;
 use crate::backend::Trainable;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
-use crate::train::trainer::{train_data_parallel, RunOptions};
+use crate::train::trainer::{train_data_parallel, RunOptions, Summary};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -30,6 +30,10 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Under an MPI launch: seconds a rank waits for the others at an exchange before it
+    /// stops the whole job (a rank died or hangs).
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
     /// Testing aid: abort the process right after this step, as a crash would.
     #[arg(long, hide = true)]
     pub abort_after_step: Option<usize>,
@@ -46,8 +50,82 @@ fn stage_dir(args: &TrainArgs, k: usize, config: &Path) -> PathBuf {
     args.run.join(format!("stage-{}-{stem}", k + 1))
 }
 
+/// How this process trains: alone (over its `--device` list, one thread per device), or
+/// as one rank of an MPI launch (one device each).
+enum Launch {
+    Local,
+    #[cfg(feature = "mpi")]
+    Mpi(crate::train::distributed::MpiLaunch),
+}
+
+impl Launch {
+    fn detect(args: &TrainArgs) -> Result<Self> {
+        let processes = crate::train::distributed::launched_processes().unwrap_or(1);
+        if processes < 2 {
+            return Ok(Self::Local);
+        }
+        anyhow::ensure!(
+            args.device.len() == 1,
+            "under an MPI launch each process trains on one device: pass --device cpu, or \
+             --device cuda (each process takes the GPU of its local rank)"
+        );
+        #[cfg(feature = "mpi")]
+        {
+            let launch = crate::train::distributed::MpiLaunch::from_environment()?
+                .context("the MPI launcher's environment says several processes, MPI one")?;
+            Ok(Self::Mpi(launch))
+        }
+        #[cfg(not(feature = "mpi"))]
+        anyhow::bail!(
+            "started as one of {processes} MPI processes, but this microdit was built without \
+             MPI: rebuild with `cargo build --release --features mpi`"
+        )
+    }
+
+    fn is_main(&self) -> bool {
+        match self {
+            Self::Local => true,
+            #[cfg(feature = "mpi")]
+            Self::Mpi(mpi) => mpi.rank == 0,
+        }
+    }
+
+    /// One stage's training, on this launch's devices.
+    fn train(
+        &self,
+        args: &TrainArgs,
+        cfg: &TrainConfig,
+        dir: &Path,
+        opts: &RunOptions,
+    ) -> Result<Summary> {
+        match self {
+            Self::Local => crate::with_backend_devices!(&args.device, |Bk, devices| {
+                train_data_parallel::<Trainable<Bk>>(cfg, dir, opts, &devices)
+            }),
+            #[cfg(feature = "mpi")]
+            Self::Mpi(mpi) => {
+                let device = match args.device[0] {
+                    DeviceChoice::Cuda(_) => DeviceChoice::Cuda(mpi.local_rank),
+                    cpu => cpu,
+                };
+                let rank = mpi.rank(std::time::Duration::from_secs(args.timeout));
+                crate::with_backend!(device, |Bk, device| {
+                    crate::train::trainer::train_as::<Trainable<Bk>>(cfg, dir, opts, &device, rank)
+                })
+            }
+        }
+    }
+}
+
 pub fn run(args: &TrainArgs) -> Result<()> {
     super::same_kind(&args.device)?;
+    let launch = Launch::detect(args)?;
+    // Only rank 0 of an MPI launch reports.
+    let say = |line: String| {
+        if launch.is_main() {
+            eprintln!("{line}");
+        }
+    };
     let mut previous: Option<PathBuf> = None;
     for (k, path) in args.configs.iter().enumerate() {
         let mut cfg = TrainConfig::from_file(path)?;
@@ -61,28 +139,37 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             .and_then(|b| serde_json::from_slice::<checkpoint::TrainState>(&b).ok())
             .is_some_and(|s| s.step >= cfg.steps);
         if finished && args.resume {
-            eprintln!("stage {} ({}) already finished", k + 1, path.display());
+            say(format!(
+                "stage {} ({}) already finished",
+                k + 1,
+                path.display()
+            ));
             continue;
         }
-        eprintln!(
+        say(format!(
             "stage {} ({}): {} steps into {}",
             k + 1,
             path.display(),
             cfg.steps,
             dir.display()
-        );
+        ));
         let opts = RunOptions {
             resume: args.resume,
             abort_after_step: args.abort_after_step,
             quiet: args.quiet,
         };
-        let summary = crate::with_backend_devices!(&args.device, |Bk, devices| {
-            train_data_parallel::<Trainable<Bk>>(&cfg, &dir, &opts, &devices)
-        })
-        .with_context(|| format!("stage {} ({})", k + 1, path.display()))?;
+        let summary = launch
+            .train(args, &cfg, &dir, &opts)
+            .with_context(|| format!("stage {} ({})", k + 1, path.display()))?;
         if summary.interrupted {
-            eprintln!("stopped at step {}; continue with --resume", summary.step);
+            say(format!(
+                "stopped at step {}; continue with --resume",
+                summary.step
+            ));
             return Ok(());
+        }
+        if !launch.is_main() {
+            continue;
         }
         println!(
             "stage {} finished at step {}: final loss {:.4}",

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod distributed;
 pub mod optim;
 pub mod plot;
 pub mod preview;

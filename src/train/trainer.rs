@@ -11,17 +11,16 @@ use std::time::Instant;
 use crate::backend::{AutodiffBackend, Backend};
 use anyhow::ensure;
 use anyhow::{bail, Context, Result};
-use burn::collective::{self, CollectiveConfig, PeerId, ReduceOperation};
 use burn::module::{AutodiffModule, ModuleMapper, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
 use indicatif::ProgressBar;
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
+use super::distributed::{Rank, Threads};
 use super::optim::{clip_grad_norm, AdamWSettings, Ema, GroupedAdamW};
 use super::preview::Preview;
 use crate::data::latents::LatentsDataset;
@@ -125,17 +124,15 @@ pub fn train<B: AutodiffBackend>(
     opts: &RunOptions,
     device: &B::Device,
 ) -> Result<Summary> {
-    train_rank::<B>(cfg, run, opts, device, Rank::SOLE)
+    train_as::<B>(cfg, run, opts, device, Rank::sole())
 }
 
-/// Trains one stage data-parallel over `devices` (DDP): one thread and model replica per
-/// device, each computing its share of every step's micro-batches (micro-batch `m` goes to
-/// rank `m mod devices`); burn's collective all-reduce sums the gradients, and every rank
-/// takes the same clipped AdamW step, so the replicas stay equal. Every rank draws the
-/// step's full randomness (caption dropout, noise levels, noise, masks) from the same
-/// generator, so the global batch and its randomness are those of a one-device run; only
-/// the order in which micro-batch gradients are summed differs. Rank 0 logs and writes
-/// checkpoints, which resume on any number of devices.
+/// Trains one stage data-parallel over `devices` (DDP, `distributed.rs`): one thread and
+/// model replica per device. Every rank draws the step's full randomness (caption dropout,
+/// noise levels, noise, masks) from the same generator, so the global batch and its
+/// randomness are those of a one-device run; only the order in which micro-batch
+/// gradients are summed differs. Rank 0 logs and writes checkpoints, which resume on any
+/// number of devices.
 pub fn train_data_parallel<B: AutodiffBackend>(
     cfg: &TrainConfig,
     run: &Path,
@@ -147,19 +144,18 @@ pub fn train_data_parallel<B: AutodiffBackend>(
         let device = devices.first().context("no device given")?;
         return train::<B>(cfg, run, opts, device);
     }
-    let micro_batches = cfg.global_batch / cfg.micro_batch;
-    ensure!(
-        micro_batches.is_multiple_of(world),
-        "global_batch / micro_batch = {micro_batches} micro-batches cannot be split evenly over {world} devices"
-    );
+    check_split(cfg, world)?;
+    let group = Threads::new(world);
     std::thread::scope(|scope| {
         let workers: Vec<_> = (1..world)
             .map(|index| {
-                let device = &devices[index];
-                scope.spawn(move || train_rank::<B>(cfg, run, opts, device, Rank { index, world }))
+                let (device, group) = (&devices[index], group.clone());
+                scope.spawn(move || {
+                    train_as::<B>(cfg, run, opts, device, Rank::new(index, world, group))
+                })
             })
             .collect();
-        let main = train_rank::<B>(cfg, run, opts, &devices[0], Rank { index: 0, world });
+        let main = train_as::<B>(cfg, run, opts, &devices[0], Rank::new(0, world, group));
         for (k, worker) in workers.into_iter().enumerate() {
             let result = worker
                 .join()
@@ -187,84 +183,28 @@ impl<B: Backend> ModuleMapper<B> for NumberedParams {
     }
 }
 
-/// A data-parallel rank: `index` of `world`.
-#[derive(Debug, Clone, Copy)]
-struct Rank {
-    index: usize,
-    world: usize,
+/// The micro-batches of a step must split evenly over the ranks.
+fn check_split(cfg: &TrainConfig, world: usize) -> Result<()> {
+    let micro_batches = cfg.global_batch / cfg.micro_batch;
+    ensure!(
+        micro_batches.is_multiple_of(world),
+        "global_batch / micro_batch = {micro_batches} micro-batches cannot be split evenly over {world} ranks"
+    );
+    Ok(())
 }
 
-impl Rank {
-    const SOLE: Rank = Rank { index: 0, world: 1 };
-
-    fn is_main(&self) -> bool {
-        self.index == 0
-    }
-
-    fn owns(&self, micro_batch: usize) -> bool {
-        micro_batch % self.world == self.index
-    }
-
-    fn peer(&self) -> PeerId {
-        PeerId::from(self.index)
-    }
-
-    /// Sums `values` over all ranks (identity on one device).
-    fn sum<B: Backend>(&self, values: &[f64], device: &B::Device) -> Result<Vec<f64>> {
-        if self.world == 1 {
-            return Ok(values.to_vec());
-        }
-        let data: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-        let tensor = Tensor::<B, 1>::from_data(TensorData::new(data, [values.len()]), device);
-        let summed = collective::all_reduce::<B>(
-            self.peer(),
-            tensor.into_primitive().tensor(),
-            ReduceOperation::Sum,
-        )
-        .map_err(|e| anyhow::anyhow!("all-reduce failed: {e:?}"))?;
-        let summed = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed));
-        Ok(summed
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()?
-            .into_iter()
-            .map(f64::from)
-            .collect())
-    }
-}
-
-fn train_rank<B: AutodiffBackend>(
+/// One stage's training as `rank` of a data-parallel group (one process of an MPI launch,
+/// or one thread of [`train_data_parallel`]), step by step: [`Trainer::start`] (data,
+/// model, resume, rank 0's files), then [`Trainer::step`] (one optimiser step) and
+/// [`Trainer::after_step`] (metrics, checkpoints, previews) until done.
+pub fn train_as<B: AutodiffBackend>(
     cfg: &TrainConfig,
     run: &Path,
     opts: &RunOptions,
     device: &B::Device,
     rank: Rank,
 ) -> Result<Summary> {
-    if rank.world > 1 {
-        collective::register::<B::InnerBackend>(
-            rank.peer(),
-            device.clone(),
-            CollectiveConfig::default().with_num_devices(rank.world),
-        )
-        .map_err(|e| anyhow::anyhow!("joining the data-parallel group: {e:?}"))?;
-    }
-    let result = train_steps::<B>(cfg, run, opts, device, rank);
-    if rank.world > 1 {
-        let _ = collective::finish_collective::<B::InnerBackend>(rank.peer());
-    }
-    result
-}
-
-/// One stage's training, step by step: [`Trainer::start`] (data, model, resume, rank 0's
-/// files), then [`Trainer::step`] (one optimiser step) and [`Trainer::after_step`]
-/// (metrics, checkpoints, previews) until done.
-fn train_steps<B: AutodiffBackend>(
-    cfg: &TrainConfig,
-    run: &Path,
-    opts: &RunOptions,
-    device: &B::Device,
-    rank: Rank,
-) -> Result<Summary> {
+    check_split(cfg, rank.world)?;
     let mut trainer = Trainer::<B>::start(cfg, run, opts, device, rank)?;
     while !trainer.done() {
         let step = trainer.step()?;
@@ -339,14 +279,13 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             .with_context(|| format!("creating run directory {}", run.display()))?;
         let fresh = run_dir::latest(run).is_none();
         let (model, optim, ema, state, rng) =
-            Self::initial_state(cfg, &dit, run, opts, device, rank)?;
+            Self::initial_state(cfg, &dit, run, opts, device, &rank)?;
 
         // Rank 0's own setup (the config copy, previews, the metrics file) can fail where
         // the other ranks' cannot; they learn of it before waiting on rank 0 in a step's
         // all-reduce.
-        let setup = Self::main_setup(cfg, run, device, rank, fresh);
-        let main_failed =
-            rank.sum::<B::InnerBackend>(&[setup.is_err() as u8 as f64], device)?[0] > 0.0;
+        let setup = Self::main_setup(cfg, run, device, &rank, fresh);
+        let main_failed = rank.sum(&[setup.is_err() as u8 as f64])?[0] > 0.0;
         let (preview, metrics) = setup?;
         ensure!(!main_failed, "rank 0 could not start");
         let interrupted = Arc::new(AtomicBool::new(false));
@@ -394,7 +333,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         run: &Path,
         opts: &RunOptions,
         device: &B::Device,
-        rank: Rank,
+        rank: &Rank,
     ) -> Result<(
         MicroDit<B>,
         GroupedAdamW<B>,
@@ -455,7 +394,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         cfg: &TrainConfig,
         run: &Path,
         device: &B::Device,
-        rank: Rank,
+        rank: &Rank,
         fresh: bool,
     ) -> Result<MainOnly<B::InnerBackend>> {
         if !rank.is_main() {
@@ -571,15 +510,12 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             accumulated.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
         }
         let stop = self.interrupted.load(Ordering::SeqCst);
-        let status = self.rank.sum::<B::InnerBackend>(
-            &[
-                step_loss,
-                failure.is_some() as u8 as f64,
-                stop as u8 as f64,
-                (self.state.skipped_samples - skipped_before) as f64,
-            ],
-            device,
-        )?;
+        let status = self.rank.sum(&[
+            step_loss,
+            failure.is_some() as u8 as f64,
+            stop as u8 as f64,
+            (self.state.skipped_samples - skipped_before) as f64,
+        ])?;
         if let Some(e) = failure {
             return Err(e);
         }
@@ -596,12 +532,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 self.state.step + 1
             );
         }
-        let mut grads = accumulated.grads();
-        if self.rank.world > 1 {
-            grads = grads
-                .all_reduce::<B::InnerBackend>(self.rank.peer(), ReduceOperation::Sum)
-                .map_err(|e| anyhow::anyhow!("all-reducing gradients: {e:?}"))?;
-        }
+        let mut grads = self
+            .rank
+            .all_reduce_gradients(&model, accumulated.grads())?;
         let grad_norm = clip_grad_norm(&model, &mut grads, cfg.grad_clip);
         if !grad_norm.is_finite() {
             bail!("the gradient norm became {grad_norm} at step {}: stopping; the last good checkpoint is kept", self.state.step + 1);
@@ -679,7 +612,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             self.bar
                 .println(format!("step {n}: samples in {}", path.display()));
         }
-        if self.rank.is_main() && self.opts.abort_after_step == Some(n) {
+        // The last rank crashes: under MPI that is another process than the one writing
+        // checkpoints.
+        if self.rank.index + 1 == self.rank.world && self.opts.abort_after_step == Some(n) {
             std::process::abort();
         }
         if step.stop {

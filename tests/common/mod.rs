@@ -3,6 +3,7 @@
 
 pub mod model;
 pub mod random_weights;
+pub mod training;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
