@@ -10,6 +10,7 @@
 //! adds in rank order; MPI's sum of two ranks is the same addition, so two ranks give the
 //! same bits on either engine.
 
+use std::rc::Rc;
 use std::sync::{Arc, Barrier, Mutex};
 
 use anyhow::Result;
@@ -26,12 +27,24 @@ pub trait Collective {
     fn sum_f64(&self, rank: usize, values: &mut [f64]) -> Result<()>;
 }
 
-/// One rank of a data-parallel group: `index` of `world`.
+/// A group shared between threads serves each of them.
+impl<C: Collective + ?Sized> Collective for Arc<C> {
+    fn sum_f32(&self, rank: usize, values: &mut [f32]) -> Result<()> {
+        (**self).sum_f32(rank, values)
+    }
+
+    fn sum_f64(&self, rank: usize, values: &mut [f64]) -> Result<()> {
+        (**self).sum_f64(rank, values)
+    }
+}
+
+/// One rank of a data-parallel group: `index` of `world` (it stays on the thread that
+/// trains it).
 #[derive(Clone)]
 pub struct Rank {
     pub index: usize,
     pub world: usize,
-    collective: Option<Arc<dyn Collective>>,
+    collective: Option<Rc<dyn Collective>>,
 }
 
 impl std::fmt::Debug for Rank {
@@ -50,11 +63,11 @@ impl Rank {
         }
     }
 
-    pub fn new(index: usize, world: usize, collective: Arc<dyn Collective>) -> Self {
+    pub fn new(index: usize, world: usize, collective: impl Collective + 'static) -> Self {
         Self {
             index,
             world,
-            collective: Some(collective),
+            collective: Some(Rc::new(collective)),
         }
     }
 
@@ -273,7 +286,7 @@ mod mpi_engine {
                 world: self.world.duplicate(),
                 timeout,
             };
-            super::Rank::new(self.rank, self.size, std::sync::Arc::new(engine))
+            super::Rank::new(self.rank, self.size, engine)
         }
     }
 
