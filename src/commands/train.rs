@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 
 use super::DeviceChoice;
 use crate::backend::Trainable;
-use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
+use crate::train::stages;
 use crate::train::trainer::{train_data_parallel, RunOptions, Summary};
 
 #[derive(Debug, clap::Args)]
@@ -126,19 +126,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             eprintln!("{line}");
         }
     };
-    let mut previous: Option<PathBuf> = None;
+    let mut stages = Vec::new();
     for (k, path) in args.configs.iter().enumerate() {
-        let mut cfg = TrainConfig::from_file(path)?;
-        let dir = stage_dir(args, k, path);
-        if cfg.init_from.is_none() {
-            cfg.init_from = previous.clone();
-        }
-        previous = Some(dir.clone());
-        let finished = crate::run_dir::latest(&dir)
-            .and_then(|c| std::fs::read(c.join(crate::run_dir::STATE)).ok())
-            .and_then(|b| serde_json::from_slice::<checkpoint::TrainState>(&b).ok())
-            .is_some_and(|s| s.step >= cfg.steps);
-        if finished && args.resume {
+        stages.push((stage_dir(args, k, path), TrainConfig::from_file(path)?));
+    }
+    stages::chain(&mut stages);
+    for (k, ((dir, cfg), path)) in stages.iter().zip(&args.configs).enumerate() {
+        if args.resume && stages::finished(dir, cfg) {
             say(format!(
                 "stage {} ({}) already finished",
                 k + 1,
@@ -159,7 +153,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             quiet: args.quiet,
         };
         let summary = launch
-            .train(args, &cfg, &dir, &opts)
+            .train(args, cfg, dir, &opts)
             .with_context(|| format!("stage {} ({})", k + 1, path.display()))?;
         if summary.interrupted {
             say(format!(

@@ -275,14 +275,12 @@ fn stage_configs<B: AutodiffBackend>(
             plan
         }
     };
-    let mut previous: Option<PathBuf> = None;
     let mut stages = Vec::new();
     for (k, (name, mask, steps)) in plan.stages.iter().enumerate() {
         let dir = opts.out.join(format!("stage{}-{name}", k + 1));
-        let mut cfg = train_config(opts, &model, data, *mask, *steps)?;
-        cfg.init_from = previous.replace(dir.clone());
-        stages.push((dir, cfg));
+        stages.push((dir, train_config(opts, &model, data, *mask, *steps)?));
     }
+    crate::train::stages::chain(&mut stages);
     Ok(stages)
 }
 

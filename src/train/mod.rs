@@ -6,4 +6,5 @@ pub mod distributed;
 pub mod optim;
 pub mod plot;
 pub mod preview;
+pub mod stages;
 pub mod trainer;

@@ -15,14 +15,14 @@ use burn::module::{AutodiffModule, ModuleMapper, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use indicatif::ProgressBar;
-use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
-use super::checkpoint::{self, TrainState};
+use super::checkpoint::{self, Restored, TrainState};
 use super::config::TrainConfig;
 use super::distributed::{Rank, Threads};
 use super::optim::{clip_grad_norm, AdamWSettings, Ema, GroupedAdamW};
 use super::preview::Preview;
+use crate::data::batch::BatchReader;
 use crate::data::latents::LatentsDataset;
 use crate::edm::{edm_loss, LossNoise};
 use crate::model::weights::load_weights;
@@ -45,73 +45,6 @@ pub struct Summary {
     pub step: usize,
     pub losses: Vec<f64>,
     pub interrupted: bool,
-}
-
-/// Turns sample indices into a batch: caption embeddings (with caption dropout) and latents.
-struct BatchReader {
-    caption_len: usize,
-    caption_channels: usize,
-    /// [C, H, W] of one sample's latents.
-    latent_shape: [usize; 3],
-    dropout: f64,
-    skip_bad: bool,
-}
-
-impl BatchReader {
-    /// Draws what reading `n` samples would (their caption-dropout coins) without reading.
-    fn skip(&self, n: usize, rng: &mut ChaCha8Rng) {
-        for _ in 0..n {
-            let _ = rng.random::<f64>();
-        }
-    }
-
-    fn read<B: Backend>(
-        &self,
-        data: &LatentsDataset,
-        indices: &[usize],
-        skipped: &mut u64,
-        rng: &mut ChaCha8Rng,
-        device: &B::Device,
-    ) -> Result<(Tensor<B, 3>, Tensor<B, 4>)> {
-        let [c, h, w] = self.latent_shape;
-        let read = |i: usize| data.get(i, self.caption_len * self.caption_channels, c * h * w);
-        let (mut captions, mut latents) = (Vec::new(), Vec::new());
-        for &i in indices {
-            let sample = match read(i) {
-                Ok(sample) => sample,
-                // Skipping: the next readable sample stands in, so the batch keeps its size
-                // and the choice is the same on every run.
-                Err(e) if self.skip_bad => {
-                    eprintln!("skipping sample {i}: {e:#}");
-                    *skipped += 1;
-                    (1..data.len())
-                        .find_map(|k| read((i + k) % data.len()).ok())
-                        .context("no readable sample left in the dataset")?
-                }
-                Err(e) => {
-                    return Err(e.context(
-                        "a bad sample (set skip_bad_samples = true to skip such samples)",
-                    ))
-                }
-            };
-            let dropped = rng.random::<f64>() < self.dropout;
-            captions.extend(
-                sample
-                    .caption
-                    .into_iter()
-                    .map(|v| if dropped { 0.0 } else { v }),
-            );
-            latents.extend(sample.latents);
-        }
-        let n = indices.len();
-        Ok((
-            Tensor::from_data(
-                TensorData::new(captions, [n, self.caption_len, self.caption_channels]),
-                device,
-            ),
-            Tensor::from_data(TensorData::new(latents, [n, c, h, w]), device),
-        ))
-    }
 }
 
 /// What only rank 0 keeps: the preview renderer and the metrics file.
@@ -278,8 +211,13 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         std::fs::create_dir_all(run)
             .with_context(|| format!("creating run directory {}", run.display()))?;
         let fresh = run_dir::latest(run).is_none();
-        let (model, optim, ema, state, rng) =
-            Self::initial_state(cfg, &dit, run, opts, device, &rank)?;
+        let Restored {
+            model,
+            optim,
+            ema,
+            state,
+        } = Self::initial_state(cfg, &dit, run, opts, device, &rank)?;
+        let rng = state.rng()?;
 
         // Rank 0's own setup (the config copy, previews, the metrics file) can fail where
         // the other ranks' cannot; they learn of it before waiting on rank 0 in a step's
@@ -326,7 +264,6 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
 
     /// A fresh model and optimiser, the newest checkpoint's (with `--resume`), or the
     /// weights (and optimiser state) of `init_from`.
-    #[allow(clippy::type_complexity)]
     fn initial_state(
         cfg: &TrainConfig,
         dit: &DitConfig,
@@ -334,13 +271,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         opts: &RunOptions,
         device: &B::Device,
         rank: &Rank,
-    ) -> Result<(
-        MicroDit<B>,
-        GroupedAdamW<B>,
-        Option<Ema<B::InnerBackend>>,
-        TrainState,
-        ChaCha8Rng,
-    )> {
+    ) -> Result<Restored<B>> {
         let mut model = MicroDit::<B>::new(dit, &mut Init::reference(cfg.seed, device))
             .map(&mut NumberedParams::default());
         let settings = AdamWSettings {
@@ -350,11 +281,10 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             weight_decay: cfg.weight_decay,
         };
         let mut optim = GroupedAdamW::new(&settings, cfg.expert_lr_scale);
-        let (state, rng) = TrainState::new(cfg.seed.wrapping_add(1));
+        let (state, _) = TrainState::new(cfg.seed.wrapping_add(1));
         match run_dir::latest(run) {
             Some(ckpt) if opts.resume => {
                 let restored = checkpoint::load(&ckpt, model, optim, cfg.ema_decay, device)?;
-                let rng = restored.state.rng()?;
                 if rank.is_main() {
                     eprintln!(
                         "resuming from {} (step {})",
@@ -362,7 +292,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                         restored.state.step
                     );
                 }
-                return Ok((restored.model, restored.optim, restored.ema, restored.state, rng));
+                return Ok(restored);
             }
             Some(ckpt) => bail!(
                 "{} already holds checkpoints (newest {}): pass --resume to continue it, or choose another run directory",
@@ -386,7 +316,12 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 eprintln!("initialised from {}", weights.display());
             }
         }
-        Ok((model, optim, None, state, rng))
+        Ok(Restored {
+            model,
+            optim,
+            ema: None,
+            state,
+        })
     }
 
     /// Rank 0 writes the config copy and opens the preview renderer and the metrics file.
