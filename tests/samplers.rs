@@ -51,6 +51,15 @@ impl Set {
         }
     }
 
+    /// k-diffusion's noise levels, as the reference ran them.
+    fn sigmas(&self) -> Vec<f64> {
+        self.cases
+            .values("sigmas")
+            .iter()
+            .map(|&s| s as f64)
+            .collect()
+    }
+
     fn samplers(&self) -> Vec<Sampler> {
         self.config["samplers"]
             .as_array()
@@ -113,12 +122,7 @@ fn karras_sigmas_are_k_diffusions() {
 fn every_sampler_matches_k_diffusion() {
     let mut seen = std::collections::BTreeSet::new();
     for set in sets() {
-        let sigmas: Vec<f64> = set
-            .cases
-            .values("sigmas")
-            .iter()
-            .map(|&s| s as f64)
-            .collect();
+        let sigmas = set.sigmas();
         for sampler in set.samplers() {
             let out = set.run(sampler, &sigmas);
             let reference = set.cases.values(&format!("{}.out", name(sampler)));
@@ -142,12 +146,7 @@ fn every_sampler_matches_k_diffusion() {
 fn the_check_sees_a_first_order_step() {
     let mut checked = 0;
     for set in sets().into_iter().filter(|s| s.number("steps") >= 3.0) {
-        let sigmas: Vec<f64> = set
-            .cases
-            .values("sigmas")
-            .iter()
-            .map(|&s| s as f64)
-            .collect();
+        let sigmas = set.sigmas();
         let euler = set.run(Sampler::Euler, &sigmas);
         let reference = set.cases.values("dpmpp-2m.out");
         assert!(

@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 
 use super::{DeviceChoice, PipelineArgs};
 use crate::backend::Backend;
-use crate::eval::captions::{self, prepare_coco};
+use crate::eval::captions::{self, prepare_coco, CocoSubset};
 use crate::eval::run::{fid_statistics, EvalRun, Manifest, Metrics, Shard};
 use crate::eval::stats::frechet_distance;
 use crate::eval::DEFAULT_CLIP;
@@ -42,25 +42,7 @@ pub enum EvalCommand {
     },
     /// COCO-30K: pick image–caption pairs from COCO captions and prepare the real images
     /// (centre crop, bicubic resize); then `eval stats OUT/images -o OUT/stats.npz`.
-    Coco {
-        /// COCO captions file (`annotations/captions_val2014.json`).
-        #[arg(long)]
-        annotations: PathBuf,
-        /// The folder of the images it names (`val2014/`).
-        #[arg(long)]
-        images: PathBuf,
-        /// Pairs to draw (distinct images, one caption each).
-        #[arg(long, default_value_t = 30_000)]
-        num: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Side of the prepared real images: the generated images' resolution.
-        #[arg(long, default_value_t = 512)]
-        size: usize,
-        /// Output folder: captions.jsonl and images/.
-        #[arg(long, short)]
-        out: PathBuf,
-    },
+    Coco(CocoSubset),
 }
 
 /// The feature extractor's weights and how to run it.
@@ -128,14 +110,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     match &args.command {
         Some(EvalCommand::Stats { dir, out, scoring }) => stats(dir, out, scoring),
         Some(EvalCommand::Fid { a, b, scoring }) => fid(a, b, scoring),
-        Some(EvalCommand::Coco {
-            annotations,
-            images,
-            num,
-            seed,
-            size,
-            out,
-        }) => coco(annotations, images, *num, *seed, *size, out),
+        Some(EvalCommand::Coco(subset)) => coco(subset),
         None => evaluate(&args.run),
     }
 }
@@ -181,15 +156,9 @@ fn fid(a: &Path, b: &Path, s: &ScoringArgs) -> Result<()> {
     Ok(())
 }
 
-fn coco(
-    annotations: &Path,
-    images: &Path,
-    num: usize,
-    seed: u64,
-    size: usize,
-    out: &Path,
-) -> Result<()> {
-    let prepared = prepare_coco(annotations, images, num, seed, size, out)?;
+fn coco(subset: &CocoSubset) -> Result<()> {
+    let prepared = prepare_coco(subset)?;
+    let (out, size) = (&subset.out, subset.size);
     let dir = out.join("images");
     println!(
         "wrote {prepared} captions to {} and their images, {size}² px, to {}; next: microdit eval stats {} -o {}",

@@ -136,20 +136,44 @@ const IMAGE_EXTENSIONS: &[&str] = &[
 ];
 
 /// The images of a folder as pytorch-fid lists them: those extensions (lower case), sorted.
-/// COCO-30K's real side: `num` image–caption pairs drawn with `seed`
-/// ([`coco_pairs`]), each image centre-cropped and resized (bicubic) to `size`² into
-/// `out/images/NNNNNN.png` (kept when already there, so a re-run resumes), the captions,
-/// naming them, into `out/captions.jsonl`. Returns how many pairs were written.
-pub fn prepare_coco(
-    annotations: &Path,
-    images: &Path,
-    num: usize,
-    seed: u64,
-    size: usize,
-    out: &Path,
-) -> Result<usize> {
+/// COCO-30K's real side: which pairs, and where and how large to write them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CocoSubset {
+    /// COCO captions file (`annotations/captions_val2014.json`).
+    #[arg(long)]
+    pub annotations: PathBuf,
+    /// The folder of the images it names (`val2014/`).
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Pairs to draw (distinct images, one caption each).
+    #[arg(long, default_value_t = 30_000)]
+    pub num: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Side of the prepared real images: the generated images' resolution.
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Output folder: captions.jsonl and images/.
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+/// `num` image–caption pairs drawn with `seed` ([`coco_pairs`]), each image centre-cropped
+/// and resized (bicubic) to `size`² into `out/images/NNNNNN.png` (kept when already there,
+/// so a re-run resumes), the captions, naming them, into `out/captions.jsonl`. Returns how
+/// many pairs were written.
+pub fn prepare_coco(subset: &CocoSubset) -> Result<usize> {
+    let CocoSubset {
+        annotations,
+        images,
+        num,
+        seed,
+        size,
+        out,
+    } = subset;
+    let (size, out) = (*size, out.as_path());
     ensure!(size > 0, "--size must be positive");
-    let pairs = coco_pairs(annotations, images, num, seed)?;
+    let pairs = coco_pairs(annotations, images, *num, *seed)?;
     let dir = out.join("images");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let bar = super::progress(pairs.len(), "COCO images");
