@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::training::{latest_weights, setup, Setup};
+use common::training::{latest_weights, setup, train, train_args, Setup};
 
 /// `mpirun -np 2 microdit train ROOT/stage.toml --run ROOT/RUN --quiet EXTRA…`, started.
 fn mpirun(s: &Setup, run: &str, extra: &[&str]) -> Child {
@@ -17,16 +17,7 @@ fn mpirun(s: &Setup, run: &str, extra: &[&str]) -> Child {
         .map(String::from)
         .to_vec();
     args.push(env!("CARGO_BIN_EXE_microdit").into());
-    args.extend([
-        "train".into(),
-        s.root.join("stage.toml").display().to_string(),
-    ]);
-    args.extend([
-        "--run".into(),
-        s.root.join(run).display().to_string(),
-        "--quiet".into(),
-    ]);
-    args.extend(extra.iter().map(|e| e.to_string()));
+    args.extend(train_args(s, "stage.toml", run, extra));
     Command::new("mpirun")
         .args(&args)
         // Containers forbid the cross-process memory copy Open MPI tries first.
@@ -49,18 +40,8 @@ fn finish(child: Child) -> (bool, String) {
 }
 
 fn local(s: &Setup, run: &str, extra: &[&str]) {
-    let cfg = s.root.join("stage.toml");
-    let dir = s.root.join(run);
-    let mut args = vec![
-        "train",
-        cfg.to_str().unwrap(),
-        "--run",
-        dir.to_str().unwrap(),
-        "--quiet",
-    ];
-    args.extend(extra);
-    let r = common::microdit(&args);
-    assert!(r.ok(), "{}", r.log());
+    let (code, log) = train(s, run, extra);
+    assert_eq!(code, Some(0), "{log}");
 }
 
 /// Four micro-batches a step, two per rank: gradient accumulation on every rank.
@@ -112,6 +93,15 @@ fn rank_pid(mpirun: u32, rank: usize) -> Option<u32> {
     })
 }
 
+/// Waits until the run has logged `n` steps (two minutes at most).
+fn wait_for_steps(run: &Path, n: usize) {
+    let started = Instant::now();
+    while steps_logged(run) < n {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn steps_logged(run: &Path) -> usize {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .map(|t| t.lines().count())
@@ -123,11 +113,7 @@ fn a_killed_rank_stops_the_job_and_the_run_resumes_exactly() {
     let s = setup("steps = 200\ncheckpoint_every = 2\n");
     let run = s.root.join("killed");
     let child = mpirun(&s, "killed", &["--timeout", "60"]);
-    let started = Instant::now();
-    while steps_logged(&run) < 3 {
-        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&run, 3);
     let pid = rank_pid(child.id(), 1).expect("rank 1's process");
     let killed = Instant::now();
     let kill = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -178,11 +164,7 @@ fn a_hung_rank_stops_the_job_within_the_timeout() {
     let s = setup("steps = 400\ncheckpoint_every = 100\n");
     let run = s.root.join("hung");
     let child = mpirun(&s, "hung", &["--timeout", "3"]);
-    let started = Instant::now();
-    while steps_logged(&run) < 2 {
-        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_steps(&run, 2);
     let pid = rank_pid(child.id(), 1)
         .expect("rank 1's process")
         .to_string();

@@ -6,33 +6,14 @@ mod common;
 use std::path::Path;
 
 use common::training::{
-    latest_weights, safetensors_values, setup, tiny_model, write_dataset, Setup, CAPTION_DIM,
-    CAPTION_TOKENS,
+    latest_weights, safetensors_values, setup, tiny_model, train, train_with, write_dataset,
+    CAPTION_DIM, CAPTION_TOKENS,
 };
 
 /// `microdit ARGS…`: (exit code, everything printed).
 fn microdit(args: &[&str]) -> (Option<i32>, String) {
     let run = common::microdit(args);
     (run.code, run.log())
-}
-
-fn train(s: &Setup, run: &str, extra: &[&str]) -> (Option<i32>, String) {
-    train_with(s, "stage.toml", run, extra)
-}
-
-/// `microdit train ROOT/CONFIG --run ROOT/RUN --quiet EXTRA…`
-fn train_with(s: &Setup, config: &str, run: &str, extra: &[&str]) -> (Option<i32>, String) {
-    let cfg = s.root.join(config);
-    let run = s.root.join(run);
-    let mut args = vec![
-        "train",
-        cfg.to_str().unwrap(),
-        "--run",
-        run.to_str().unwrap(),
-        "--quiet",
-    ];
-    args.extend(extra);
-    microdit(&args)
 }
 
 fn losses(run: &Path) -> Vec<f64> {

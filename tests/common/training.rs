@@ -129,3 +129,28 @@ pub fn safetensors_values(path: &Path) -> Vec<f64> {
         .map(f64::from)
         .collect()
 }
+
+/// `train ROOT/CONFIG --run ROOT/RUN --quiet EXTRA…`: the command line after the binary.
+pub fn train_args(s: &Setup, config: &str, run: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "train".to_string(),
+        s.root.join(config).display().to_string(),
+        "--run".into(),
+        s.root.join(run).display().to_string(),
+        "--quiet".into(),
+    ];
+    args.extend(extra.iter().map(|e| e.to_string()));
+    args
+}
+
+/// `microdit train ROOT/CONFIG --run ROOT/RUN --quiet EXTRA…`: (exit code, everything
+/// printed).
+pub fn train_with(s: &Setup, config: &str, run: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let run = super::microdit(&train_args(s, config, run, extra));
+    (run.code, run.log())
+}
+
+/// [`train_with`] the setup's `stage.toml`.
+pub fn train(s: &Setup, run: &str, extra: &[&str]) -> (Option<i32>, String) {
+    train_with(s, "stage.toml", run, extra)
+}
