@@ -132,15 +132,7 @@ fn a_killed_rank_stops_the_job_and_the_run_resumes_exactly() {
 
     // No half-written checkpoint: resuming from the newest complete one on two ranks ends
     // where an uninterrupted run does.
-    let (ok, log) = finish(mpirun(&s, "killed", &["--resume"]));
-    assert!(ok, "{log}");
-    let (ok, log) = finish(mpirun(&s, "whole", &[]));
-    assert!(ok, "{log}");
-    assert_eq!(
-        latest_weights(&run),
-        latest_weights(&s.root.join("whole")),
-        "bitwise"
-    );
+    resumes_like_an_uninterrupted_run(&s, "killed");
 }
 
 #[test]
@@ -148,12 +140,17 @@ fn a_crashed_rank_resumes_to_the_same_weights() {
     let s = accumulating_setup();
     let (ok, log) = finish(mpirun(&s, "crashed", &["--abort-after-step", "3"]));
     assert!(!ok, "{log}");
-    let (ok, log) = finish(mpirun(&s, "crashed", &["--resume"]));
+    resumes_like_an_uninterrupted_run(&s, "crashed");
+}
+
+/// `--resume` of the stopped `run` on two ranks ends bitwise where a run never stopped does.
+fn resumes_like_an_uninterrupted_run(s: &Setup, run: &str) {
+    let (ok, log) = finish(mpirun(s, run, &["--resume"]));
     assert!(ok, "{log}");
-    let (ok, log) = finish(mpirun(&s, "whole", &[]));
+    let (ok, log) = finish(mpirun(s, "whole", &[]));
     assert!(ok, "{log}");
     assert_eq!(
-        latest_weights(&s.root.join("crashed")),
+        latest_weights(&s.root.join(run)),
         latest_weights(&s.root.join("whole")),
         "bitwise"
     );

@@ -143,7 +143,8 @@ pub fn resolve_checkpoint(hub: &Hub, source: &str) -> Result<PathBuf> {
     }
     if path.is_dir() {
         let run = run_dir::newest_stage(path)?;
-        let checkpoint = run_dir::latest(&run).context("newest_stage has checkpoints")?;
+        let checkpoint = run_dir::latest(&run)
+            .with_context(|| format!("{} lost its checkpoints while being read", run.display()))?;
         return Ok(checkpoint.join(run_dir::WEIGHTS));
     }
     let parts: Vec<&str> = source.splitn(3, '/').collect();
