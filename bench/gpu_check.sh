@@ -3,15 +3,16 @@
 #
 #   bench/gpu_check.sh pack [DIR]   on the build machine (no GPU needed): builds the CUDA
 #                                   binaries (`cargo test --release --features cuda-tests
-#                                   --no-run`), strips and xz-compresses microdit and the two
-#                                   parity test binaries, and copies the fixture sets
+#                                   --no-run`), strips and xz-compresses microdit and the
+#                                   parity and NCCL test binaries, and packs the fixture sets
 #                                   ($MICRODIT_FIXTURES, default ../shared/fixtures) into DIR
-#                                   (default target/gpu-check, about 60 MB).
+#                                   (default target/gpu-check; it must stay under 64 MiB).
 #   bench/gpu_check.sh run [DIR]    on the GPU machine, from the repository root (PyTorch
 #                                   installed, no network or Rust needed): parity tests on
-#                                   CUDA, cold and warm start of an XL training step and of
-#                                   a sampler step, then microdit beside bench/pytorch_bench.py
-#                                   on the same work; one table at the end, also written to
+#                                   CUDA, NCCL on one GPU (PyTorch's libnccl), cold and warm
+#                                   start of an XL training step and of a sampler step,
+#                                   then microdit beside bench/pytorch_bench.py on the same
+#                                   work; one table at the end, also written to
 #                                   $OUT/gpu_check.md when OUT is set. About 6 minutes.
 #
 # Environment for `run`: GPU_CHECK_BATCH (32), GPU_CHECK_ITERS (5), GPU_CHECK_SECONDS (400:
@@ -27,16 +28,16 @@ pack() {
     local log
     log=$(mktemp)
     cargo test --release --features cuda-tests --no-run --message-format=json-render-diagnostics >"$log"
-    for test in parity frozen_parity; do
+    for test in parity frozen_parity nccl; do
         local exe
         exe=$(grep -o "\"executable\":\"[^\"]*/deps/$test-[0-9a-f]*\"" "$log" | tail -1 | cut -d'"' -f4)
         strip -o "$dir/$test" "$exe"
     done
     strip -o "$dir/microdit" target/release/microdit
-    for f in microdit parity frozen_parity; do xz -T0 -6 -f "$dir/$f" & done
+    for f in microdit parity frozen_parity nccl; do xz -T0 -6 -f "$dir/$f" & done
     wait
     rm -rf "$dir/fixtures"
-    cp -r "${MICRODIT_FIXTURES:-../shared/fixtures}" "$dir/fixtures"
+    tar -C "${MICRODIT_FIXTURES:-../shared/fixtures}" -cf - . | xz -T0 -6 >"$dir/fixtures.tar.xz"
     rm -f "$log"
     du -sh "$dir"
 }
@@ -57,9 +58,15 @@ run() {
     began=$(date +%s)
     mkdir -p "$bin" "$out"
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-    for f in microdit parity frozen_parity; do
+    for f in microdit parity frozen_parity nccl; do
         xz -dc "$dir/$f.xz" >"$bin/$f" && chmod +x "$bin/$f"
     done
+    mkdir -p "$bin/fixtures" && xz -dc "$dir/fixtures.tar.xz" | tar -C "$bin/fixtures" -xf -
+    # NCCL from PyTorch's wheel, which ships libnccl.so.2 only: cudarc opens libnccl.so.
+    local nccl
+    nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+    [ -f "$nccl/libnccl.so.2" ] && ln -sf "$nccl/libnccl.so.2" "$bin/libnccl.so"
+    export LD_LIBRARY_PATH=$bin:$LD_LIBRARY_PATH
     # A step's time limit: its own, or what is left of the budget (less a reserve).
     limit() {
         local left=$((budget - ($(date +%s) - began) - 10))
@@ -79,12 +86,12 @@ run() {
     tail -4 "$theirs"
 
     echo "== parity tests on CUDA"
-    export MICRODIT_FIXTURES=$PWD/$dir/fixtures
-    for test in parity frozen_parity; do
+    export MICRODIT_FIXTURES=$bin/fixtures
+    for test in parity frozen_parity nccl; do
         local start log=$out/$test.log rc took
         start=$(date +%s%N)
         # The VAE's convolutions are autotuned by burn: minutes of compiling on a cold cache.
-        timeout "$(limit "$([ "$test" = parity ] && echo 100 || echo 200)")" "$bin/$test" \
+        timeout "$(limit "$(case $test in parity) echo 100 ;; nccl) echo 90 ;; *) echo 200 ;; esac)")" "$bin/$test" \
             --test-threads 1 --nocapture >"$log" 2>&1
         rc=$?
         if [ "$test" = parity ] && [ "$rc" = 124 ] && [ -z "${MICRODIT_CUBLAS:-}" ]; then

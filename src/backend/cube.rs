@@ -271,4 +271,11 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> Backend
             Err(_) => unfused(q, k, v),
         }
     }
+
+    fn nccl_sum(
+        buffer: FloatTensor<Self>,
+        comm: &super::nccl::NcclComm,
+    ) -> anyhow::Result<FloatTensor<Self>> {
+        comm.sum_tensor(buffer)
+    }
 }

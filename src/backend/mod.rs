@@ -23,6 +23,8 @@ pub mod cublas;
 #[cfg(feature = "cuda")]
 pub mod cuda_runtime;
 mod flex;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use burn::tensor::activation::softmax;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
@@ -95,6 +97,19 @@ pub trait Backend: burn::tensor::backend::Backend {
         step: &AdamWStep,
     ) -> [FloatTensor<Self>; 3] {
         adamw_step_unfused::<Self>(param, grad, moment_1, moment_2, step)
+    }
+
+    /// `buffer` (flat f32 gradients) summed over the ranks of an NCCL group, on the device.
+    /// Only the CUDA backend has it; the default refuses (others sum through the host).
+    #[cfg(feature = "cuda")]
+    fn nccl_sum(
+        buffer: FloatTensor<Self>,
+        comm: &nccl::NcclComm,
+    ) -> anyhow::Result<FloatTensor<Self>> {
+        let _ = (buffer, comm);
+        anyhow::bail!(
+            "NCCL sums CUDA tensors only: this backend's gradients are summed on the host"
+        )
     }
 
     /// Indices of the `k` largest values along the last dimension of a rank-3 tensor,

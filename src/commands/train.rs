@@ -108,7 +108,12 @@ impl Launch {
                     DeviceChoice::Cuda(_) => DeviceChoice::Cuda(mpi.local_rank),
                     cpu => cpu,
                 };
-                let rank = mpi.rank(std::time::Duration::from_secs(args.timeout));
+                let timeout = std::time::Duration::from_secs(args.timeout);
+                let rank = match device {
+                    #[cfg(feature = "cuda")]
+                    DeviceChoice::Cuda(gpu) => mpi.nccl_rank(gpu, timeout)?,
+                    _ => mpi.rank(timeout),
+                };
                 crate::with_backend!(device, |Bk, device| {
                     crate::train::trainer::train_as::<Trainable<Bk>>(cfg, dir, opts, &device, rank)
                 })
@@ -151,6 +156,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             resume: args.resume,
             abort_after_step: args.abort_after_step,
             quiet: args.quiet,
+            ..RunOptions::default()
         };
         let summary = launch
             .train(args, cfg, dir, &opts)

@@ -4,11 +4,12 @@
 //! takes the same clipped AdamW step and the replicas stay equal.
 //!
 //! A [`Collective`] is the engine that sums: [`Threads`] for several devices in one process
-//! (`--device cpu,cpu`, `cuda:0,cuda:1`), or MPI between processes on one or many machines
-//! (`mpirun -np N microdit train …`, feature `mpi`). Gradients travel as one flat f32
-//! buffer in parameter order (the parameters are numbered alike on every rank). `Threads`
-//! adds in rank order; MPI's sum of two ranks is the same addition, so two ranks give the
-//! same bits on either engine.
+//! (`--device cpu,cpu`, `cuda:0,cuda:1`), or between processes on one or many machines
+//! (`mpirun -np N microdit train …`, feature `mpi`): MPI for CPU replicas, NCCL for GPUs
+//! (rank 0 draws NCCL's group id, MPI hands it out). Gradients travel as flat f32 buckets
+//! in parameter order (the parameters are numbered alike on every rank), through host
+//! memory except on NCCL. `Threads` adds in rank order; MPI's sum of two ranks is the same
+//! addition, so two ranks give the same bits on either engine.
 
 use std::rc::Rc;
 use std::sync::{Arc, Barrier, Mutex};
@@ -18,13 +19,20 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-use crate::backend::AutodiffBackend;
-use crate::model::MicroDit;
+#[cfg(feature = "cuda")]
+use crate::backend::nccl::NcclComm;
+use crate::backend::{AutodiffBackend, Backend};
 
 /// Sums buffers elementwise over all ranks; every rank gets the sum.
 pub trait Collective {
     fn sum_f32(&self, rank: usize, values: &mut [f32]) -> Result<()>;
     fn sum_f64(&self, rank: usize, values: &mut [f64]) -> Result<()>;
+
+    /// The NCCL group that sums gradient buffers on the GPU, if this engine is one.
+    #[cfg(feature = "cuda")]
+    fn nccl(&self) -> Option<&NcclComm> {
+        None
+    }
 }
 
 /// A group shared between threads serves each of them.
@@ -90,81 +98,156 @@ impl Rank {
         Ok(out)
     }
 
-    /// The gradients summed over all ranks. A parameter that no rank has a gradient for
-    /// stays without one (so AdamW leaves it alone, as on one device).
-    pub fn all_reduce_gradients<B: AutodiffBackend>(
+    /// The gradients summed over all ranks, bucket by bucket (at most [`BUCKET_BYTES`]
+    /// of extra memory at a time): on the GPU when the engine is NCCL, through host memory
+    /// otherwise. A parameter that no rank has a gradient for stays without one (so AdamW
+    /// leaves it alone, as on one device); one that only some ranks have counts zeros for
+    /// the others.
+    pub fn all_reduce_gradients<B: AutodiffBackend, M: Module<B>>(
         &self,
-        model: &MicroDit<B>,
+        model: &M,
         grads: GradientsParams,
     ) -> Result<GradientsParams> {
-        let Some(c) = &self.collective else {
+        let capacity = BUCKET_BYTES / std::mem::size_of::<f32>();
+        self.all_reduce_gradients_in_buckets(model, grads, capacity)
+    }
+
+    fn all_reduce_gradients_in_buckets<B: AutodiffBackend, M: Module<B>>(
+        &self,
+        model: &M,
+        grads: GradientsParams,
+        capacity: usize,
+    ) -> Result<GradientsParams> {
+        let Some(collective) = &self.collective else {
             return Ok(grads);
         };
-        let mut pack = Pack::<B> {
+        let mut taken = TakeGradients::<B> {
             grads,
-            flat: Vec::new(),
-            _b: Default::default(),
+            entries: Vec::new(),
         };
-        model.visit(&mut pack);
-        c.sum_f32(self.index, &mut pack.flat)?;
-        let mut unpack = Unpack::<B> {
-            grads: pack.grads,
-            flat: &pack.flat,
-            at: 0,
-            _b: Default::default(),
-        };
-        model.visit(&mut unpack);
-        Ok(unpack.grads)
-    }
-}
-
-/// Flattens every parameter's gradient into `flat`, in module order: one presence flag
-/// (1 with a gradient, 0 without), then its values (zeros without).
-struct Pack<B: AutodiffBackend> {
-    grads: GradientsParams,
-    flat: Vec<f32>,
-    _b: std::marker::PhantomData<B>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Pack<B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let numel = param.shape().num_elements();
-        match self.grads.remove::<B::InnerBackend, D>(param.id) {
-            Some(grad) => {
-                self.flat.push(1.0);
-                let values = grad.into_data().convert::<f32>();
-                self.flat
-                    .extend(values.as_slice::<f32>().expect("f32 after convert"));
-            }
-            None => {
-                self.flat.push(0.0);
-                self.flat.extend(std::iter::repeat_n(0.0, numel));
+        model.visit(&mut taken);
+        let mut entries = taken.entries;
+        let held: Vec<f64> = entries
+            .iter()
+            .map(|e| e.grad.is_some() as u8 as f64)
+            .collect();
+        let held = self.sum(&held)?;
+        let mut summed: Vec<&mut Entry<B>> = entries
+            .iter_mut()
+            .zip(&held)
+            .filter_map(|(e, &h)| (h > 0.0).then_some(e))
+            .collect();
+        let sizes: Vec<usize> = summed.iter().map(|e| e.numel).collect();
+        for bucket in buckets(&sizes, capacity) {
+            let part = &mut summed[bucket];
+            let flat = Tensor::cat(part.iter_mut().map(|e| e.take_or_zeros()).collect(), 0);
+            let flat = sum_flat::<B::InnerBackend>(collective.as_ref(), self.index, flat)?;
+            let sizes: Vec<usize> = part.iter().map(|e| e.numel).collect();
+            for (e, grad) in part.iter_mut().zip(flat.split_with_sizes(sizes, 0)) {
+                e.grad = Some(grad);
             }
         }
+        let mut put = PutGradients::<B> {
+            grads: taken.grads,
+            entries: entries.into_iter(),
+        };
+        model.visit(&mut put);
+        Ok(put.grads)
     }
 }
 
-/// Registers the summed gradients back, for the parameters some rank had one for.
-struct Unpack<'a, B: AutodiffBackend> {
-    grads: GradientsParams,
-    flat: &'a [f32],
-    at: usize,
-    _b: std::marker::PhantomData<B>,
+/// Gradients are summed in buckets of about this size (PyTorch DDP's default), so the
+/// flat copy a sum needs is one bucket, not all gradients at once (4.6 GB for XL_2).
+pub const BUCKET_BYTES: usize = 25 << 20;
+
+/// Consecutive runs of `sizes` of at most `capacity` elements in all (a size above it
+/// alone), in order.
+pub fn buckets(sizes: &[usize], capacity: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut filled) = (0, 0);
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start && filled + size > capacity {
+            out.push(start..i);
+            (start, filled) = (i, 0);
+        }
+        filled += size;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Unpack<'_, B> {
+/// `flat` summed over the ranks: by NCCL on the GPU where the engine is NCCL, otherwise
+/// read to host memory, summed by the engine and written back.
+fn sum_flat<B: Backend>(
+    collective: &dyn Collective,
+    rank: usize,
+    flat: Tensor<B, 1>,
+) -> Result<Tensor<B, 1>> {
+    #[cfg(feature = "cuda")]
+    if let Some(comm) = collective.nccl() {
+        let summed = B::nccl_sum(flat.into_primitive().tensor(), comm)?;
+        return Ok(Tensor::from_primitive(
+            burn::tensor::TensorPrimitive::Float(summed),
+        ));
+    }
+    let device = flat.device();
+    let mut values = flat
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("gradient buffer: {e:?}"))?;
+    collective.sum_f32(rank, &mut values)?;
+    let n = values.len();
+    Ok(Tensor::from_data(TensorData::new(values, [n]), &device))
+}
+
+/// One parameter's gradient, flattened, between taking and putting back.
+struct Entry<B: AutodiffBackend> {
+    numel: usize,
+    device: B::Device,
+    grad: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> Entry<B> {
+    fn take_or_zeros(&mut self) -> Tensor<B::InnerBackend, 1> {
+        self.grad
+            .take()
+            .unwrap_or_else(|| Tensor::zeros([self.numel], &self.device))
+    }
+}
+
+/// Takes every parameter's gradient out, flattened, in module order (the same order on
+/// every rank).
+struct TakeGradients<B: AutodiffBackend> {
+    grads: GradientsParams,
+    entries: Vec<Entry<B>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for TakeGradients<B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let shape = param.shape();
-        let numel = shape.num_elements();
-        let present = self.flat[self.at] > 0.0;
-        let values = &self.flat[self.at + 1..self.at + 1 + numel];
-        self.at += 1 + numel;
-        if present {
-            let device = param.val().device();
-            let grad = Tensor::<B::InnerBackend, D>::from_data(
-                TensorData::new(values.to_vec(), shape),
-                &device,
-            );
+        let numel = param.shape().num_elements();
+        let grad = self.grads.remove::<B::InnerBackend, D>(param.id);
+        self.entries.push(Entry {
+            numel,
+            device: param.val().device(),
+            grad: grad.map(|g| g.reshape([numel])),
+        });
+    }
+}
+
+/// Registers the summed gradients back in their parameters' shapes.
+struct PutGradients<B: AutodiffBackend> {
+    grads: GradientsParams,
+    entries: std::vec::IntoIter<Entry<B>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for PutGradients<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let entry = self.entries.next().expect("one entry per parameter");
+        if let Some(grad) = entry.grad {
+            let grad = grad.reshape(param.shape());
             self.grads.register::<B::InnerBackend, D>(param.id, grad);
         }
     }
@@ -221,6 +304,22 @@ impl Collective for Threads {
 
     fn sum_f64(&self, rank: usize, values: &mut [f64]) -> Result<()> {
         self.sum(&self.f64_slots, rank, values)
+    }
+}
+
+/// NCCL: gradient buckets summed on the GPU, a step's status through small device buffers.
+#[cfg(feature = "cuda")]
+impl Collective for NcclComm {
+    fn sum_f32(&self, _rank: usize, values: &mut [f32]) -> Result<()> {
+        self.sum_host(values)
+    }
+
+    fn sum_f64(&self, _rank: usize, values: &mut [f64]) -> Result<()> {
+        self.sum_host(values)
+    }
+
+    fn nccl(&self) -> Option<&NcclComm> {
+        Some(self)
     }
 }
 
@@ -282,11 +381,38 @@ mod mpi_engine {
 
         /// This process's rank, summing over the world with `timeout` on every exchange.
         pub fn rank(&self, timeout: Duration) -> super::Rank {
-            let engine = Mpi {
+            super::Rank::new(self.rank, self.size, self.engine(timeout))
+        }
+
+        fn engine(&self, timeout: Duration) -> Mpi {
+            Mpi {
                 world: self.world.duplicate(),
                 timeout,
+            }
+        }
+
+        /// This process's rank on GPU `device`, summing over NCCL: rank 0 draws the
+        /// group's id and MPI passes it to the others.
+        #[cfg(feature = "cuda")]
+        pub fn nccl_rank(&self, device: usize, timeout: Duration) -> Result<super::Rank> {
+            use crate::backend::nccl;
+            let mut id = [0u8; 128];
+            let ready = match self.rank {
+                0 => nccl::unique_id().map(|drawn| id = drawn),
+                _ => nccl::check_library(),
             };
-            super::Rank::new(self.rank, self.size, engine)
+            // Every rank learns whether any cannot start NCCL, so none waits for it to join.
+            let mut failed = [ready.is_err() as u8 as f64];
+            self.engine(timeout).sum_f64(self.rank, &mut failed)?;
+            ready?;
+            anyhow::ensure!(
+                failed[0] == 0.0,
+                "NCCL could not start on {} other rank(s); see their messages",
+                failed[0]
+            );
+            self.world.process_at_rank(0).broadcast_into(&mut id[..]);
+            let comm = nccl::NcclComm::join(device, self.rank, self.size, &id, timeout)?;
+            Ok(super::Rank::new(self.rank, self.size, comm))
         }
     }
 
@@ -376,6 +502,75 @@ mod tests {
         for r in results {
             assert_eq!(r, expected);
         }
+    }
+
+    use crate::backend::{Cpu, Trainable};
+    use burn::nn::{Linear, LinearConfig};
+
+    type B = Trainable<Cpu>;
+
+    #[derive(Module, Debug)]
+    struct Three<B: burn::tensor::backend::Backend> {
+        used_by_all: Linear<B>,
+        used_by_rank_0: Linear<B>,
+        unused: Linear<B>,
+    }
+
+    /// Rank r's gradients of `sum(model(x))` for x filled with r + 1 (batch 2), where
+    /// rank 1 skips the second layer: dW = 2(r + 1) everywhere, db = 2.
+    fn gradients(rank: usize, model: &Three<B>) -> GradientsParams {
+        let x = Tensor::<B, 2>::full([2, 3], rank as f32 + 1.0, &Default::default());
+        let mut loss = model.used_by_all.forward(x.clone()).sum();
+        if rank == 0 {
+            loss = loss + model.used_by_rank_0.forward(x).sum();
+        }
+        GradientsParams::from_grads(loss.backward(), model)
+    }
+
+    #[test]
+    fn gradients_are_summed_in_buckets_and_absent_ones_stay_absent() {
+        let group = Threads::new(2);
+        let results: Vec<[Option<Vec<f32>>; 3]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|r| {
+                    let group = group.clone();
+                    s.spawn(move || {
+                        let device = Default::default();
+                        let layer = || LinearConfig::new(3, 4).init::<B>(&device);
+                        let model = Three {
+                            used_by_all: layer(),
+                            used_by_rank_0: layer(),
+                            unused: layer(),
+                        };
+                        let rank = Rank::new(r, 2, group);
+                        // 5 elements a bucket: the 12 weights and 4 biases of a layer
+                        // land in different buckets.
+                        let mut grads = rank
+                            .all_reduce_gradients_in_buckets(&model, gradients(r, &model), 5)
+                            .unwrap();
+                        [&model.used_by_all, &model.used_by_rank_0, &model.unused].map(|l| {
+                            let w = grads.remove::<Cpu, 2>(l.weight.id)?;
+                            Some(w.into_data().into_vec::<f32>().unwrap())
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for [all, rank_0, unused] in results {
+            assert_eq!(all, Some(vec![2.0 + 4.0; 12]));
+            assert_eq!(rank_0, Some(vec![2.0; 12]));
+            assert_eq!(unused, None);
+        }
+    }
+
+    #[test]
+    fn buckets_are_consecutive_runs_within_the_capacity() {
+        assert!(buckets(&[], 10).is_empty());
+        assert_eq!(buckets(&[4, 4, 2, 1], 10), vec![0..3, 3..4]);
+        // A parameter larger than a bucket goes alone; nothing is split or dropped.
+        assert_eq!(buckets(&[3, 25, 3, 3], 10), vec![0..1, 1..2, 2..4]);
+        assert_eq!(buckets(&[25], 10), vec![0..1]);
     }
 
     #[test]
