@@ -28,9 +28,22 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
         "loss-stage2.png",
         "report.md",
         "report.json",
+        "curve.json",
+        "adherence.png",
     ] {
         assert!(opts.out.join(file).exists(), "{file} missing");
     }
+    // Scored part-way (the masked stage's thirds, its end) and at the end, in step order,
+    // the last point being the final scores.
+    let curve = microdit::demo::curve::Curve::load(&opts.out.join("curve.json")).unwrap();
+    let steps: Vec<usize> = curve.points.iter().map(|p| p.step).collect();
+    assert!(
+        steps.len() >= 2 && steps.windows(2).all(|w| w[0] < w[1]),
+        "{steps:?}"
+    );
+    assert_eq!(curve.points.last().unwrap().accuracy, scores.accuracy);
+    let report = std::fs::read_to_string(opts.out.join("report.md")).unwrap();
+    assert!(report.contains("## Learning"), "{report}");
     assert_eq!(scores.scorer_accuracy_on_real_images, 1.0);
     assert_eq!(scores.accuracy.len(), 4);
     let data = microdit::data::MdsDataset::open(&opts.out.join("data")).unwrap();

@@ -1,5 +1,6 @@
 //! `microdit demo`: the whole system learning text conditioning on captioned shapes, on a CPU.
 
+pub mod curve;
 pub mod run;
 pub mod score;
 pub mod shapes;

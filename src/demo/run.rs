@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::score::{features, frechet_distance, judge, Tally, CHANCE};
+use super::curve::{percent, Curve, CurvePoint, LINE_COLOURS};
+use super::score::{accuracies, features, frechet_distance, judge, Accuracy, Tally};
 use super::shapes::{scene_and_image, Scene};
 use crate::data::sources::ImageCaptionSource;
 use crate::hub::Hub;
@@ -23,7 +24,7 @@ use crate::precompute::{precompute, Encoders, PrecomputeOptions};
 use crate::state_dict::{reference_tensors, CLIP_TEXT_KEYS};
 use crate::text::{ClipTextConfig, ClipTextEncoder, TextEncoder};
 use crate::train::config::TrainConfig;
-use crate::train::trainer::{train, RunOptions};
+use crate::train::trainer::{train, RunOptions, Summary};
 use crate::vae::{LatentCodec, SpaceToDepth};
 
 /// How the training budget is spent (the paper's central comparison, in miniature).
@@ -67,8 +68,15 @@ const TEXT_TOWER: &str = "text-tower";
 const TEXT_WIDTH: usize = 64;
 /// Share of the training time given to the unmasked finetune after a masked stage.
 const FINETUNE_SHARE: f64 = 0.2;
-/// Share of the budget kept for sampling and scoring.
+/// Share of the budget kept for the final sampling and scoring until a part-way scoring has
+/// been timed.
 const EVAL_SHARE: f64 = 0.12;
+/// Where in the first stage (shares of its planned steps) the model is scored part-way,
+/// besides the end of every stage.
+const CURVE_POINTS: [f64; 2] = [1.0 / 3.0, 2.0 / 3.0];
+/// Files in the demo folder: the adherence curve and its plot.
+const CURVE: &str = "curve.json";
+const CURVE_PLOT: &str = "adherence.png";
 const SAMPLER_STEPS: usize = 18;
 const GUIDANCE: f64 = 3.0;
 /// Prompts sampled together when scoring.
@@ -82,14 +90,14 @@ struct Plan {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Scores {
-    pub accuracy: Vec<(String, f64, f64, f64)>,
+    pub accuracy: Vec<Accuracy>,
     pub frechet_distance: f64,
     pub frechet_distance_between_real_sets: f64,
     pub scorer_accuracy_on_real_images: f64,
 }
 
 pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result<Scores> {
-    let start = Instant::now();
+    let mut budget = Budget::starting_now(opts.minutes);
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let tower = opts.out.join(TEXT_TOWER);
@@ -112,26 +120,168 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result
         eprintln!("precomputing {} pairs", source.len());
         precompute(&source, &data, &encoders, &options, device)?;
     }
-    let stages = stage_configs::<B>(opts, &data, start, device)?;
-    for (k, (dir, cfg)) in stages.iter().enumerate() {
+    let stages = stage_configs::<B>(opts, &data, &budget, device)?;
+    let curve_path = opts.out.join(CURVE);
+    let mut curve = Curve::load(&curve_path)?;
+    let mut trained = Vec::new();
+    let mut steps_before = 0;
+    for (k, stage) in stages.iter().enumerate() {
         eprintln!(
-            "stage {}: {} steps, mask ratio {}",
+            "stage {}: {} steps planned, mask ratio {}",
             k + 1,
-            cfg.steps,
-            cfg.mask_ratio
+            stage.cfg.steps,
+            stage.cfg.mask_ratio
         );
+        let deadline = budget.stage_deadline(&stages[k..]);
+        let pauses: Vec<usize> = match k {
+            0 => CURVE_POINTS
+                .iter()
+                .map(|f| (f * stage.cfg.steps as f64) as usize)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let last_stage = k + 1 == stages.len();
+        let summary = train_stage::<B>(opts, stage, deadline, &pauses, device, |step| {
+            // The last stage's end is scored in full below.
+            if (last_stage && !pauses.contains(&step)) || curve.has(steps_before + step) {
+                return Ok(());
+            }
+            let prompts = (opts.eval_prompts / 2).max(1);
+            let began = Instant::now();
+            let scores = evaluate::<B::InnerBackend>(opts, &stage.dir, prompts, None, device)?;
+            budget.scored(began.elapsed().as_secs_f64(), prompts, opts.eval_prompts);
+            curve.record(curve_point(
+                &stage.dir,
+                steps_before + step,
+                prompts,
+                scores,
+            ));
+            curve.save(&curve_path)
+        })?;
+        steps_before += summary.step;
+        trained.push((stage.dir.clone(), summary.step, stage.cfg.mask_ratio));
+        crate::train::plot::plot(
+            &stage.dir,
+            &opts.out.join(format!("loss-stage{}.png", k + 1)),
+        )?;
+    }
+    let last = stages.last().context("no stages")?;
+    let grid = opts.out.join("samples.png");
+    let scores =
+        evaluate::<B::InnerBackend>(opts, &last.dir, opts.eval_prompts, Some(&grid), device)?;
+    curve.record(curve_point(
+        &last.dir,
+        steps_before,
+        opts.eval_prompts,
+        scores.clone(),
+    ));
+    curve.save(&curve_path)?;
+    curve.plot(&opts.out.join(CURVE_PLOT))?;
+    write_report(opts, &trained, &scores, &curve, budget.elapsed())?;
+    Ok(scores)
+}
+
+/// The wall clock of one demo run: when it ends, and how long the final sampling and
+/// scoring will take (a share of the budget at first, then timed from the part-way
+/// scorings).
+struct Budget {
+    start: Instant,
+    end: Instant,
+    final_scoring: f64,
+}
+
+impl Budget {
+    fn starting_now(minutes: f64) -> Self {
+        let seconds = minutes.max(0.0) * 60.0;
+        let start = Instant::now();
+        Self {
+            start,
+            end: start + std::time::Duration::from_secs_f64(seconds),
+            final_scoring: EVAL_SHARE * seconds,
+        }
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// Seconds left for training.
+    fn training_left(&self) -> f64 {
+        let left = self
+            .end
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64();
+        (left - self.final_scoring).max(0.0)
+    }
+
+    /// When the first of `stages` should end: the training time left, shared out by the
+    /// stages' shares.
+    fn stage_deadline(&self, stages: &[Stage]) -> Instant {
+        let total: f64 = stages.iter().map(|s| s.share).sum();
+        let seconds = self.training_left() * stages[0].share / total.max(1e-9);
+        Instant::now() + std::time::Duration::from_secs_f64(seconds)
+    }
+
+    /// A scoring of `prompts` prompts per group took `seconds`: the final one, of
+    /// `final_prompts`, will take about as much per prompt (a tenth more for safety).
+    fn scored(&mut self, seconds: f64, prompts: usize, final_prompts: usize) {
+        self.final_scoring = 1.1 * seconds * final_prompts as f64 / prompts.max(1) as f64;
+    }
+}
+
+/// One training stage of the demo: its run folder, config, and share of the training time.
+struct Stage {
+    dir: PathBuf,
+    cfg: TrainConfig,
+    share: f64,
+}
+
+/// Trains a stage to its deadline, pausing at `pauses` (steps) to call `at_pause` with the
+/// step, and once more with the final step.
+fn train_stage<B: AutodiffBackend>(
+    opts: &DemoOptions,
+    stage: &Stage,
+    deadline: Instant,
+    pauses: &[usize],
+    device: &B::Device,
+    mut at_pause: impl FnMut(usize) -> Result<()>,
+) -> Result<Summary> {
+    let done = crate::train::stages::steps_done(&stage.dir);
+    let mut pauses = pauses.iter().copied().filter(|&p| p > done);
+    loop {
+        let pause_after = pauses.next();
         let run_opts = RunOptions {
             resume: true,
             quiet: opts.quiet,
+            deadline: Some(deadline),
+            pause_after,
             ..Default::default()
         };
-        train::<B>(cfg, dir, &run_opts, device)?;
-        crate::train::plot::plot(dir, &opts.out.join(format!("loss-stage{}.png", k + 1)))?;
+        let summary = train::<B>(&stage.cfg, &stage.dir, &run_opts, device)?;
+        let finished = summary.step >= summary.planned_steps;
+        if !finished && Some(summary.step) != pause_after {
+            anyhow::bail!(
+                "interrupted at step {}: run the demo again with the same --out to continue",
+                summary.step
+            );
+        }
+        at_pause(summary.step)?;
+        if finished {
+            return Ok(summary);
+        }
     }
-    let (last_dir, _) = stages.last().context("no stages")?;
-    let scores = evaluate::<B::InnerBackend>(opts, last_dir, device)?;
-    write_report(opts, &stages, &scores, start.elapsed().as_secs_f64())?;
-    Ok(scores)
+}
+
+fn curve_point(stage: &Path, step: usize, prompts: usize, scores: Scores) -> CurvePoint {
+    CurvePoint {
+        stage: stage
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        step,
+        prompts,
+        accuracy: scores.accuracy,
+    }
 }
 
 /// Training pairs as PNG + caption files, the input `precompute` expects.
@@ -233,14 +383,15 @@ fn train_config(
     Ok(cfg)
 }
 
-/// The stages and their steps: chosen once from timed trial steps so that training fits
-/// the budget left after the data, then read back from `plan.json`.
+/// The stages and their first plan of steps: chosen once from timed trial steps so that
+/// training fits the budget left after the data, then read back from `plan.json`. (While
+/// training, each stage re-plans its steps to its deadline from the pace it measures.)
 fn stage_configs<B: AutodiffBackend>(
     opts: &DemoOptions,
     data: &Path,
-    start: Instant,
+    budget: &Budget,
     device: &B::Device,
-) -> Result<Vec<(PathBuf, TrainConfig)>> {
+) -> Result<Vec<Stage>> {
     let model = opts.out.join(MODEL);
     crate::io::write_atomic(&model, |f| {
         serde_json::to_writer_pretty(f, &dit_config(opts.variant)).map_err(std::io::Error::other)
@@ -261,10 +412,10 @@ fn stage_configs<B: AutodiffBackend>(
                 .iter()
                 .map(|(_, mask, _)| time_step::<B>(opts, &model, data, *mask, device))
                 .collect::<Result<Vec<f64>>>()?;
-            let budget = opts.minutes * 60.0 * (1.0 - EVAL_SHARE) - start.elapsed().as_secs_f64();
+            let seconds = budget.training_left();
             let mut stages = Vec::new();
             for ((name, mask, share), per_step) in masks.iter().zip(per_step) {
-                let steps = ((budget.max(0.0) * share / per_step) as usize).max(20);
+                let steps = ((seconds * share / per_step) as usize).max(20);
                 eprintln!("{name}: {per_step:.3} s per step → {steps} steps");
                 stages.push((name.clone(), *mask, steps));
             }
@@ -275,13 +426,21 @@ fn stage_configs<B: AutodiffBackend>(
             plan
         }
     };
-    let mut stages = Vec::new();
+    let mut runs = Vec::new();
     for (k, (name, mask, steps)) in plan.stages.iter().enumerate() {
         let dir = opts.out.join(format!("stage{}-{name}", k + 1));
-        stages.push((dir, train_config(opts, &model, data, *mask, *steps)?));
+        runs.push((dir, train_config(opts, &model, data, *mask, *steps)?));
     }
-    crate::train::stages::chain(&mut stages);
-    Ok(stages)
+    crate::train::stages::chain(&mut runs);
+    Ok(runs
+        .into_iter()
+        .zip(&masks)
+        .map(|((dir, cfg), (_, _, share))| Stage {
+            dir,
+            cfg,
+            share: *share,
+        })
+        .collect())
 }
 
 /// Seconds per training step, from a short throw-away run (the first step is not counted).
@@ -313,13 +472,14 @@ fn time_step<B: AutodiffBackend>(
     Ok(((elapsed[1] - elapsed[0]) / 5.0).max(1e-3))
 }
 
-/// The evaluation prompts: `n` with seen (colour, shape) combinations, `n` held out, each
-/// with the generator's own image for it.
-fn eval_scenes(opts: &DemoOptions) -> Vec<(bool, Scene, image::RgbImage)> {
+/// The evaluation prompts: `prompts` with seen (colour, shape) combinations and as many
+/// held out, each with the generator's own image for it (fewer prompts: the first of the
+/// full set's).
+fn eval_scenes(opts: &DemoOptions, prompts: usize) -> Vec<(bool, Scene, image::RgbImage)> {
     let seed = opts.seed.wrapping_add(1);
     let mut all = Vec::new();
     for held_out in [false, true] {
-        for i in 0..opts.eval_prompts {
+        for i in 0..prompts {
             let stream = i + if held_out { opts.eval_prompts } else { 0 };
             let (scene, image) = scene_and_image(seed, stream, IMAGE_SIZE, held_out);
             all.push((held_out, scene, image));
@@ -341,9 +501,16 @@ fn pipeline_components() -> Components {
     }
 }
 
-/// Samples every evaluation prompt with the last stage's weights, through the same
-/// pipeline `microdit generate` builds from `pipeline.json`, and scores the images.
-fn evaluate<B: Backend>(opts: &DemoOptions, stage: &Path, device: &B::Device) -> Result<Scores> {
+/// Samples `prompts` evaluation prompts per group with a stage's newest weights, through
+/// the same pipeline `microdit generate` builds from `pipeline.json`, scores the images,
+/// and draws them beside real ones into `grid`.
+fn evaluate<B: Backend>(
+    opts: &DemoOptions,
+    stage: &Path,
+    prompts: usize,
+    grid: Option<&Path>,
+    device: &B::Device,
+) -> Result<Scores> {
     let components = Components {
         checkpoint: Some(stage.display().to_string()),
         ..Components::default()
@@ -352,7 +519,7 @@ fn evaluate<B: Backend>(opts: &DemoOptions, stage: &Path, device: &B::Device) ->
     let parts = components.parts(Precision::F32)?;
     let pipeline = TextToImage::<B>::load(&parts, &Hub::new(opts.out.clone(), true), device)?;
     let sampling = &opts.sampling;
-    let scenes = eval_scenes(opts);
+    let scenes = eval_scenes(opts, prompts);
     let bar = crate::progress::bar_unless(opts.quiet, scenes.len(), "scoring", "image");
     let mut generated = Vec::new();
     for (n, batch) in scenes.chunks(EVAL_BATCH).enumerate() {
@@ -368,7 +535,9 @@ fn evaluate<B: Backend>(opts: &DemoOptions, stage: &Path, device: &B::Device) ->
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
-    write_grid(&opts.out.join("samples.png"), &scenes, &generated)?;
+    if let Some(grid) = grid {
+        write_grid(grid, &scenes, &generated)?;
+    }
     score(opts, &scenes, &generated)
 }
 
@@ -387,26 +556,7 @@ fn score(
         }
         real.add(&judge(scene, reference));
     }
-    let rate = |(ok, n): (usize, usize)| {
-        if n == 0 {
-            f64::NAN
-        } else {
-            ok as f64 / n as f64
-        }
-    };
-    let pick = |t: &Tally| [t.color, t.shape, t.count, t.position];
-    let accuracy = CHANCE
-        .iter()
-        .enumerate()
-        .map(|(k, (name, chance))| {
-            (
-                name.to_string(),
-                rate(pick(&seen)[k]),
-                rate(pick(&held)[k]),
-                *chance,
-            )
-        })
-        .collect();
+    let accuracy = accuracies(&seen, &held);
     let real_features: Vec<Vec<f64>> = scenes.iter().map(|s| features(&s.2)).collect();
     let generated_features: Vec<Vec<f64>> = generated.iter().map(features).collect();
     // A second draw of real images for the same prompts: the distance's floor at this size.
@@ -415,14 +565,11 @@ fn score(
             features(&scene_and_image(opts.seed.wrapping_add(2), i, IMAGE_SIZE, scenes[i].0).1)
         })
         .collect();
-    let (ok, n) = pick(&real)
-        .iter()
-        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
     Ok(Scores {
         accuracy,
         frechet_distance: frechet_distance(&real_features, &generated_features)?,
         frechet_distance_between_real_sets: frechet_distance(&real_features, &other_real)?,
-        scorer_accuracy_on_real_images: ok as f64 / n.max(1) as f64,
+        scorer_accuracy_on_real_images: real.overall(),
     })
 }
 
@@ -447,8 +594,9 @@ fn write_grid(
 
 fn write_report(
     opts: &DemoOptions,
-    stages: &[(PathBuf, TrainConfig)],
+    trained: &[(PathBuf, usize, f64)],
     scores: &Scores,
+    curve: &Curve,
     seconds: f64,
 ) -> Result<()> {
     let mut md = format!(
@@ -456,13 +604,8 @@ fn write_report(
          prompts per group.\n\n",
         opts.variant, opts.minutes, seconds / 60.0, opts.train_images, IMAGE_SIZE, opts.eval_prompts
     );
-    for (dir, cfg) in stages {
-        md += &format!(
-            "- {}: {} steps, mask ratio {}\n",
-            dir.display(),
-            cfg.steps,
-            cfg.mask_ratio
-        );
+    for (dir, steps, mask) in trained {
+        md += &format!("- {}: {steps} steps, mask ratio {mask}\n", dir.display());
     }
     let s = &opts.sampling;
     md += &format!(
@@ -473,17 +616,13 @@ fn write_report(
         s.guidance
     );
     md += "\n| attribute | seen combinations | held-out combinations | chance |\n| --- | ---: | ---: | ---: |\n";
-    // A group without a prompt of some kind has no rate: "–", not "NaN%".
-    let percent = |rate: f64| match rate.is_nan() {
-        true => "–".to_string(),
-        false => format!("{:.0}%", 100.0 * rate),
-    };
-    for (name, seen, held, chance) in &scores.accuracy {
+    for a in &scores.accuracy {
         md += &format!(
-            "| {name} | {} | {} | {} |\n",
-            percent(*seen),
-            percent(*held),
-            percent(*chance)
+            "| {} | {} | {} | {} |\n",
+            a.attribute,
+            percent(a.seen),
+            percent(a.held_out),
+            percent(Some(a.chance))
         );
     }
     md += &format!(
@@ -494,6 +633,19 @@ fn write_report(
         scores.frechet_distance,
         scores.frechet_distance_between_real_sets,
         100.0 * scores.scorer_accuracy_on_real_images
+    );
+    let lines: Vec<String> = scores
+        .accuracy
+        .iter()
+        .zip(LINE_COLOURS)
+        .map(|(a, (colour, _))| format!("{} {colour}", a.attribute))
+        .collect();
+    md += &format!(
+        "\n## Learning\n\nHeld-out accuracy as training went (`{CURVE}`; plotted in \
+         `{CURVE_PLOT}`: {}, chance as faint lines; the points before the last are scored on \
+         the first half of the prompts):\n\n{}",
+        lines.join(", "),
+        curve.table()
     );
     crate::io::write_atomic(&opts.out.join("report.md"), |f| {
         std::io::Write::write_all(f, md.as_bytes())

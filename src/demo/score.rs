@@ -192,6 +192,47 @@ impl Tally {
     }
 }
 
+impl Tally {
+    /// (correct, judged) per attribute, in [`CHANCE`]'s order.
+    fn counts(&self) -> [(usize, usize); 4] {
+        [self.color, self.shape, self.count, self.position]
+    }
+
+    /// Correct over judged, all attributes together.
+    pub fn overall(&self) -> f64 {
+        let (ok, n) = self
+            .counts()
+            .iter()
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+        ok as f64 / n.max(1) as f64
+    }
+}
+
+/// One attribute's adherence: the share of prompts judged right in each group (`None`
+/// when the group had no prompt of that kind), and what guessing gets.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Accuracy {
+    pub attribute: String,
+    pub seen: Option<f64>,
+    pub held_out: Option<f64>,
+    pub chance: f64,
+}
+
+/// Each attribute's accuracy on the seen and the held-out prompts.
+pub fn accuracies(seen: &Tally, held_out: &Tally) -> Vec<Accuracy> {
+    let rate = |(ok, n): (usize, usize)| (n > 0).then(|| ok as f64 / n as f64);
+    CHANCE
+        .iter()
+        .zip(seen.counts().into_iter().zip(held_out.counts()))
+        .map(|((name, chance), (s, h))| Accuracy {
+            attribute: name.to_string(),
+            seen: rate(s),
+            held_out: rate(h),
+            chance: *chance,
+        })
+        .collect()
+}
+
 /// What guessing gets: one of 6 colours, 3 shapes, 3 counts, 2 sides.
 pub const CHANCE: [(&str, f64); 4] = [
     ("colour", 1.0 / 6.0),

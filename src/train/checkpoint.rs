@@ -29,6 +29,9 @@ pub struct TrainState {
     /// Unreadable samples skipped so far (with `skip_bad_samples`).
     #[serde(default)]
     pub skipped_samples: u64,
+    /// The steps a run with a deadline was last re-planned to (`None`: the config's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_steps: Option<usize>,
     /// The training RNG (noise levels, noise, masks, caption dropout): seed and position.
     pub rng_seed: [u8; 32],
     /// ChaCha word position, as a decimal string (JSON numbers cannot hold a u128).
@@ -43,6 +46,7 @@ impl TrainState {
                 step: 0,
                 samples_seen: 0,
                 skipped_samples: 0,
+                planned_steps: None,
                 rng_seed: rng.get_seed(),
                 rng_word_pos: "0".into(),
             },

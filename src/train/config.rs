@@ -266,10 +266,16 @@ impl TrainConfig {
     /// Composer's `CosineAnnealingWithWarmupScheduler`: linear warm-up to `lr`, then cosine
     /// decay to `alpha_f · lr` at the last step.
     pub fn lr_at(&self, step: usize) -> f64 {
+        self.lr_at_over(step, self.steps)
+    }
+
+    /// The learning rate at `step` of a run planned for `steps` (a run re-planned against a
+    /// deadline stretches or shortens its cosine decay; the warm-up stays).
+    pub fn lr_at_over(&self, step: usize, steps: usize) -> f64 {
         if step < self.warmup_steps {
             return self.lr * step as f64 / self.warmup_steps as f64;
         }
-        let span = (self.steps - self.warmup_steps).max(1) as f64;
+        let span = (steps.saturating_sub(self.warmup_steps)).max(1) as f64;
         let tau = ((step - self.warmup_steps) as f64 / span).min(1.0);
         self.lr
             * (self.alpha_f

@@ -39,50 +39,23 @@ pub fn plot(run: &Path, out: &Path) -> Result<()> {
         metrics.display()
     );
     let (x0, x1) = (points[0].0, points[points.len() - 1].0);
-    let logs: Vec<f64> = points.iter().map(|p| p.1.max(1e-12).ln()).collect();
+    let logs: Vec<(f64, f64)> = points.iter().map(|p| (p.0, p.1.max(1e-12).ln())).collect();
     let (y0, y1) = logs
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &(_, v)| {
             (a.min(v), b.max(v))
         });
-    let to_px = |x: f64, y: f64| {
-        let px = MARGIN as f64 + (x - x0) / (x1 - x0).max(1e-12) * (W - 2 * MARGIN) as f64;
-        let py = (H - MARGIN) as f64 - (y - y0) / (y1 - y0).max(1e-12) * (H - 2 * MARGIN) as f64;
-        (px.round() as i64, py.round() as i64)
-    };
-    let mut canvas = vec![255u8; W * H * 3];
-    line(
-        &mut canvas,
-        (MARGIN as i64, (H - MARGIN) as i64),
-        ((W - MARGIN) as i64, (H - MARGIN) as i64),
-        [0, 0, 0],
-    );
-    line(
-        &mut canvas,
-        (MARGIN as i64, MARGIN as i64),
-        (MARGIN as i64, (H - MARGIN) as i64),
-        [0, 0, 0],
-    );
-    let raw: Vec<(i64, i64)> = points
+    let mut avg = logs[0].1;
+    let smooth: Vec<(f64, f64)> = logs
         .iter()
-        .zip(&logs)
-        .map(|(p, &l)| to_px(p.0, l))
-        .collect();
-    let mut avg = logs[0];
-    let smooth: Vec<(i64, i64)> = points
-        .iter()
-        .zip(&logs)
-        .map(|(p, &l)| {
+        .map(|&(x, l)| {
             avg = 0.95 * avg + 0.05 * l;
-            to_px(p.0, avg)
+            (x, avg)
         })
         .collect();
-    for pair in raw.windows(2) {
-        line(&mut canvas, pair[0], pair[1], [170, 170, 170]);
-    }
-    for pair in smooth.windows(2) {
-        line(&mut canvas, pair[0], pair[1], [30, 80, 200]);
-    }
+    let mut chart = Chart::new((x0, x1), (y0, y1));
+    chart.series(&logs, [170, 170, 170]);
+    chart.series(&smooth, [30, 80, 200]);
     let meta = vec![
         ("steps".to_string(), format!("{x0} to {x1}")),
         (
@@ -91,7 +64,7 @@ pub fn plot(run: &Path, out: &Path) -> Result<()> {
         ),
         ("run".to_string(), run.display().to_string()),
     ];
-    crate::image::write_png(out, &canvas, W, H, &meta)?;
+    chart.write(out, &meta)?;
     println!(
         "wrote {}: steps {x0}..{x1}, loss {:.5}..{:.5} (log scale), last {:.5}",
         out.display(),
@@ -100,6 +73,68 @@ pub fn plot(run: &Path, out: &Path) -> Result<()> {
         points[points.len() - 1].1
     );
     Ok(())
+}
+
+/// A line chart on a white canvas: two axes, then series drawn in data coordinates.
+/// Labels go into the PNG's text chunks (no font rendering here).
+pub struct Chart {
+    canvas: Vec<u8>,
+    x: (f64, f64),
+    y: (f64, f64),
+}
+
+impl Chart {
+    pub fn new(x: (f64, f64), y: (f64, f64)) -> Self {
+        let mut chart = Self {
+            canvas: vec![255u8; W * H * 3],
+            x,
+            y,
+        };
+        let (left, right, top, bottom) = (
+            MARGIN as i64,
+            (W - MARGIN) as i64,
+            MARGIN as i64,
+            (H - MARGIN) as i64,
+        );
+        line(
+            &mut chart.canvas,
+            (left, bottom),
+            (right, bottom),
+            [0, 0, 0],
+        );
+        line(&mut chart.canvas, (left, top), (left, bottom), [0, 0, 0]);
+        chart
+    }
+
+    fn to_px(&self, (x, y): (f64, f64)) -> (i64, i64) {
+        let (x0, x1) = self.x;
+        let (y0, y1) = self.y;
+        let px = MARGIN as f64 + (x - x0) / (x1 - x0).max(1e-12) * (W - 2 * MARGIN) as f64;
+        let py = (H - MARGIN) as f64 - (y - y0) / (y1 - y0).max(1e-12) * (H - 2 * MARGIN) as f64;
+        (px.round() as i64, py.round() as i64)
+    }
+
+    /// Straight segments through `points`.
+    pub fn series(&mut self, points: &[(f64, f64)], rgb: [u8; 3]) {
+        let px: Vec<(i64, i64)> = points.iter().map(|&p| self.to_px(p)).collect();
+        for pair in px.windows(2) {
+            line(&mut self.canvas, pair[0], pair[1], rgb);
+        }
+    }
+
+    /// A 5×5 square at each point.
+    pub fn markers(&mut self, points: &[(f64, f64)], rgb: [u8; 3]) {
+        for &p in points {
+            let (x, y) = self.to_px(p);
+            for dy in -2..=2 {
+                line(&mut self.canvas, (x - 2, y + dy), (x + 2, y + dy), rgb);
+            }
+        }
+    }
+
+    pub fn write(&self, out: &Path, meta: &[(String, String)]) -> Result<()> {
+        crate::image::write_png(out, &self.canvas, W, H, meta)
+    }
 }
 
 /// Bresenham's line, clipped to the canvas.

@@ -17,12 +17,22 @@ pub fn chain(stages: &mut [(PathBuf, TrainConfig)]) {
     }
 }
 
-/// Whether the run in `dir` has a checkpoint at `cfg.steps` (or beyond).
-pub fn finished(dir: &Path, cfg: &TrainConfig) -> bool {
+/// The state of the run in `dir`'s newest checkpoint, if it has one.
+fn newest_state(dir: &Path) -> Option<TrainState> {
     run_dir::latest(dir)
         .and_then(|c| std::fs::read(c.join(run_dir::STATE)).ok())
         .and_then(|b| serde_json::from_slice::<TrainState>(&b).ok())
-        .is_some_and(|s| s.step >= cfg.steps)
+}
+
+/// The steps the run in `dir` has checkpointed (0 without a checkpoint).
+pub fn steps_done(dir: &Path) -> usize {
+    newest_state(dir).map_or(0, |s| s.step)
+}
+
+/// Whether the run in `dir` has a checkpoint at `cfg.steps` (or beyond), or at the steps
+/// it was re-planned to against a deadline.
+pub fn finished(dir: &Path, cfg: &TrainConfig) -> bool {
+    newest_state(dir).is_some_and(|s| s.step >= s.planned_steps.unwrap_or(cfg.steps))
 }
 
 #[cfg(test)]

@@ -37,14 +37,47 @@ pub struct RunOptions {
     pub abort_after_step: Option<usize>,
     /// No progress bar (tests, logs).
     pub quiet: bool,
+    /// Finish by then: the planned steps are re-fitted to the pace measured as training
+    /// goes (a busier or faster machine), until [`REPLAN_UNTIL`] of them are done.
+    pub deadline: Option<Instant>,
+    /// Checkpoint after this step and return, unfinished (a later call with `resume`
+    /// continues exactly): how the demo scores its model part-way.
+    pub pause_after: Option<usize>,
 }
 
 /// What a finished (or interrupted) run reports.
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub step: usize,
+    /// The steps the run is planned for (the config's, or re-planned to a deadline).
+    pub planned_steps: usize,
     pub losses: Vec<f64>,
+    /// Stopped by Ctrl-C or by `pause_after` before the planned steps.
     pub interrupted: bool,
+}
+
+/// A run with a deadline re-plans every this many steps…
+const REPLAN_EVERY: usize = 10;
+/// …while less than this share of its planned steps is done; the rest of the cosine decay
+/// then runs as planned.
+pub const REPLAN_UNTIL: f64 = 0.8;
+
+/// The steps a run with a deadline should plan for: those `done`, plus as many as fit in
+/// the `left` seconds at the pace of the `done_here` steps this process took in `elapsed`
+/// seconds; `planned` unchanged when there is too little to measure or the plan is frozen.
+pub fn replanned_steps(
+    done: usize,
+    planned: usize,
+    done_here: usize,
+    elapsed: f64,
+    left: f64,
+) -> usize {
+    let frozen = done as f64 >= REPLAN_UNTIL * planned as f64;
+    if done_here < REPLAN_EVERY || frozen || elapsed <= 0.0 {
+        return planned;
+    }
+    let per_step = elapsed / done_here as f64;
+    done + ((left.max(0.0) / per_step) as usize).max(1)
 }
 
 /// What only rank 0 keeps: the preview renderer and the metrics file.
@@ -187,6 +220,8 @@ struct Trainer<'a, B: AutodiffBackend> {
     losses: Vec<f64>,
     started: Instant,
     first_step: usize,
+    /// The steps this run is planned for (`cfg.steps` unless re-planned to a deadline).
+    steps: usize,
 }
 
 impl<'a, B: AutodiffBackend> Trainer<'a, B> {
@@ -234,7 +269,8 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
         }
         let quiet = opts.quiet || !rank.is_main();
-        let bar = crate::progress::bar_unless(quiet, cfg.steps, "train", "step");
+        let steps = state.planned_steps.unwrap_or(cfg.steps);
+        let bar = crate::progress::bar_unless(quiet, steps, "train", "step");
         bar.set_position(state.step as u64);
         let first_step = state.step;
         Ok(Self {
@@ -259,6 +295,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             losses: Vec::new(),
             started: Instant::now(),
             first_step,
+            steps,
         })
     }
 
@@ -361,7 +398,35 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     }
 
     fn done(&self) -> bool {
-        self.state.step >= self.cfg.steps
+        self.state.step >= self.steps
+    }
+
+    /// With a deadline: the planned steps re-fitted to the pace so far (rank 0's choice, so
+    /// that every rank stops at the same step).
+    fn replan(&mut self) -> Result<()> {
+        let (Some(deadline), n) = (self.opts.deadline, self.state.step) else {
+            return Ok(());
+        };
+        if !n.is_multiple_of(REPLAN_EVERY) {
+            return Ok(());
+        }
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64();
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let mine = replanned_steps(n, self.steps, n - self.first_step, elapsed, left);
+        let main = if self.rank.is_main() {
+            mine as f64
+        } else {
+            0.0
+        };
+        let steps = self.rank.sum(&[main])?[0] as usize;
+        if steps != self.steps {
+            self.steps = steps;
+            self.state.planned_steps = Some(steps);
+            self.bar.set_length(steps as u64);
+        }
+        Ok(())
     }
 
     /// The next micro-batch's sample indices, advancing the data position.
@@ -390,7 +455,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     fn step(&mut self) -> Result<StepReport> {
         let (cfg, device) = (self.cfg, self.device);
         let dit = self.dit.clone();
-        let lr = cfg.lr_at(self.state.step);
+        let lr = cfg.lr_at_over(self.state.step, self.steps);
         let model = self.model.take().expect("model between steps");
         let mut accumulated = GradientsAccumulator::<MicroDit<B>>::new();
         let mut step_loss = 0.0;
@@ -505,7 +570,8 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     /// Progress, metrics, checkpoints and previews after a step; `Stop` after Ctrl-C (with
     /// the checkpoint written).
     fn after_step(&mut self, step: &StepReport) -> Result<Flow> {
-        let (cfg, n) = (self.cfg, self.state.step);
+        self.replan()?;
+        let (cfg, n, last) = (self.cfg, self.state.step, self.steps);
         let elapsed = self.started.elapsed().as_secs_f64();
         let images_per_s = ((n - self.first_step) * cfg.global_batch) as f64 / elapsed;
         self.bar.set_position(n as u64);
@@ -516,7 +582,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         if let Some(metrics) = self
             .metrics
             .as_mut()
-            .filter(|_| n.is_multiple_of(cfg.log_every) || n == cfg.steps)
+            .filter(|_| n.is_multiple_of(cfg.log_every) || n == last)
         {
             let line = serde_json::json!({"step": n, "loss": step.loss, "lr": step.lr,
                 "grad_norm": step.grad_norm, "images_per_s": images_per_s, "elapsed_s": elapsed,
@@ -524,8 +590,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             writeln!(metrics, "{line}")?;
         }
         let model = self.model.as_ref().expect("model after a step");
-        let scheduled = n.is_multiple_of(cfg.checkpoint_every) || n == cfg.steps;
-        if self.rank.is_main() && (scheduled || step.stop) {
+        let scheduled = n.is_multiple_of(cfg.checkpoint_every) || n == last;
+        let pause = self.opts.pause_after == Some(n) && n < last;
+        if self.rank.is_main() && (scheduled || step.stop || pause) {
             self.state.capture(&self.rng);
             checkpoint::save(
                 self.run,
@@ -557,6 +624,10 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 .abandon_with_message(format!("interrupted: checkpoint at step {n} written"));
             return Ok(Flow::Stop);
         }
+        if pause {
+            self.bar.abandon_with_message(format!("paused at step {n}"));
+            return Ok(Flow::Stop);
+        }
         Ok(Flow::Continue)
     }
 
@@ -567,8 +638,27 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         }
         Summary {
             step: self.state.step,
+            planned_steps: self.steps,
             losses: self.losses,
             interrupted,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_refits_the_steps_to_the_measured_pace() {
+        // 20 steps in 10 s here, 30 s left: 60 more fit.
+        assert_eq!(replanned_steps(20, 100, 20, 10.0, 30.0), 80);
+        // A resumed run measures only its own steps (10 in 10 s).
+        assert_eq!(replanned_steps(50, 100, 10, 10.0, 30.0), 80);
+        // Past the deadline: one more step, then the plan ends.
+        assert_eq!(replanned_steps(20, 100, 20, 10.0, -5.0), 21);
+        // Too few steps to measure, or most of the plan done: unchanged.
+        assert_eq!(replanned_steps(5, 100, 5, 2.0, 300.0), 100);
+        assert_eq!(replanned_steps(80, 100, 80, 10.0, 300.0), 100);
     }
 }

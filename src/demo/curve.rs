@@ -1,0 +1,191 @@
+//! The adherence curve: the demo's model scored at a few points of its training
+//! (`curve.json`, `adherence.png`), so that a person sees learning happen beside the loss
+//! plots.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::score::Accuracy;
+use crate::train::plot::Chart;
+
+/// One scoring of the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// The stage's folder name (`stage1-masked`, …).
+    pub stage: String,
+    /// Optimiser steps over all stages so far.
+    pub step: usize,
+    /// Prompts per group (seen and held-out) it was scored on.
+    pub prompts: usize,
+    /// Per attribute, as in `report.json`.
+    pub accuracy: Vec<Accuracy>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Curve {
+    pub points: Vec<CurvePoint>,
+}
+
+/// The line colour of each attribute in `adherence.png`, in `score::CHANCE`'s order.
+pub const LINE_COLOURS: [(&str, [u8; 3]); 4] = [
+    ("red", [210, 40, 40]),
+    ("blue", [40, 80, 210]),
+    ("green", [30, 150, 60]),
+    ("orange", [230, 140, 20]),
+];
+
+impl Curve {
+    /// The curve saved in `path`, or an empty one.
+    pub fn load(path: &Path) -> Result<Self> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", path.display())),
+            Err(_) => Ok(Self::default()),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::io::write_atomic(path, |f| {
+            serde_json::to_writer_pretty(f, self).map_err(std::io::Error::other)
+        })
+    }
+
+    /// Whether the model was scored at `step` already.
+    pub fn has(&self, step: usize) -> bool {
+        self.points.iter().any(|p| p.step == step)
+    }
+
+    /// Adds a point, replacing one at the same step (a re-scored finished demo).
+    pub fn record(&mut self, point: CurvePoint) {
+        self.points.retain(|p| p.step != point.step);
+        self.points.push(point);
+        self.points.sort_by_key(|p| p.step);
+    }
+
+    /// Held-out accuracy per attribute against steps, each attribute's chance level as a
+    /// faint horizontal line; accuracy 0 to 1 upwards.
+    pub fn plot(&self, out: &Path) -> Result<()> {
+        let last = self.points.last().map_or(1, |p| p.step).max(1) as f64;
+        let mut chart = Chart::new((0.0, last), (0.0, 1.0));
+        let attributes = self.points.first().map_or(0, |p| p.accuracy.len());
+        let mut legend = Vec::new();
+        for (k, (name, rgb)) in LINE_COLOURS.iter().enumerate().take(attributes) {
+            let held: Vec<(f64, f64)> = self
+                .points
+                .iter()
+                .filter_map(|p| Some((p.step as f64, p.accuracy[k].held_out?)))
+                .collect();
+            let chance = self.points[0].accuracy[k].chance;
+            let faint = rgb.map(|c| 255 - (255 - c) / 4);
+            chart.series(&[(0.0, chance), (last, chance)], faint);
+            chart.series(&held, *rgb);
+            chart.markers(&held, *rgb);
+            legend.push(format!("{}: {name}", self.points[0].accuracy[k].attribute));
+        }
+        let meta = vec![
+            (
+                "lines".to_string(),
+                format!(
+                    "held-out accuracy per attribute ({}); faint: chance",
+                    legend.join(", ")
+                ),
+            ),
+            (
+                "axes".to_string(),
+                format!("steps 0 to {last}, accuracy 0 to 1"),
+            ),
+        ];
+        chart.write(out, &meta)
+    }
+
+    /// The curve as a markdown table of held-out accuracies.
+    pub fn table(&self) -> String {
+        let Some(first) = self.points.first() else {
+            return String::new();
+        };
+        let names: Vec<&str> = first
+            .accuracy
+            .iter()
+            .map(|a| a.attribute.as_str())
+            .collect();
+        let mut md = format!("| step | stage | prompts | {} |\n", names.join(" | "));
+        md += &format!("| ---: | --- | ---: |{}\n", " ---: |".repeat(names.len()));
+        for p in &self.points {
+            let cells: Vec<String> = p.accuracy.iter().map(|a| percent(a.held_out)).collect();
+            md += &format!(
+                "| {} | {} | {} | {} |\n",
+                p.step,
+                p.stage,
+                p.prompts,
+                cells.join(" | ")
+            );
+        }
+        md
+    }
+}
+
+/// A rate as a whole percentage; a group without a prompt of some kind has none: "–".
+pub fn percent(rate: Option<f64>) -> String {
+    rate.map_or("–".to_string(), |r| format!("{:.0}%", 100.0 * r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(step: usize, colour: f64) -> CurvePoint {
+        let accuracy = |attribute: &str, seen, held_out, chance| Accuracy {
+            attribute: attribute.into(),
+            seen,
+            held_out,
+            chance,
+        };
+        CurvePoint {
+            stage: "stage1-masked".into(),
+            step,
+            prompts: 8,
+            accuracy: vec![
+                accuracy("colour", Some(0.5), Some(colour), 1.0 / 6.0),
+                accuracy("count", None, None, 1.0 / 3.0),
+            ],
+        }
+    }
+
+    #[test]
+    fn points_stay_in_step_order_and_a_rescored_step_replaces_its_point() {
+        let mut curve = Curve::default();
+        curve.record(point(200, 0.5));
+        curve.record(point(100, 0.25));
+        curve.record(point(200, 0.75));
+        let steps: Vec<(usize, Option<f64>)> = curve
+            .points
+            .iter()
+            .map(|p| (p.step, p.accuracy[0].held_out))
+            .collect();
+        assert_eq!(steps, vec![(100, Some(0.25)), (200, Some(0.75))]);
+        assert!(curve.has(100) && !curve.has(150));
+        let table = curve.table();
+        assert!(
+            table.contains("| 200 | stage1-masked | 8 | 75% | – |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_curve_round_trips_through_its_file_and_plots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut curve = Curve::default();
+        curve.record(point(10, 0.2));
+        curve.record(point(20, 0.6));
+        curve.save(&dir.path().join("curve.json")).unwrap();
+        let back = Curve::load(&dir.path().join("curve.json")).unwrap();
+        assert_eq!(back.points, curve.points);
+        back.plot(&dir.path().join("adherence.png")).unwrap();
+        assert!(Curve::load(&dir.path().join("missing.json"))
+            .unwrap()
+            .points
+            .is_empty());
+    }
+}
