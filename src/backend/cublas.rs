@@ -35,6 +35,8 @@ use cubecl::prelude::*;
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as driver, sys as driver_sys};
 
+use super::gemm_plan::{self, Gemm, Operand};
+
 type Tensor = CubeTensor<CudaRuntime>;
 
 /// How products reach cuBLAS, from `MICRODIT_CUBLAS` and whether the library loads.
@@ -239,55 +241,9 @@ fn devices() -> &'static Mutex<HashMap<usize, DeviceBlas>> {
     DEVICES.get_or_init(Default::default)
 }
 
-/// A row-major matrix operand as cuBLAS (column-major) sees it: its transpose stored with
-/// leading dimension `ld` (`transposed = false`), or itself (`transposed = true`).
-#[derive(Debug, Clone, Copy)]
-struct Operand {
-    transposed: bool,
-    ld: i32,
-    /// Elements between consecutive matrices of the batch (0: one matrix for all).
-    batch_stride: i64,
-}
-
-/// How `t` [.., rows, cols] can be read as a batch of matrices, or `None` when its batch
-/// dimensions cannot be walked with one stride or its matrices are not dense in one order.
+/// How `t` can be read as `batch` matrices without a copy ([`gemm_plan::operand`]).
 fn operand(t: &Tensor, batch: usize) -> Option<Operand> {
-    let shape = t.meta.shape();
-    let strides = t.meta.strides();
-    let rank = shape.num_dims();
-    let (rows, cols) = (shape[rank - 2], shape[rank - 1]);
-    let (row_stride, col_stride) = (strides[rank - 2], strides[rank - 1]);
-    let (transposed, ld) = if col_stride == 1 || cols == 1 {
-        (false, row_stride.max(cols))
-    } else if row_stride == 1 || rows == 1 {
-        (true, col_stride.max(rows))
-    } else {
-        return None;
-    };
-    let matrices: usize = (0..rank - 2).map(|d| shape[d]).product();
-    let batch_stride = if matrices == 1 {
-        0
-    } else {
-        // The batch dimensions must flatten to one stride: each the next one's extent apart.
-        let dims: Vec<usize> = (0..rank - 2).filter(|&d| shape[d] > 1).collect();
-        let innermost = strides[*dims.last()?];
-        let mut expected = innermost;
-        for &d in dims.iter().rev() {
-            if strides[d] != expected {
-                return None;
-            }
-            expected *= shape[d];
-        }
-        if matrices != batch {
-            return None;
-        }
-        innermost as i64
-    };
-    Some(Operand {
-        transposed,
-        ld: ld as i32,
-        batch_stride,
-    })
+    gemm_plan::operand(t.meta.shape(), t.meta.strides(), batch)
 }
 
 fn data_type(dtype: DType) -> Option<blas_sys::cudaDataType> {
@@ -308,12 +264,8 @@ pub fn matmul(lhs: Tensor, rhs: Tensor) -> Option<Tensor> {
         return None;
     }
     let data_type = data_type(dtype)?;
-    let (ls, rs) = (lhs.meta.shape().clone(), rhs.meta.shape().clone());
-    let rank = ls.num_dims();
-    let (m, k, n) = (ls[rank - 2], ls[rank - 1], rs[rank - 1]);
-    let mut out_dims: Vec<usize> = (0..rank - 2).map(|d| ls[d].max(rs[d])).collect();
-    let batch: usize = out_dims.iter().product();
-    let fits = |t: &Tensor| operand(t, batch);
+    let product = gemm_plan::product(lhs.meta.shape(), rhs.meta.shape())?;
+    let fits = |t: &Tensor| operand(t, product.batch);
     let lhs = if fits(&lhs).is_some() {
         lhs
     } else {
@@ -324,15 +276,14 @@ pub fn matmul(lhs: Tensor, rhs: Tensor) -> Option<Tensor> {
     } else {
         into_contiguous(rhs)
     };
-    let (a, b) = (fits(&lhs)?, fits(&rhs)?);
-    out_dims.extend([m, n]);
+    let gemm = Gemm::row_major(&product, fits(&lhs)?, fits(&rhs)?);
     let out = empty_device_contiguous_dtype(
         lhs.client.clone(),
         lhs.device.clone(),
-        Shape::from(out_dims),
+        Shape::from(product.out_shape.clone()),
         dtype,
     );
-    if m == 0 || n == 0 || batch == 0 {
+    if product.m == 0 || product.n == 0 || product.batch == 0 {
         return Some(out);
     }
     let client = out.client.clone();
@@ -367,7 +318,6 @@ pub fn matmul(lhs: Tensor, rhs: Tensor) -> Option<Tensor> {
             .ptr
     };
     let (lhs_ptr, rhs_ptr, out_ptr) = (ptr(&lhs), ptr(&rhs), ptr(&out));
-    // Column-major view: outᵀ [N, M] = rhsᵀ [N, K] · lhsᵀ [K, M].
     let op = |o: &Operand| {
         if o.transposed {
             blas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -394,28 +344,29 @@ pub fn matmul(lhs: Tensor, rhs: Tensor) -> Option<Tensor> {
             }
             (mode, _) => mode,
         };
+        // Column-major: outᵀ [N, M] = rhsᵀ [N, K] · lhsᵀ [K, M] (`gemm_plan`).
         blas::gemm_strided_batched_ex(
             blas.handle,
-            op(&b),
-            op(&a),
-            n as i32,
-            m as i32,
-            k as i32,
+            op(&gemm.a),
+            op(&gemm.b),
+            gemm.m as i32,
+            gemm.n as i32,
+            gemm.k as i32,
             (&alpha as *const f32).cast(),
             rhs_ptr as *const _,
             data_type,
-            b.ld,
-            b.batch_stride,
+            gemm.a.ld as i32,
+            gemm.a.batch_stride as i64,
             lhs_ptr as *const _,
             data_type,
-            a.ld,
-            a.batch_stride,
+            gemm.b.ld as i32,
+            gemm.b.batch_stride as i64,
             (&beta as *const f32).cast(),
             out_ptr as *mut _,
             data_type,
-            n as i32,
-            (m * n) as i64,
-            batch as i32,
+            gemm.ldc as i32,
+            gemm.stride_c as i64,
+            gemm.batch as i32,
             blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )

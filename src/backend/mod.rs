@@ -23,6 +23,9 @@ pub mod cublas;
 #[cfg(feature = "cuda")]
 pub mod cuda_runtime;
 mod flex;
+// cuBLAS's product plans, a pure function tested on the CPU (used by `cublas.rs`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod gemm_plan;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 
