@@ -189,7 +189,7 @@ mod tests {
         }
         let len = step.max(1);
         let buffer = (0..len)
-            .map(|i| ((i as u32 * 2654435761 ^ seed) % 1000) as f32 / 100.0 - 5.0)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 100.0 - 5.0)
             .collect();
         View {
             shape: shape.to_vec(),
