@@ -102,6 +102,11 @@ fn the_weight_average_is_the_exponential_average_of_the_weights() {
         "the average differs from the expected one by {worst}"
     );
     assert!(ema != weights, "the average equals the weights");
+    // The run folder samples with the average, as EDM does.
+    let hub = microdit::hub::Hub::new(s.root.clone(), true);
+    let run = s.root.join("run");
+    let chosen = microdit::pipeline::load::resolve_checkpoint(&hub, run.to_str().unwrap());
+    assert_eq!(chosen.unwrap(), step(8).join("ema.safetensors"));
 }
 
 fn resumes_exactly(config: &str, files: &[&str]) {

@@ -77,6 +77,13 @@ const CURVE_POINTS: [f64; 2] = [1.0 / 3.0, 2.0 / 3.0];
 /// Files in the demo folder: the adherence curve and its plot.
 const CURVE: &str = "curve.json";
 const CURVE_PLOT: &str = "adherence.png";
+/// The weights' exponential average forgets half of itself in this share of a stage's
+/// planned steps (EDM's half-life is a share of training, too); samples use the average.
+const EMA_HALF_LIFE: f64 = 0.1;
+/// The EDM loss's noise levels: ln σ ~ N(P_MEAN, P_STD²), MicroDiT's; EDM's −1.2 for
+/// 32 px images trains the high noise levels too little here (docs/DEMO.md).
+const P_MEAN: f64 = -0.6;
+const P_STD: f64 = 1.2;
 const SAMPLER_STEPS: usize = 18;
 const GUIDANCE: f64 = 3.0;
 /// Prompts sampled together when scoring.
@@ -97,7 +104,7 @@ pub struct Scores {
 }
 
 pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result<Scores> {
-    let mut budget = Budget::starting_now(opts.minutes);
+    let budget = Budget::starting_now(opts.minutes);
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let tower = opts.out.join(TEXT_TOWER);
@@ -132,7 +139,8 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result
             stage.cfg.steps,
             stage.cfg.mask_ratio
         );
-        let deadline = budget.stage_deadline(&stages[k..]);
+        // Re-read at every pause: the final scoring's reserve shrinks once it is timed.
+        let deadline = || budget.stage_deadline(&stages[k..]);
         let pauses: Vec<usize> = match k {
             0 => CURVE_POINTS
                 .iter()
@@ -187,7 +195,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result
 struct Budget {
     start: Instant,
     end: Instant,
-    final_scoring: f64,
+    final_scoring: std::cell::Cell<f64>,
 }
 
 impl Budget {
@@ -197,7 +205,7 @@ impl Budget {
         Self {
             start,
             end: start + std::time::Duration::from_secs_f64(seconds),
-            final_scoring: EVAL_SHARE * seconds,
+            final_scoring: std::cell::Cell::new(EVAL_SHARE * seconds),
         }
     }
 
@@ -211,7 +219,7 @@ impl Budget {
             .end
             .saturating_duration_since(Instant::now())
             .as_secs_f64();
-        (left - self.final_scoring).max(0.0)
+        (left - self.final_scoring.get()).max(0.0)
     }
 
     /// When the first of `stages` should end: the training time left, shared out by the
@@ -224,8 +232,9 @@ impl Budget {
 
     /// A scoring of `prompts` prompts per group took `seconds`: the final one, of
     /// `final_prompts`, will take about as much per prompt (a tenth more for safety).
-    fn scored(&mut self, seconds: f64, prompts: usize, final_prompts: usize) {
-        self.final_scoring = 1.1 * seconds * final_prompts as f64 / prompts.max(1) as f64;
+    fn scored(&self, seconds: f64, prompts: usize, final_prompts: usize) {
+        let seconds = 1.1 * seconds * final_prompts as f64 / prompts.max(1) as f64;
+        self.final_scoring.set(seconds);
     }
 }
 
@@ -236,12 +245,12 @@ struct Stage {
     share: f64,
 }
 
-/// Trains a stage to its deadline, pausing at `pauses` (steps) to call `at_pause` with the
-/// step, and once more with the final step.
+/// Trains a stage to its deadline (asked again after each pause), pausing at `pauses`
+/// (steps) to call `at_pause` with the step, and once more with the final step.
 fn train_stage<B: AutodiffBackend>(
     opts: &DemoOptions,
     stage: &Stage,
-    deadline: Instant,
+    deadline: impl Fn() -> Instant,
     pauses: &[usize],
     device: &B::Device,
     mut at_pause: impl FnMut(usize) -> Result<()>,
@@ -253,7 +262,7 @@ fn train_stage<B: AutodiffBackend>(
         let run_opts = RunOptions {
             resume: true,
             quiet: opts.quiet,
-            deadline: Some(deadline),
+            deadline: Some(deadline()),
             pause_after,
             ..Default::default()
         };
@@ -377,6 +386,9 @@ fn train_config(
         seed: opts.seed,
         checkpoint_every: 100,
         keep_last: 2,
+        ema_decay: Some(0.5f64.powf(1.0 / (EMA_HALF_LIFE * steps as f64).max(1.0))),
+        p_mean: P_MEAN,
+        p_std: P_STD,
         ..TrainConfig::default()
     };
     cfg.validate()?;

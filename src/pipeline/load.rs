@@ -33,7 +33,8 @@ pub const PIPELINE_FILE: &str = "pipeline.json";
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Components {
-    /// Weights: a file, a training run folder, or OWNER/REPO/PATH on the Hub.
+    /// Weights: a file, a training run folder (its newest weights; their exponential average
+    /// where training kept one), or OWNER/REPO/PATH on the Hub.
     pub checkpoint: Option<String>,
     /// Architecture: a preset name or a config file.
     pub model: Option<String>,
@@ -134,8 +135,9 @@ impl Components {
     }
 }
 
-/// A weights file from a file, a training run folder (its newest checkpoint's weights; in a
-/// folder of stages, the newest stage's), or `owner/repo/path/in/repo` on the Hub.
+/// A weights file from a file, a training run folder (its newest checkpoint's weights, the
+/// exponential average's where the run kept one, as EDM samples; in a folder of stages, the
+/// newest stage's), or `owner/repo/path/in/repo` on the Hub.
 pub fn resolve_checkpoint(hub: &Hub, source: &str) -> Result<PathBuf> {
     let path = Path::new(source);
     if path.is_file() {
@@ -145,7 +147,11 @@ pub fn resolve_checkpoint(hub: &Hub, source: &str) -> Result<PathBuf> {
         let run = run_dir::newest_stage(path)?;
         let checkpoint = run_dir::latest(&run)
             .with_context(|| format!("{} lost its checkpoints while being read", run.display()))?;
-        return Ok(checkpoint.join(run_dir::WEIGHTS));
+        let ema = checkpoint.join(run_dir::EMA_WEIGHTS);
+        return Ok(match ema.is_file() {
+            true => ema,
+            false => checkpoint.join(run_dir::WEIGHTS),
+        });
     }
     let parts: Vec<&str> = source.splitn(3, '/').collect();
     match parts.as_slice() {

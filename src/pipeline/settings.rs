@@ -197,7 +197,8 @@ pub struct GenerationSettings {
     /// Image side in pixels.
     #[serde(with = "text")]
     pub resolution: usize,
-    /// The denoiser's weights: a file, a training run folder, or OWNER/REPO/PATH on the Hub.
+    /// The denoiser's weights: a file, a training run folder (its newest weights; their
+    /// exponential average where training kept one), or OWNER/REPO/PATH on the Hub.
     pub checkpoint: String,
     /// Its architecture: a preset or a config file.
     pub model: String,
