@@ -131,6 +131,18 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             eprintln!("{line}");
         }
     };
+    let gpus = args
+        .device
+        .iter()
+        .filter(|d| matches!(d, DeviceChoice::Cuda(_)))
+        .count();
+    if cfg!(feature = "cuda") && gpus > 1 {
+        say(format!(
+            "note: {gpus} GPUs in one process sum their gradients through host memory; for \
+             NCCL, launch one process per GPU: mpirun -np {gpus} microdit train … --device cuda \
+             (built with --features cuda,mpi)"
+        ));
+    }
     let mut stages = Vec::new();
     for (k, path) in args.configs.iter().enumerate() {
         stages.push((stage_dir(args, k, path), TrainConfig::from_file(path)?));
