@@ -153,14 +153,9 @@ unsafe impl Send for DeviceBlas {}
 
 impl DeviceBlas {
     fn new(client: &ComputeClient<CudaRuntime>, index: usize) -> Self {
-        // SAFETY: plain driver calls on the device cubecl already initialised; the primary
-        // context is the one cubecl uses.
+        let (context, stream) = super::cuda_runtime::own_stream(index).expect("CUDA stream");
+        // SAFETY: a cuBLAS handle on a live stream of the context cubecl uses.
         unsafe {
-            let device = driver::device::get(index as i32).expect("CUDA device");
-            let context = driver::primary_ctx::retain(device).expect("CUDA primary context");
-            driver::ctx::set_current(context).expect("CUDA context");
-            let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking)
-                .expect("CUDA stream");
             let handle = blas::create_handle().expect("cuBLAS handle");
             blas::set_stream(handle, stream as blas_sys::cudaStream_t).expect("cuBLAS stream");
             let word = || client.create_from_slice(u32::as_bytes(&[0]));

@@ -6,12 +6,16 @@
 //! directory (`~/.cache/microdit/cubecl` on Linux). A `cubecl.toml` (or `[cubecl]` in a
 //! `burn.toml`) in the working directory or above that names a compilation cache is obeyed
 //! instead; `CUBECL_AUTOTUNE_LEVEL` and `CUBECL_DEBUG_LOG` keep working.
+//!
+//! Also the one place that opens a stream of microdit's own (for cuBLAS and NCCL) on the
+//! context cubecl runs on.
 
 use std::path::PathBuf;
 use std::sync::Once;
 
 use cubecl::config::cache::CacheConfig;
 use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+use cudarc::driver::{result as driver, sys as driver_sys};
 
 /// The cache directory: `$MICRODIT_CACHE/cubecl` or `<user cache>/microdit/cubecl`.
 pub fn cache_dir() -> PathBuf {
@@ -42,4 +46,19 @@ pub fn configure() {
         }
         CubeClRuntimeConfig::set(config);
     });
+}
+
+/// GPU `device`'s primary context (the one cubecl uses), made current, and a new
+/// non-blocking stream on it.
+pub fn own_stream(device: usize) -> anyhow::Result<(driver_sys::CUcontext, driver_sys::CUstream)> {
+    use anyhow::Context;
+    // SAFETY: plain driver calls; the primary context stays retained for the process.
+    unsafe {
+        let handle = driver::device::get(device as i32).context("CUDA device")?;
+        let context = driver::primary_ctx::retain(handle).context("CUDA primary context")?;
+        driver::ctx::set_current(context).context("CUDA context")?;
+        let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking)
+            .context("CUDA stream")?;
+        Ok((context, stream))
+    }
 }

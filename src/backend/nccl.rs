@@ -75,14 +75,9 @@ impl NcclComm {
         let id = sys::ncclUniqueId {
             internal: id.map(|b| b as std::ffi::c_char),
         };
-        // SAFETY: driver calls on the primary context cubecl uses for this device, then
-        // NCCL's initialisation with a valid id on that context.
+        let (context, stream) = super::cuda_runtime::own_stream(device)?;
+        // SAFETY: NCCL's initialisation with a valid id, on the context made current above.
         unsafe {
-            let handle = driver::device::get(device as i32).context("CUDA device")?;
-            let context = driver::primary_ctx::retain(handle).context("CUDA primary context")?;
-            driver::ctx::set_current(context).context("CUDA context")?;
-            let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking)
-                .context("CUDA stream")?;
             let mut comm = std::ptr::null_mut();
             nccl::comm_init_rank(&mut comm, world as i32, id, rank as i32)
                 .map_err(|e| nccl_error("ncclCommInitRank", e.0))?;
