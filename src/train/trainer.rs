@@ -220,8 +220,6 @@ struct Trainer<'a, B: AutodiffBackend> {
     losses: Vec<f64>,
     started: Instant,
     first_step: usize,
-    /// The steps this run is planned for (`cfg.steps` unless re-planned to a deadline).
-    steps: usize,
 }
 
 impl<'a, B: AutodiffBackend> Trainer<'a, B> {
@@ -295,7 +293,6 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             losses: Vec::new(),
             started: Instant::now(),
             first_step,
-            steps,
         })
     }
 
@@ -398,7 +395,12 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     }
 
     fn done(&self) -> bool {
-        self.state.step >= self.steps
+        self.state.step >= self.planned_steps()
+    }
+
+    /// The steps this run is planned for: `cfg.steps`, unless re-planned to a deadline.
+    fn planned_steps(&self) -> usize {
+        self.state.planned_steps.unwrap_or(self.cfg.steps)
     }
 
     /// With a deadline: the planned steps re-fitted to the pace so far (rank 0's choice, so
@@ -414,15 +416,15 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             .saturating_duration_since(Instant::now())
             .as_secs_f64();
         let elapsed = self.started.elapsed().as_secs_f64();
-        let mine = replanned_steps(n, self.steps, n - self.first_step, elapsed, left);
+        let planned = self.planned_steps();
+        let mine = replanned_steps(n, planned, n - self.first_step, elapsed, left);
         let main = if self.rank.is_main() {
             mine as f64
         } else {
             0.0
         };
         let steps = self.rank.sum(&[main])?[0] as usize;
-        if steps != self.steps {
-            self.steps = steps;
+        if steps != planned {
             self.state.planned_steps = Some(steps);
             self.bar.set_length(steps as u64);
         }
@@ -455,7 +457,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     fn step(&mut self) -> Result<StepReport> {
         let (cfg, device) = (self.cfg, self.device);
         let dit = self.dit.clone();
-        let lr = cfg.lr_at_over(self.state.step, self.steps);
+        let lr = cfg.lr_at_over(self.state.step, self.planned_steps());
         let model = self.model.take().expect("model between steps");
         let mut accumulated = GradientsAccumulator::<MicroDit<B>>::new();
         let mut step_loss = 0.0;
@@ -571,7 +573,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     /// the checkpoint written).
     fn after_step(&mut self, step: &StepReport) -> Result<Flow> {
         self.replan()?;
-        let (cfg, n, last) = (self.cfg, self.state.step, self.steps);
+        let (cfg, n, last) = (self.cfg, self.state.step, self.planned_steps());
         let elapsed = self.started.elapsed().as_secs_f64();
         let images_per_s = ((n - self.first_step) * cfg.global_batch) as f64 / elapsed;
         self.bar.set_position(n as u64);
@@ -638,7 +640,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         }
         Summary {
             step: self.state.step,
-            planned_steps: self.steps,
+            planned_steps: self.planned_steps(),
             losses: self.losses,
             interrupted,
         }
