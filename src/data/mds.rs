@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
@@ -67,14 +67,39 @@ impl Value {
 
 pub type Sample = BTreeMap<String, Value>;
 
-/// An MDS dataset directory. Shards are read (and decompressed) on first use; the most
-/// recently used one stays in memory, since samples are mostly read shard by shard.
+/// An MDS dataset directory. Training draws samples in a random order over all shards, so
+/// a sample must not cost a shard: raw shards are memory-mapped on first use (the page
+/// cache holds them once for every reader, and a sample reads only its own bytes), and
+/// compressed ones are kept decompressed, the most recently used first, up to
+/// [`DECOMPRESSED_BYTES`].
 pub struct MdsDataset {
     dir: PathBuf,
     shards: Vec<ShardInfo>,
     /// Index of the first sample of each shard, plus the total at the end.
     starts: Vec<usize>,
-    cached: Mutex<Option<(usize, std::sync::Arc<Vec<u8>>)>>,
+    mapped: Vec<OnceLock<memmap2::Mmap>>,
+    decompressed: Mutex<Vec<(usize, Arc<Vec<u8>>)>>,
+}
+
+/// Decompressed shards kept in memory (a quarter of the memory budget a 256 MiB shard
+/// limit with 16 shards kept would take; raw shards are not counted, the page cache holds
+/// them).
+pub const DECOMPRESSED_BYTES: usize = 4 << 30;
+
+/// A shard's bytes: mapped, or decompressed and shared with the cache.
+enum ShardBytes<'a> {
+    Mapped(&'a [u8]),
+    Decompressed(Arc<Vec<u8>>),
+}
+
+impl std::ops::Deref for ShardBytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ShardBytes::Mapped(bytes) => bytes,
+            ShardBytes::Decompressed(bytes) => bytes,
+        }
+    }
 }
 
 impl MdsDataset {
@@ -116,9 +141,10 @@ impl MdsDataset {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            shards: index.shards,
             starts,
-            cached: Mutex::new(None),
+            mapped: (0..index.shards.len()).map(|_| OnceLock::new()).collect(),
+            decompressed: Mutex::new(Vec::new()),
+            shards: index.shards,
         })
     }
 
@@ -156,40 +182,70 @@ impl MdsDataset {
             .with_context(|| format!("{}: sample {}", path.display(), i - self.starts[shard]))
     }
 
-    fn shard_bytes(&self, shard: usize) -> Result<std::sync::Arc<Vec<u8>>> {
-        let mut cached = self.cached.lock().unwrap();
-        if let Some((s, data)) = cached.as_ref() {
-            if *s == shard {
-                return Ok(data.clone());
-            }
-        }
-        let data = std::sync::Arc::new(self.read_shard(&self.shards[shard])?);
-        *cached = Some((shard, data.clone()));
-        Ok(data)
-    }
-
-    fn read_shard(&self, info: &ShardInfo) -> Result<Vec<u8>> {
+    fn shard_bytes(&self, shard: usize) -> Result<ShardBytes<'_>> {
+        let info = &self.shards[shard];
         let raw_path = self.dir.join(&info.raw_data.basename);
-        let data = match (&info.zip_data, &info.compression) {
+        match (&info.zip_data, &info.compression) {
             (Some(zip), Some(codec)) if !raw_path.exists() => {
                 let path = self.dir.join(&zip.basename);
-                let packed = std::fs::read(&path)
-                    .with_context(|| format!("{}: missing or unreadable shard", path.display()))?;
-                decompress(codec, &packed)
-                    .with_context(|| format!("{}: corrupt {codec} shard", path.display()))?
+                self.decompressed_shard(shard, &path, codec)
+                    .map(ShardBytes::Decompressed)
             }
-            _ => std::fs::read(&raw_path)
-                .with_context(|| format!("{}: missing or unreadable shard", raw_path.display()))?,
-        };
-        ensure!(
-            data.len() as u64 == info.raw_data.bytes,
-            "{}: shard is {} bytes, the index says {} (truncated or replaced?)",
-            raw_path.display(),
-            data.len(),
-            info.raw_data.bytes
-        );
+            _ => {
+                if let Some(map) = self.mapped[shard].get() {
+                    return Ok(ShardBytes::Mapped(map));
+                }
+                let map = map_shard(&raw_path, info.raw_data.bytes)?;
+                Ok(ShardBytes::Mapped(self.mapped[shard].get_or_init(|| map)))
+            }
+        }
+    }
+
+    /// A compressed shard's bytes, from the cache or decompressed into it (evicting the
+    /// least recently used beyond [`DECOMPRESSED_BYTES`]).
+    fn decompressed_shard(&self, shard: usize, path: &Path, codec: &str) -> Result<Arc<Vec<u8>>> {
+        let mut cache = self.decompressed.lock().unwrap();
+        if let Some(k) = cache.iter().position(|(s, _)| *s == shard) {
+            let entry = cache.remove(k);
+            cache.push(entry.clone());
+            return Ok(entry.1);
+        }
+        let packed = std::fs::read(path)
+            .with_context(|| format!("{}: missing or unreadable shard", path.display()))?;
+        let data = decompress(codec, &packed)
+            .with_context(|| format!("{}: corrupt {codec} shard", path.display()))?;
+        check_length(path, data.len() as u64, self.shards[shard].raw_data.bytes)?;
+        let data = Arc::new(data);
+        cache.push((shard, data.clone()));
+        while cache.len() > 1 && cache.iter().map(|(_, d)| d.len()).sum::<usize>() > DECOMPRESSED_BYTES {
+            cache.remove(0);
+        }
         Ok(data)
     }
+}
+
+/// Maps a raw shard. Shards are written whole and renamed into place (`MdsWriter`), and
+/// never modified after, which is what mapping a file relies on.
+fn map_shard(path: &Path, expected: u64) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("{}: missing or unreadable shard", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("{}: unreadable shard", path.display()))?
+        .len();
+    check_length(path, len, expected)?;
+    // SAFETY: the file is only read, and shards are immutable once written (above).
+    unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("{}: cannot map the shard", path.display()))
+}
+
+fn check_length(path: &Path, len: u64, expected: u64) -> Result<()> {
+    ensure!(
+        len == expected,
+        "{}: shard is {len} bytes, the index says {expected} (truncated or replaced?)",
+        path.display()
+    );
+    Ok(())
 }
 
 /// `zstd`, `gz` (optionally with a `:level` suffix, as the index records them).
