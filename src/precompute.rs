@@ -73,7 +73,7 @@ pub struct Report {
     pub written: usize,
     /// Skipped pairs: (key, reason).
     pub skipped: Vec<(String, String)>,
-    /// Captions longer than the text tower's 77 tokens (cut, as the reference does).
+    /// Captions longer than the text tower's context (cut, as the reference does).
     pub truncated_captions: usize,
 }
 

@@ -98,7 +98,7 @@ pub fn run_encode(args: &EncodeBenchArgs) -> Result<()> {
 fn text<B: Backend>(args: &TextBenchArgs, device: &B::Device) -> Result<()> {
     let cfg = ClipTextConfig::dfn5b_vit_h_14();
     let encoder = ClipTextEncoder::<B>::new(&cfg, device);
-    let tokenizer = ClipTokenizer::new();
+    let tokenizer = ClipTokenizer::new().with_context_length(cfg.context_length);
     let prompts: Vec<String> = (0..args.batch)
         .map(|i| format!("an owl with the moon behind it, pixel art, number {i}"))
         .collect();

@@ -139,7 +139,8 @@ fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -
         let caption = pipeline.encode_prompt(&settings.prompt);
         if caption.truncated > 0 {
             eprintln!(
-                "warning: prompt {n} is longer than 77 tokens; truncated as the reference does"
+                "warning: prompt {n} is longer than the text tower's {} tokens; truncated as the reference does",
+                pipeline.text.config.context_length
             );
         }
         let bar = crate::progress::bar(

@@ -92,7 +92,7 @@ fn run_on<B: Backend>(args: &PrecomputeArgs, device: &B::Device) -> Result<()> {
         .map(|(r, n)| format!("{n} {r}"))
         .collect();
     eprintln!(
-        "{} pairs written to {}; {} skipped{}; {} captions cut to 77 tokens (details: {})",
+        "{} pairs written to {}; {} skipped{}; {} captions cut to the text tower's context (details: {})",
         report.written,
         args.out.display(),
         report.skipped.len(),

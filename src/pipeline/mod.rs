@@ -127,7 +127,7 @@ pub struct TextToImage<B: Backend> {
 }
 
 impl<B: Backend> TextToImage<B> {
-    /// The caption embedding of one prompt [1, 77, width].
+    /// The caption embedding of one prompt [1, context, width].
     pub fn encode_prompt(&self, prompt: &str) -> Embeddings<B> {
         self.text.encode(&[prompt], &self.device)
     }

@@ -88,6 +88,7 @@ pub fn serve<B: Backend>(
             options.addr
         );
     }
+    let tokenizer = ClipTokenizer::new().with_context_length(pipeline.text.config.context_length);
     let store = Store::new(options.queue, options.keep_jobs);
     let worker = Worker::new(pipeline, record.clone(), store.clone(), options.max_batch);
     let worker = std::thread::Builder::new()
@@ -96,7 +97,7 @@ pub fn serve<B: Backend>(
     let app = Arc::new(App {
         store: store.clone(),
         limits,
-        tokenizer: ClipTokenizer::new(),
+        tokenizer,
         token: options.token.clone(),
         model: record,
     });

@@ -1,10 +1,9 @@
 //! Captions to the embeddings the denoiser is conditioned on: CLIP tokens, then the text
-//! tower's 77 output states. What `precompute` stores and what a pipeline samples from.
+//! tower's output states (77 of them for CLIP's context). What `precompute` stores and what a pipeline samples from.
 
 use anyhow::Result;
 use burn::prelude::*;
 
-use super::tokenizer::CONTEXT_LENGTH;
 use super::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
 use crate::backend::Backend;
 use crate::hub::Hub;
@@ -15,14 +14,15 @@ pub struct TextEncoder<B: Backend> {
     pub config: ClipTextConfig,
 }
 
-/// Caption embeddings [N, 77, width], and how many captions were longer than 77 tokens
+/// Caption embeddings [N, context, width], and how many captions were longer than the
+/// context
 /// (cut, keeping the end token, as the reference does).
 pub struct Embeddings<B: Backend> {
     pub states: Tensor<B, 3>,
     pub truncated: usize,
 }
 
-/// Token ids [N, 77], where each caption's end token is, and how many were cut.
+/// Token ids [N, context], where each caption's end token is, and how many were cut.
 pub struct Tokens<B: Backend> {
     pub ids: Tensor<B, 2, Int>,
     pub ends: Vec<usize>,
@@ -41,7 +41,7 @@ impl<B: Backend> TextEncoder<B> {
     pub fn from_source(source: &str, hub: &Hub, device: &B::Device) -> Result<Self> {
         let (tower, config) = ClipTextEncoder::from_source(source, hub, device)?;
         Ok(Self {
-            tokenizer: ClipTokenizer::new(),
+            tokenizer: ClipTokenizer::new().with_context_length(config.context_length),
             tower,
             config,
         })
@@ -56,7 +56,8 @@ impl<B: Backend> TextEncoder<B> {
     }
 
     pub fn tokenize(&self, captions: &[&str], device: &B::Device) -> Tokens<B> {
-        let mut ids = Vec::with_capacity(captions.len() * CONTEXT_LENGTH);
+        let context = self.tokenizer.context_length;
+        let mut ids = Vec::with_capacity(captions.len() * context);
         let (mut ends, mut truncated) = (Vec::new(), 0);
         for caption in captions {
             let (tokens, cut) = self.tokenizer.tokenize(caption);
@@ -66,7 +67,7 @@ impl<B: Backend> TextEncoder<B> {
         }
         let n = captions.len();
         Tokens {
-            ids: Tensor::from_data(TensorData::new(ids, [n, CONTEXT_LENGTH]), device),
+            ids: Tensor::from_data(TensorData::new(ids, [n, context]), device),
             ends,
             truncated,
         }

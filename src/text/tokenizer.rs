@@ -1,5 +1,5 @@
 //! open_clip's `SimpleTokenizer` (the CLIP tokenizer): text clean-up, byte-level BPE with
-//! the CLIP merges, start/end tokens, a 77-token context.
+//! the CLIP merges, start/end tokens, a 77-token context (or the text tower's own).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -10,6 +10,7 @@ use unicode_normalization::UnicodeNormalization;
 const MERGES_GZ: &[u8] = include_bytes!("../../assets/bpe_simple_vocab_16e6.txt.gz");
 /// open_clip reads merges `[1 : 49152 - 256 - 2 + 1]` of the file (line 0 is a header).
 const NUM_MERGES: usize = 49152 - 256 - 2;
+/// CLIP's context, and every released MicroDiT text tower's.
 pub const CONTEXT_LENGTH: usize = 77;
 
 pub struct ClipTokenizer {
@@ -19,6 +20,9 @@ pub struct ClipTokenizer {
     pattern: Regex,
     pub start_token: u32,
     pub end_token: u32,
+    /// Tokens per caption, padding and start/end included (the text tower's
+    /// `context_length`).
+    pub context_length: usize,
     cache: std::sync::Mutex<HashMap<String, Vec<u32>>>,
 }
 
@@ -101,6 +105,16 @@ impl ClipTokenizer {
             encoder,
             pattern,
             cache: Default::default(),
+            context_length: CONTEXT_LENGTH,
+        }
+    }
+
+    /// The same tokenizer for a text tower with another context (open_clip's
+    /// `context_length`).
+    pub fn with_context_length(self, context_length: usize) -> Self {
+        Self {
+            context_length,
+            ..self
         }
     }
 
@@ -168,18 +182,19 @@ impl ClipTokenizer {
             .collect()
     }
 
-    /// `[start] + tokens + [end]`, zero-padded to 77; longer prompts are cut to 77 with the
-    /// end token kept last. Also returns whether the prompt was truncated.
+    /// `[start] + tokens + [end]`, zero-padded to the context length; longer prompts are cut
+    /// to it with the end token kept last. Also returns whether the prompt was truncated.
     pub fn tokenize(&self, text: &str) -> (Vec<u32>, bool) {
+        let n = self.context_length;
         let mut ids = vec![self.start_token];
         ids.extend(self.encode(text));
         ids.push(self.end_token);
-        let truncated = ids.len() > CONTEXT_LENGTH;
+        let truncated = ids.len() > n;
         if truncated {
-            ids.truncate(CONTEXT_LENGTH);
-            ids[CONTEXT_LENGTH - 1] = self.end_token;
+            ids.truncate(n);
+            ids[n - 1] = self.end_token;
         }
-        ids.resize(CONTEXT_LENGTH, 0);
+        ids.resize(n, 0);
         (ids, truncated)
     }
 }
