@@ -112,16 +112,23 @@ pub fn train_data_parallel<B: AutodiffBackend>(
     }
     check_split(cfg, world)?;
     let group = Threads::new(world);
+    let pools = (0..world)
+        .map(|_| replica_pool(world))
+        .collect::<Result<Vec<_>>>()?;
     std::thread::scope(|scope| {
         let workers: Vec<_> = (1..world)
             .map(|index| {
-                let (device, group) = (&devices[index], group.clone());
+                let (device, group, pool) = (&devices[index], group.clone(), &pools[index]);
                 scope.spawn(move || {
-                    train_as::<B>(cfg, run, opts, device, Rank::new(index, world, group))
+                    pool.install(|| {
+                        train_as::<B>(cfg, run, opts, device, Rank::new(index, world, group))
+                    })
                 })
             })
             .collect();
-        let main = train_as::<B>(cfg, run, opts, &devices[0], Rank::new(0, world, group));
+        let main = pools[0].install(|| {
+            train_as::<B>(cfg, run, opts, &devices[0], Rank::new(0, world, group))
+        });
         for (k, worker) in workers.into_iter().enumerate() {
             let result = worker
                 .join()
@@ -132,6 +139,16 @@ pub fn train_data_parallel<B: AutodiffBackend>(
         }
         main
     })
+}
+
+/// A replica's share of this process's threads. On the CPU backend every operation runs
+/// on the rayon pool it is called from, and replicas sharing one pool wait on each other's
+/// work; a small model also runs faster on one thread than on two (docs/BENCHMARKS.md).
+fn replica_pool(world: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads((rayon::current_num_threads() / world).max(1))
+        .build()
+        .context("starting a replica's threads")
 }
 
 /// Gives parameters the ids 0, 1, 2… in module order. Fresh ids are random, and
