@@ -19,9 +19,11 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
         seed: 5,
         quiet: true,
         sampling: DemoOptions::default_sampling(),
+        model: None,
     };
-    let device = CpuDevice::default();
-    let scores = run::<Trainable<Cpu>>(&opts, &device).unwrap();
+    // Two replicas, as `microdit demo` trains on a 2-core machine.
+    let devices = [CpuDevice::default(), CpuDevice::default()];
+    let scores = run::<Trainable<Cpu>>(&opts, &devices).unwrap();
     for file in [
         "samples.png",
         "loss-stage1.png",
@@ -50,7 +52,7 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
     assert_eq!(data.len(), 120);
 
     let plan = std::fs::read(opts.out.join("plan.json")).unwrap();
-    let again = run::<Trainable<Cpu>>(&opts, &device).unwrap();
+    let again = run::<Trainable<Cpu>>(&opts, &devices).unwrap();
     assert_eq!(std::fs::read(opts.out.join("plan.json")).unwrap(), plan);
     // Resumed from finished stages, the same weights give the same samples and scores.
     assert_eq!(again.frechet_distance, scores.frechet_distance);

@@ -7,7 +7,13 @@ use anyhow::Result;
 use super::DeviceChoice;
 use crate::backend::Trainable;
 use crate::demo::{DemoOptions, Variant};
+use crate::model::DitConfig;
 use crate::pipeline::SamplingArgs;
+
+/// On the CPU the demo trains one replica of its small model per thread (each of a batch of
+/// 32), which runs faster than one replica on all threads (docs/BENCHMARKS.md), up to this
+/// many.
+const MAX_CPU_REPLICAS: usize = 4;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -28,8 +34,14 @@ pub struct DemoArgs {
     /// Prompts sampled for scoring, per group (seen and held-out combinations).
     #[arg(long, default_value_t = 48)]
     pub eval_prompts: usize,
+    /// Seed of the images, the text tower, the weights and the training order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The denoiser's architecture instead of the demo's: a JSON or TOML DiT config, as the
+    /// `dit.json` a demo writes (input_size 16, in_channels 12, caption_channels 64, for the
+    /// demo's latents and text tower).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
     /// No progress bars.
@@ -51,9 +63,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         seed: args.seed,
         quiet: args.quiet,
         sampling: args.sampling.over(&DemoOptions::default_sampling())?,
+        model: args.model.as_deref().map(DitConfig::from_file).transpose()?,
     };
-    crate::with_backend!(args.device, |Bk, device| crate::demo::run::<Trainable<Bk>>(
-        &opts, &device
+    let replicas = match args.device {
+        DeviceChoice::Cpu => rayon::current_num_threads().clamp(1, MAX_CPU_REPLICAS),
+        DeviceChoice::Cuda(_) => 1,
+    };
+    let devices = vec![args.device; replicas];
+    crate::with_backend_devices!(&devices, |Bk, devices| crate::demo::run::<Trainable<Bk>>(
+        &opts, &devices
     ))?;
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! → adherence scores, a Fréchet distance, a grid, loss plots and a report.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::cell::Cell;
+use std::time::{Duration, Instant};
 
 use crate::backend::{AutodiffBackend, Backend};
 use anyhow::{Context, Result};
@@ -24,7 +25,7 @@ use crate::precompute::{precompute, Encoders, PrecomputeOptions};
 use crate::state_dict::{reference_tensors, CLIP_TEXT_KEYS};
 use crate::text::{ClipTextConfig, ClipTextEncoder, TextEncoder};
 use crate::train::config::TrainConfig;
-use crate::train::trainer::{train, RunOptions, Summary};
+use crate::train::trainer::{train_data_parallel, RunOptions, Summary};
 use crate::vae::{LatentCodec, SpaceToDepth};
 
 /// How the training budget is spent (the paper's central comparison, in miniature).
@@ -51,6 +52,8 @@ pub struct DemoOptions {
     pub quiet: bool,
     /// How the scored samples are drawn ([`DemoOptions::default_sampling`] unless told).
     pub sampling: Sampling,
+    /// The denoiser's architecture, [`default_model`] unless told.
+    pub model: Option<DitConfig>,
 }
 
 impl DemoOptions {
@@ -66,6 +69,15 @@ const CODEC: SpaceToDepth = SpaceToDepth { factor: 2 };
 const MODEL: &str = "dit.json";
 const TEXT_TOWER: &str = "text-tower";
 const TEXT_WIDTH: usize = 64;
+/// Caption tokens: the longest caption ("a yellow circle left of a purple triangle") is 10
+/// with its start and end, and the denoiser attends to every position, so CLIP's 77 would
+/// make caption tokens most of a masked step's work (docs/DEMO.md).
+const TEXT_CONTEXT: usize = 16;
+/// Images per step for each replica (one per CPU thread, so the global batch is this times
+/// the replicas), and the peak learning rate (AdamW, warm-up then cosine decay): 2e-3
+/// followed the captions better than 1e-3 in a measured comparison (docs/DEMO.md).
+const REPLICA_BATCH: usize = 32;
+const LR: f64 = 2e-3;
 /// Share of the training time given to the unmasked finetune after a masked stage.
 const FINETUNE_SHARE: f64 = 0.2;
 /// Share of the budget kept for the final sampling and scoring until a part-way scoring has
@@ -103,7 +115,10 @@ pub struct Scores {
     pub scorer_accuracy_on_real_images: f64,
 }
 
-pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result<Scores> {
+/// The demo on `devices`: one replica of the denoiser each while training (data-parallel,
+/// one thread each on the CPU), the first alone for everything else.
+pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Result<Scores> {
+    let device = devices.first().context("no device given")?;
     let budget = Budget::starting_now(opts.minutes);
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
@@ -127,7 +142,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result
         eprintln!("precomputing {} pairs", source.len());
         precompute(&source, &data, &encoders, &options, device)?;
     }
-    let stages = stage_configs::<B>(opts, &data, &budget, device)?;
+    let stages = stage_configs::<B>(opts, &data, &budget, devices)?;
     let curve_path = opts.out.join(CURVE);
     let mut curve = Curve::load(&curve_path)?;
     let mut trained = Vec::new();
@@ -140,7 +155,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result
             stage.cfg.mask_ratio
         );
         // Re-read at every pause: the final scoring's reserve shrinks once it is timed.
-        let deadline = || budget.stage_deadline(&stages[k..]);
+        let deadline = || budget.stage_deadline(&stages, k);
         let pauses: Vec<usize> = match k {
             0 => CURVE_POINTS
                 .iter()
@@ -149,7 +164,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result
             _ => Vec::new(),
         };
         let last_stage = k + 1 == stages.len();
-        let summary = train_stage::<B>(opts, stage, deadline, &pauses, device, |step| {
+        let summary = train_stage::<B>(opts, stage, deadline, &pauses, devices, |step| {
             // The last stage's end is scored in full below.
             if (last_stage && !pauses.contains(&step)) || curve.has(steps_before + step) {
                 return Ok(());
@@ -189,13 +204,17 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, device: &B::Device) -> Result
     Ok(scores)
 }
 
-/// The wall clock of one demo run: when it ends, and how long the final sampling and
-/// scoring will take (a share of the budget at first, then timed from the part-way
-/// scorings).
+/// The wall clock of one demo run: when it ends, how long the final sampling and scoring
+/// will take (a share of the budget at first, then timed from the part-way scorings), and
+/// the training time spent so far.
 struct Budget {
     start: Instant,
     end: Instant,
-    final_scoring: std::cell::Cell<f64>,
+    final_scoring: Cell<f64>,
+    /// When the first stage asked for its deadline.
+    training_began: Cell<Option<Instant>>,
+    /// Seconds of part-way scoring since, which are not training time.
+    part_way_scoring: Cell<f64>,
 }
 
 impl Budget {
@@ -204,8 +223,10 @@ impl Budget {
         let start = Instant::now();
         Self {
             start,
-            end: start + std::time::Duration::from_secs_f64(seconds),
-            final_scoring: std::cell::Cell::new(EVAL_SHARE * seconds),
+            end: start + Duration::from_secs_f64(seconds),
+            final_scoring: Cell::new(EVAL_SHARE * seconds),
+            training_began: Cell::new(None),
+            part_way_scoring: Cell::new(0.0),
         }
     }
 
@@ -215,27 +236,37 @@ impl Budget {
 
     /// Seconds left for training.
     fn training_left(&self) -> f64 {
-        let left = self
-            .end
-            .saturating_duration_since(Instant::now())
-            .as_secs_f64();
+        let left = self.end.saturating_duration_since(Instant::now()).as_secs_f64();
         (left - self.final_scoring.get()).max(0.0)
     }
 
-    /// When the first of `stages` should end: the training time left, shared out by the
-    /// stages' shares.
-    fn stage_deadline(&self, stages: &[Stage]) -> Instant {
-        let total: f64 = stages.iter().map(|s| s.share).sum();
-        let seconds = self.training_left() * stages[0].share / total.max(1e-9);
-        Instant::now() + std::time::Duration::from_secs_f64(seconds)
+    /// When stage `k` should end (asked at its start and again at each pause).
+    fn stage_deadline(&self, stages: &[Stage], k: usize) -> Instant {
+        let now = Instant::now();
+        let began = self.training_began.get().unwrap_or(now);
+        self.training_began.set(Some(began));
+        let spent = (now - began).as_secs_f64() - self.part_way_scoring.get();
+        let shares: Vec<f64> = stages.iter().map(|s| s.share).collect();
+        let seconds = seconds_to_stage_end(spent, self.training_left(), &shares, k);
+        now + Duration::from_secs_f64(seconds)
     }
 
-    /// A scoring of `prompts` prompts per group took `seconds`: the final one, of
+    /// A part-way scoring of `prompts` prompts per group took `seconds`: the final one, of
     /// `final_prompts`, will take about as much per prompt (a tenth more for safety).
     fn scored(&self, seconds: f64, prompts: usize, final_prompts: usize) {
+        self.part_way_scoring.set(self.part_way_scoring.get() + seconds);
         let seconds = 1.1 * seconds * final_prompts as f64 / prompts.max(1) as f64;
         self.final_scoring.set(seconds);
     }
+}
+
+/// Seconds from now until stage `k` ends, when training has taken `spent` seconds and has
+/// `left` more: the whole training time is shared out by the stages' `shares`, so a stage
+/// that asks again part-way keeps its share of the whole, not of what is left.
+fn seconds_to_stage_end(spent: f64, left: f64, shares: &[f64], k: usize) -> f64 {
+    let total: f64 = shares.iter().sum();
+    let through_k: f64 = shares[..=k].iter().sum();
+    ((spent + left) * through_k / total.max(1e-9) - spent).max(0.0)
 }
 
 /// One training stage of the demo: its run folder, config, and share of the training time.
@@ -252,7 +283,7 @@ fn train_stage<B: AutodiffBackend>(
     stage: &Stage,
     deadline: impl Fn() -> Instant,
     pauses: &[usize],
-    device: &B::Device,
+    devices: &[B::Device],
     mut at_pause: impl FnMut(usize) -> Result<()>,
 ) -> Result<Summary> {
     let done = crate::train::stages::steps_done(&stage.dir);
@@ -266,7 +297,7 @@ fn train_stage<B: AutodiffBackend>(
             pause_after,
             ..Default::default()
         };
-        let summary = train::<B>(&stage.cfg, &stage.dir, &run_opts, device)?;
+        let summary = train_data_parallel::<B>(&stage.cfg, &stage.dir, &run_opts, devices)?;
         let finished = summary.step >= summary.planned_steps;
         if !finished && Some(summary.step) != pause_after {
             anyhow::bail!(
@@ -314,7 +345,7 @@ fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<T
     if !weights.exists() {
         B::seed(device, seed);
         let cfg = ClipTextConfig {
-            context_length: 77,
+            context_length: TEXT_CONTEXT,
             vocab_size: 49408,
             width: TEXT_WIDTH,
             heads: 2,
@@ -324,7 +355,7 @@ fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<T
         };
         let tower = ClipTextEncoder::<B>::new(&cfg, device);
         let config = serde_json::json!({"model_cfg": {"quick_gelu": false, "text_cfg": {
-            "context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 2,
+            "context_length": TEXT_CONTEXT, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 2,
             "layers": 2}}});
         crate::io::write_atomic(&dir.join("open_clip_config.json"), |f| {
             serde_json::to_writer_pretty(f, &config).map_err(std::io::Error::other)
@@ -335,7 +366,9 @@ fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<T
     TextEncoder::from_source(dir.to_str().context("path")?, &hub, device)
 }
 
-fn dit_config(variant: Variant) -> DitConfig {
+/// The demo's denoiser: a 0.56 M-parameter MicroDiT for 16×16×12 latents (64 patches of
+/// 2×2), four blocks with an expert-choice MoE every second, one patch-mixer block.
+pub fn default_model() -> DitConfig {
     let depth = 4;
     DitConfig {
         input_size: IMAGE_SIZE / CODEC.factor,
@@ -351,7 +384,7 @@ fn dit_config(variant: Variant) -> DitConfig {
         depth_init: true,
         qkv_multipliers: crate::model::config::linspace(0.5, 1.0, depth),
         ffn_multipliers: crate::model::config::linspace(0.5, 4.0, depth),
-        use_patch_mixer: variant != Variant::MaskedNoMixer,
+        use_patch_mixer: true,
         patch_mixer_depth: 1,
         patch_mixer_dim: 64,
         patch_mixer_qkv_ratio: 1.0,
@@ -363,12 +396,35 @@ fn dit_config(variant: Variant) -> DitConfig {
     }
 }
 
+/// The architecture trained: `--model`'s or the demo's, without its patch-mixer for the
+/// variant that has none. Its input and caption sizes are the demo data's.
+fn dit_config(opts: &DemoOptions) -> Result<DitConfig> {
+    let mut cfg = opts.model.clone().unwrap_or_else(default_model);
+    let data = (IMAGE_SIZE / CODEC.factor, CODEC.channels(), TEXT_WIDTH);
+    anyhow::ensure!(
+        (cfg.input_size, cfg.in_channels, cfg.caption_channels) == data,
+        "the demo's data needs input_size {}, in_channels {} and caption_channels {}; the model \
+         has {}, {} and {}",
+        data.0,
+        data.1,
+        data.2,
+        cfg.input_size,
+        cfg.in_channels,
+        cfg.caption_channels
+    );
+    if opts.variant == Variant::MaskedNoMixer {
+        cfg.use_patch_mixer = false;
+    }
+    Ok(cfg)
+}
+
 fn train_config(
     opts: &DemoOptions,
     model: &Path,
     data: &Path,
     mask: f64,
     steps: usize,
+    replicas: usize,
 ) -> Result<TrainConfig> {
     let cfg = TrainConfig {
         model: model.display().to_string(),
@@ -377,9 +433,9 @@ fn train_config(
         latents_column: Some(format!("latents_{IMAGE_SIZE}")),
         mask_ratio: mask,
         steps,
-        global_batch: 32,
-        micro_batch: 32,
-        lr: 1e-3,
+        global_batch: REPLICA_BATCH * replicas,
+        micro_batch: REPLICA_BATCH,
+        lr: LR,
         warmup_steps: (steps / 10).min(100),
         alpha_f: 0.33,
         grad_clip: 1.0,
@@ -402,11 +458,12 @@ fn stage_configs<B: AutodiffBackend>(
     opts: &DemoOptions,
     data: &Path,
     budget: &Budget,
-    device: &B::Device,
+    devices: &[B::Device],
 ) -> Result<Vec<Stage>> {
     let model = opts.out.join(MODEL);
+    let dit = dit_config(opts)?;
     crate::io::write_atomic(&model, |f| {
-        serde_json::to_writer_pretty(f, &dit_config(opts.variant)).map_err(std::io::Error::other)
+        serde_json::to_writer_pretty(f, &dit).map_err(std::io::Error::other)
     })?;
     pipeline_components().write(&opts.out)?;
     let masks: Vec<(String, f64, f64)> = match opts.variant {
@@ -422,7 +479,7 @@ fn stage_configs<B: AutodiffBackend>(
         Err(_) => {
             let per_step = masks
                 .iter()
-                .map(|(_, mask, _)| time_step::<B>(opts, &model, data, *mask, device))
+                .map(|(_, mask, _)| time_step::<B>(opts, &model, data, *mask, devices))
                 .collect::<Result<Vec<f64>>>()?;
             let seconds = budget.training_left();
             let mut stages = Vec::new();
@@ -441,7 +498,7 @@ fn stage_configs<B: AutodiffBackend>(
     let mut runs = Vec::new();
     for (k, (name, mask, steps)) in plan.stages.iter().enumerate() {
         let dir = opts.out.join(format!("stage{}-{name}", k + 1));
-        runs.push((dir, train_config(opts, &model, data, *mask, *steps)?));
+        runs.push((dir, train_config(opts, &model, data, *mask, *steps, devices.len())?));
     }
     crate::train::stages::chain(&mut runs);
     Ok(runs
@@ -461,7 +518,7 @@ fn time_step<B: AutodiffBackend>(
     model: &Path,
     data: &Path,
     mask: f64,
-    device: &B::Device,
+    devices: &[B::Device],
 ) -> Result<f64> {
     let dir = opts.out.join("timing");
     let quiet = RunOptions {
@@ -472,12 +529,8 @@ fn time_step<B: AutodiffBackend>(
     for steps in [1, 6] {
         let _ = std::fs::remove_dir_all(&dir);
         let t = Instant::now();
-        train::<B>(
-            &train_config(opts, model, data, mask, steps)?,
-            &dir,
-            &quiet,
-            device,
-        )?;
+        let cfg = train_config(opts, model, data, mask, steps, devices.len())?;
+        train_data_parallel::<B>(&cfg, &dir, &quiet, devices)?;
         elapsed.push(t.elapsed().as_secs_f64());
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -667,4 +720,33 @@ fn write_report(
     })?;
     eprintln!("{md}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::ClipTokenizer;
+
+    #[test]
+    fn every_caption_fits_the_text_towers_context() {
+        use rand::SeedableRng;
+        let tokenizer = ClipTokenizer::new().with_context_length(TEXT_CONTEXT);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        for k in 0..4000 {
+            let caption = Scene::random(&mut rng, k % 2 == 0).caption();
+            assert!(!tokenizer.tokenize(&caption).1, "{caption:?} is cut");
+        }
+    }
+
+    #[test]
+    fn a_stage_keeps_its_share_of_the_whole_training_time() {
+        let shares = [0.8, 0.2];
+        // At the start: 80% of 300 s.
+        assert_eq!(seconds_to_stage_end(0.0, 300.0, &shares, 0), 240.0);
+        // Asked again after 100 s with 200 s left: it still ends at 240 s, not 100 + 160.
+        assert_eq!(seconds_to_stage_end(100.0, 200.0, &shares, 0), 140.0);
+        // The finetune gets the rest; a stage already past its end gets nothing more.
+        assert_eq!(seconds_to_stage_end(250.0, 50.0, &shares, 1), 50.0);
+        assert_eq!(seconds_to_stage_end(250.0, 50.0, &shares, 0), 0.0);
+    }
 }
