@@ -213,8 +213,9 @@ struct Budget {
     final_scoring: Cell<f64>,
     /// When the first stage asked for its deadline.
     training_began: Cell<Option<Instant>>,
-    /// Seconds of part-way scoring since, which are not training time.
+    /// Seconds of part-way scoring since, which are not training time, and the last one's.
     part_way_scoring: Cell<f64>,
+    last_part_way_scoring: Cell<f64>,
 }
 
 impl Budget {
@@ -227,6 +228,7 @@ impl Budget {
             final_scoring: Cell::new(EVAL_SHARE * seconds),
             training_began: Cell::new(None),
             part_way_scoring: Cell::new(0.0),
+            last_part_way_scoring: Cell::new(0.0),
         }
     }
 
@@ -246,8 +248,12 @@ impl Budget {
         let began = self.training_began.get().unwrap_or(now);
         self.training_began.set(Some(began));
         let spent = (now - began).as_secs_f64() - self.part_way_scoring.get();
+        // Every stage but the last is scored at its end, after its deadline and before the
+        // next stage starts: that time is not the next stage's to train.
+        let scorings_ahead = (stages.len() - 1 - k) as f64 * self.last_part_way_scoring.get();
+        let left = (self.training_left() - scorings_ahead).max(0.0);
         let shares: Vec<f64> = stages.iter().map(|s| s.share).collect();
-        let seconds = seconds_to_stage_end(spent, self.training_left(), &shares, k);
+        let seconds = seconds_to_stage_end(spent, left, &shares, k);
         now + Duration::from_secs_f64(seconds)
     }
 
@@ -255,6 +261,7 @@ impl Budget {
     /// `final_prompts`, will take about as much per prompt (a tenth more for safety).
     fn scored(&self, seconds: f64, prompts: usize, final_prompts: usize) {
         self.part_way_scoring.set(self.part_way_scoring.get() + seconds);
+        self.last_part_way_scoring.set(seconds);
         let seconds = 1.1 * seconds * final_prompts as f64 / prompts.max(1) as f64;
         self.final_scoring.set(seconds);
     }
