@@ -63,7 +63,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         seed: args.seed,
         quiet: args.quiet,
         sampling: args.sampling.over(&DemoOptions::default_sampling())?,
-        model: args.model.as_deref().map(DitConfig::from_file).transpose()?,
+        model: args
+            .model
+            .as_deref()
+            .map(DitConfig::from_file)
+            .transpose()?,
     };
     let replicas = match args.device {
         DeviceChoice::Cpu => rayon::current_num_threads().clamp(1, MAX_CPU_REPLICAS),

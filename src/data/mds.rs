@@ -217,7 +217,9 @@ impl MdsDataset {
         check_length(path, data.len() as u64, self.shards[shard].raw_data.bytes)?;
         let data = Arc::new(data);
         cache.push((shard, data.clone()));
-        while cache.len() > 1 && cache.iter().map(|(_, d)| d.len()).sum::<usize>() > DECOMPRESSED_BYTES {
+        while cache.len() > 1
+            && cache.iter().map(|(_, d)| d.len()).sum::<usize>() > DECOMPRESSED_BYTES
+        {
             cache.remove(0);
         }
         Ok(data)

@@ -4,8 +4,8 @@
 //! then an unmasked finetune, or an ablation variant) → sampling held-out and seen prompts
 //! → adherence scores, a Fréchet distance, a grid, loss plots and a report.
 
-use std::path::{Path, PathBuf};
 use std::cell::Cell;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::backend::{AutodiffBackend, Backend};
@@ -238,7 +238,10 @@ impl Budget {
 
     /// Seconds left for training.
     fn training_left(&self) -> f64 {
-        let left = self.end.saturating_duration_since(Instant::now()).as_secs_f64();
+        let left = self
+            .end
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64();
         (left - self.final_scoring.get()).max(0.0)
     }
 
@@ -260,7 +263,8 @@ impl Budget {
     /// A part-way scoring of `prompts` prompts per group took `seconds`: the final one, of
     /// `final_prompts`, will take about as much per prompt (a tenth more for safety).
     fn scored(&self, seconds: f64, prompts: usize, final_prompts: usize) {
-        self.part_way_scoring.set(self.part_way_scoring.get() + seconds);
+        self.part_way_scoring
+            .set(self.part_way_scoring.get() + seconds);
         self.last_part_way_scoring.set(seconds);
         let seconds = 1.1 * seconds * final_prompts as f64 / prompts.max(1) as f64;
         self.final_scoring.set(seconds);
@@ -505,7 +509,10 @@ fn stage_configs<B: AutodiffBackend>(
     let mut runs = Vec::new();
     for (k, (name, mask, steps)) in plan.stages.iter().enumerate() {
         let dir = opts.out.join(format!("stage{}-{name}", k + 1));
-        runs.push((dir, train_config(opts, &model, data, *mask, *steps, devices.len())?));
+        runs.push((
+            dir,
+            train_config(opts, &model, data, *mask, *steps, devices.len())?,
+        ));
     }
     crate::train::stages::chain(&mut runs);
     Ok(runs

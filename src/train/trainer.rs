@@ -126,9 +126,8 @@ pub fn train_data_parallel<B: AutodiffBackend>(
                 })
             })
             .collect();
-        let main = pools[0].install(|| {
-            train_as::<B>(cfg, run, opts, &devices[0], Rank::new(0, world, group))
-        });
+        let main = pools[0]
+            .install(|| train_as::<B>(cfg, run, opts, &devices[0], Rank::new(0, world, group)));
         for (k, worker) in workers.into_iter().enumerate() {
             let result = worker
                 .join()
