@@ -81,9 +81,8 @@ pub struct MdsDataset {
     decompressed: Mutex<Vec<(usize, Arc<Vec<u8>>)>>,
 }
 
-/// Decompressed shards kept in memory (a quarter of the memory budget a 256 MiB shard
-/// limit with 16 shards kept would take; raw shards are not counted, the page cache holds
-/// them).
+/// Decompressed shards kept in memory: 16 shards at the writer's 256 MiB limit. Raw shards
+/// are not counted; the page cache holds them.
 pub const DECOMPRESSED_BYTES: usize = 4 << 30;
 
 /// A shard's bytes: mapped, or decompressed and shared with the cache.
