@@ -1,5 +1,6 @@
 //! Captions to the embeddings the denoiser is conditioned on: CLIP tokens, then the text
-//! tower's output states (77 of them for CLIP's context). What `precompute` stores and what a pipeline samples from.
+//! tower's output states (77 of them for CLIP's context). What `precompute` stores and what
+//! a pipeline samples from.
 
 use anyhow::Result;
 use burn::prelude::*;
