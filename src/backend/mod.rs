@@ -29,8 +29,11 @@ mod gemm_plan;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 
-use burn::tensor::activation::softmax;
-use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
+use burn::module::Param;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, PaddingConfig2d};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, FloatTensor, IntTensor, ModuleOps};
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorMetadata, TensorPrimitive};
 
 pub type Cpu = burn::backend::Flex;
@@ -63,6 +66,35 @@ pub trait Backend: burn::tensor::backend::Backend {
     /// never rounded to TF32.
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
+    }
+
+    /// PyTorch's `conv2d`: x `[B, C_in, H, W]`, weight `[C_out, C_in / groups, kh, kw]`.
+    /// The default is burn's convolution.
+    fn convolution(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        <Self as ModuleOps<Self>>::conv2d(x, weight, bias, options)
+    }
+
+    /// A group norm of x `[B, C, H, W]` with per-channel `gamma` and `beta` `[C]`, then
+    /// SiLU when the options say so (the VAE's norm → SiLU pairs). The default is burn's
+    /// operations, [`group_norm_unfused`].
+    fn group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        options: GroupNormOptions,
+    ) -> FloatTensor<Self> {
+        group_norm_unfused_primitive::<Self>(x, gamma, beta, options)
+    }
+
+    /// Average or max pooling of x `[B, C, H, W]` over windows of each plane. The default
+    /// is burn's pools ([`pool2d_unfused`]).
+    fn pool2d(x: FloatTensor<Self>, options: PoolOptions) -> FloatTensor<Self> {
+        pool2d_unfused::<Self>(x, options)
     }
 
     /// `softmax(q kᵀ / √d) v` for q [B, H, N, d], k and v [B, H, L, d], optionally causal
@@ -124,6 +156,93 @@ pub trait Backend: burn::tensor::backend::Backend {
             .narrow(2, 0, k)
             .into_primitive()
     }
+}
+
+/// A group norm's settings: `groups` groups of channels, `epsilon` added to the variance,
+/// and whether SiLU follows.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupNormOptions {
+    pub groups: usize,
+    pub epsilon: f64,
+    pub silu: bool,
+}
+
+/// PyTorch's `group_norm` (biased variance), then SiLU if asked, as burn operations. The
+/// per-channel scale and shift apply to `[B·C, H·W]` rows with one value per row:
+/// burn-flex vectorises that broadcast, while a `[1, C, 1, 1]` one is walked element by
+/// element.
+pub fn group_norm_unfused<B: burn::tensor::backend::Backend>(
+    x: Tensor<B, 4>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    options: GroupNormOptions,
+) -> Tensor<B, 4> {
+    let [b, c, h, w] = x.dims();
+    let hidden = c / options.groups * h * w;
+    let x = x.reshape([b, options.groups, hidden]);
+    let x = x.clone() - x.sum_dim(2) / hidden as f64;
+    let var = x.clone().square().sum_dim(2) / hidden as f64;
+    let x = (x / var.add_scalar(options.epsilon).sqrt()).reshape([b * c, h * w]);
+    let per_row = |p: Tensor<B, 1>| p.reshape([1, c]).repeat_dim(0, b).reshape([b * c, 1]);
+    let y = (x * per_row(gamma) + per_row(beta)).reshape([b, c, h, w]);
+    if options.silu {
+        silu(y)
+    } else {
+        y
+    }
+}
+
+/// What a pooling window yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// The mean, over the whole window (`count_padding`) or only its part inside the input
+    /// (PyTorch's `count_include_pad=False`).
+    Average { count_padding: bool },
+    /// The maximum (padding never wins).
+    Max,
+}
+
+/// A 2-D pooling's windows: `[rows, columns]` each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolOptions {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub kind: Pool,
+}
+
+/// burn's `avg_pool2d` or `max_pool2d` (no dilation, no ceil mode).
+pub fn pool2d_unfused<B: burn::tensor::backend::Backend>(
+    x: FloatTensor<B>,
+    options: PoolOptions,
+) -> FloatTensor<B> {
+    let PoolOptions {
+        kernel,
+        stride,
+        padding,
+        kind,
+    } = options;
+    match kind {
+        Pool::Average { count_padding } => {
+            B::avg_pool2d(x, kernel, stride, padding, count_padding, false)
+        }
+        Pool::Max => B::max_pool2d(x, kernel, stride, padding, [1, 1], false),
+    }
+}
+
+/// [`group_norm_unfused`] on primitives, for backends' implementations.
+pub fn group_norm_unfused_primitive<B: burn::tensor::backend::Backend>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    beta: FloatTensor<B>,
+    options: GroupNormOptions,
+) -> FloatTensor<B> {
+    let x = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x));
+    let [gamma, beta] =
+        [gamma, beta].map(|t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t)));
+    group_norm_unfused(x, gamma, beta, options)
+        .into_primitive()
+        .tensor()
 }
 
 /// The scalars of one AdamW step (`time` counts steps from 1).
@@ -199,6 +318,63 @@ impl<B> AutodiffBackend for B where
 /// `lhs @ rhs` through [`Backend::matmul`].
 pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
     let out = B::matmul(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// A convolution through [`Backend::convolution`].
+pub fn conv2d<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    options: ConvOptions<2>,
+) -> Tensor<B, 4> {
+    let out = B::convolution(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.map(|b| b.into_primitive().tensor()),
+        options,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// burn's `Conv2d` module applied through [`conv2d`] (through its own forward when its
+/// padding differs between sides, which [`ConvOptions`] cannot say).
+pub fn conv2d_module<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let padding = match conv.padding {
+        PaddingConfig2d::Valid => [0, 0],
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            [top, left]
+        }
+        _ => return conv.forward(x),
+    };
+    let options = ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups);
+    let bias = conv.bias.as_ref().map(|b| b.val());
+    conv2d(x, conv.weight.val(), bias, options)
+}
+
+/// burn's affine `GroupNorm` module through [`Backend::group_norm`], then SiLU if `silu`.
+pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) -> Tensor<B, 4> {
+    let param = |p: &Option<Param<Tensor<B, 1>>>| {
+        let p = p.as_ref().expect("microdit's group norms are affine");
+        p.val().into_primitive().tensor()
+    };
+    let options = GroupNormOptions {
+        groups: norm.num_groups,
+        epsilon: norm.epsilon,
+        silu,
+    };
+    let out = B::group_norm(
+        x.into_primitive().tensor(),
+        param(&norm.gamma),
+        param(&norm.beta),
+        options,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Pooling through [`Backend::pool2d`].
+pub fn pool2d<B: Backend>(x: Tensor<B, 4>, options: PoolOptions) -> Tensor<B, 4> {
+    let out = B::pool2d(x.into_primitive().tensor(), options);
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 

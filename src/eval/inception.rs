@@ -14,14 +14,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
-use burn::tensor::module::{adaptive_avg_pool2d, avg_pool2d, conv2d, max_pool2d};
+use burn::tensor::module::adaptive_avg_pool2d;
 use burn::tensor::ops::ConvOptions;
 use burn_store::TensorSnapshot;
 use image::RgbImage;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::Backend;
+use crate::backend::{conv2d, pool2d, Backend, Pool, PoolOptions};
 use crate::hub::Hub;
 use crate::state_dict::read_state_dict;
 
@@ -234,12 +234,35 @@ impl<B: Backend> BlockLoader<'_, B> {
     }
 }
 
+/// A 3×3 pool at stride 1 keeping the size (padding 1).
+fn pool_3x3<B: Backend>(x: Tensor<B, 4>, kind: Pool) -> Tensor<B, 4> {
+    let options = PoolOptions {
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [1, 1],
+        kind,
+    };
+    pool2d(x, options)
+}
+
+/// pytorch-fid's average pools exclude the padding.
 fn avg_pool_3x3<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    avg_pool2d(x, [3, 3], [1, 1], [1, 1], false, false)
+    pool_3x3(
+        x,
+        Pool::Average {
+            count_padding: false,
+        },
+    )
 }
 
 fn max_pool_3x3_stride_2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    max_pool2d(x, [3, 3], [2, 2], [0, 0], [1, 1], false)
+    let options = PoolOptions {
+        kernel: [3, 3],
+        stride: [2, 2],
+        padding: [0, 0],
+        kind: Pool::Max,
+    };
+    pool2d(x, options)
 }
 
 /// `FIDInceptionA` (Mixed_5b/c/d).
@@ -433,7 +456,7 @@ impl<B: Backend> InceptionE<B> {
             Tensor::cat(vec![convs[0].forward(x.clone()), convs[1].forward(x)], 1)
         };
         let pooled = if self.max_pool {
-            max_pool2d(x.clone(), [3, 3], [1, 1], [1, 1], [1, 1], false)
+            pool_3x3(x.clone(), Pool::Max)
         } else {
             avg_pool_3x3(x.clone())
         };

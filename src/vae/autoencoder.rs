@@ -1,15 +1,14 @@
 //! diffusers' `AutoencoderKL`: a convolutional encoder to a diagonal Gaussian over latents,
 //! and a decoder back to pixels. Module paths follow diffusers' state-dict keys.
 
-use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::config::VaeConfig;
+use crate::backend::{conv2d_module as apply, group_norm as normalize, Backend};
 
 const EPS: f64 = 1e-6;
 
@@ -35,24 +34,6 @@ fn group_norm<B: Backend>(groups: usize, channels: usize, device: &B::Device) ->
         .init(device)
 }
 
-/// `GroupNorm::forward` with the same operations in the same order, except that the
-/// per-channel scale and shift are applied to `[B·C, H·W]` rows with one value per row:
-/// burn-flex vectorises that broadcast, while the module's `[1, C, 1, 1]` one is walked
-/// element by element (a tenth of a VAE encode).
-fn normalize_groups<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, c, h, w] = x.dims();
-    let hidden = c / norm.num_groups * h * w;
-    let x = x.reshape([b, norm.num_groups, hidden]);
-    let x = x.clone() - x.sum_dim(2) / hidden as f64;
-    let var = x.clone().square().sum_dim(2) / hidden as f64;
-    let x = (x / var.add_scalar(norm.epsilon).sqrt()).reshape([b * c, h * w]);
-    let per_row = |p: &Option<Param<Tensor<B, 1>>>| {
-        let p = p.as_ref().expect("the VAE's group norms are affine").val();
-        p.reshape([1, c]).repeat_dim(0, b).reshape([b * c, 1])
-    };
-    (x * per_row(&norm.gamma) + per_row(&norm.beta)).reshape([b, c, h, w])
-}
-
 /// `ResnetBlock2D` without a time embedding: two (GroupNorm, SiLU, 3×3 conv) stages and a
 /// 1×1 shortcut when the width changes.
 #[derive(Module, Debug)]
@@ -76,12 +57,10 @@ impl<B: Backend> ResnetBlock<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self
-            .conv1
-            .forward(silu(normalize_groups(&self.norm1, x.clone())));
-        let h = self.conv2.forward(silu(normalize_groups(&self.norm2, h)));
+        let h = apply(&self.conv1, normalize(&self.norm1, x.clone(), true));
+        let h = apply(&self.conv2, normalize(&self.norm2, h, true));
         let x = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
+            Some(c) => apply(c, x),
             None => x,
         };
         x + h
@@ -112,7 +91,7 @@ impl<B: Backend> SpatialAttention<B> {
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let seq = normalize_groups(&self.group_norm, x.clone())
+        let seq = normalize(&self.group_norm, x.clone(), false)
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
         let heads = |t: Tensor<B, 3>| t.unsqueeze_dim::<4>(1);
@@ -172,7 +151,7 @@ impl<B: Backend> Downsample<B> {
         let device = x.device();
         let x = Tensor::cat(vec![x, Tensor::zeros([b, c, h, 1], &device)], 3);
         let x = Tensor::cat(vec![x, Tensor::zeros([b, c, 1, w + 1], &device)], 2);
-        self.conv.forward(x)
+        apply(&self.conv, x)
     }
 }
 
@@ -189,7 +168,7 @@ impl<B: Backend> Upsample<B> {
             .reshape([b, c, h, 1, w, 1])
             .expand([b, c, h, 2, w, 2])
             .reshape([b, c, 2 * h, 2 * w]);
-        self.conv.forward(x)
+        apply(&self.conv, x)
     }
 }
 
@@ -255,7 +234,7 @@ impl<B: Backend> Encoder<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.conv_in.forward(x);
+        let mut x = apply(&self.conv_in, x);
         for block in &self.down_blocks {
             for r in &block.resnets {
                 x = r.forward(x);
@@ -265,8 +244,7 @@ impl<B: Backend> Encoder<B> {
             }
         }
         let x = self.mid_block.forward(x);
-        self.conv_out
-            .forward(silu(normalize_groups(&self.conv_norm_out, x)))
+        apply(&self.conv_out, normalize(&self.conv_norm_out, x, true))
     }
 }
 
@@ -308,7 +286,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.mid_block.forward(self.conv_in.forward(z));
+        let mut x = self.mid_block.forward(apply(&self.conv_in, z));
         for block in &self.up_blocks {
             for r in &block.resnets {
                 x = r.forward(x);
@@ -317,8 +295,7 @@ impl<B: Backend> Decoder<B> {
                 x = u.forward(x);
             }
         }
-        self.conv_out
-            .forward(silu(normalize_groups(&self.conv_norm_out, x)))
+        apply(&self.conv_out, normalize(&self.conv_norm_out, x, true))
     }
 }
 
@@ -367,7 +344,7 @@ impl<B: Backend> AutoencoderKl<B> {
     pub fn encode(&self, images: Tensor<B, 4>) -> LatentDistribution<B> {
         let mut moments = self.encoder.forward(images);
         if let Some(q) = &self.quant_conv {
-            moments = q.forward(moments);
+            moments = apply(q, moments);
         }
         let [mean, logvar] = split_channels(moments);
         LatentDistribution {
@@ -379,7 +356,7 @@ impl<B: Backend> AutoencoderKl<B> {
     /// Unscaled latents -> images (nominally in [-1, 1]).
     pub fn decode(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(z),
+            Some(p) => apply(p, z),
             None => z,
         };
         self.decoder.forward(z)

@@ -7,6 +7,7 @@ use anyhow::Result;
 use burn::prelude::*;
 
 use super::{vae_subfolder, AutoencoderKl, SpaceToDepth, VaeConfig};
+use crate::backend::Backend;
 use crate::hub::Hub;
 
 pub enum LatentCodec<B: Backend> {

@@ -15,6 +15,7 @@ pub use codec::LatentCodec;
 pub use config::VaeConfig;
 pub use space_to_depth::SpaceToDepth;
 
+use crate::backend::Backend;
 use crate::hub::Hub;
 use crate::state_dict::{
     apply_state_dict, read_state_dict, upgrade_keys, VAE_KEYS, VAE_LEGACY_KEYS,

@@ -1,5 +1,6 @@
 //! microdit's operations on burn-flex (the CPU backend): AdamW in one pass
-//! ([`adamw`]) and attention.
+//! ([`adamw`]), convolution as shifted products ([`conv`]), pooling ([`pool`]), a group
+//! norm with SiLU ([`rows`]) and attention.
 //!
 //! Attention: burn-flex's own attention copies q, k and v to
 //! contiguous buffers (the head split leaves them strided), runs its (batch, head) pairs on
@@ -11,19 +12,35 @@
 
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::Flex;
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{ConvOptions, FloatTensor, ModuleOps};
 use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
 mod adamw;
+mod conv;
+mod pool;
 mod rows;
 
 use super::{
-    adamw_step_fused_in_f32, attention_backward_unfused, attention_module, AdamWStep, Backend,
+    adamw_step_fused_in_f32, attention_backward_unfused, attention_module,
+    group_norm_unfused_primitive, pool2d_unfused, AdamWStep, Backend, GroupNormOptions,
+    PoolOptions,
 };
-use rows::{softmax_backward_row, softmax_row};
+use rows::{group_norm_row, softmax_backward_row, softmax_row};
 
 impl Backend for Flex {
+    fn convolution(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        match conv::ConvPlan::of(&x, &weight, bias.as_ref(), &options) {
+            Some(plan) => plan.run(x, weight, bias),
+            None => <Self as ModuleOps<Self>>::conv2d(x, weight, bias, options),
+        }
+    }
+
     fn adamw_step(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -33,6 +50,33 @@ impl Backend for Flex {
     ) -> [FloatTensor<Self>; 3] {
         let tensors = [param, grad, moment_1, moment_2];
         adamw_step_fused_in_f32::<Self>(tensors, step, adamw::step)
+    }
+
+    fn group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        options: GroupNormOptions,
+    ) -> FloatTensor<Self> {
+        let shape = x.layout().shape().to_vec();
+        let all_f32 = [&x, &gamma, &beta].iter().all(|t| t.dtype() == DType::F32);
+        match <[usize; 4]>::try_from(shape) {
+            Ok([_, c, _, _]) if all_f32 && c % options.groups == 0 => {
+                group_norm_rows(x, gamma, beta, options)
+            }
+            _ => group_norm_unfused_primitive::<Self>(x, gamma, beta, options),
+        }
+    }
+
+    fn pool2d(x: FloatTensor<Self>, options: PoolOptions) -> FloatTensor<Self> {
+        let plan = match x.layout().shape().to_vec()[..] {
+            [_, _, h, w] if x.dtype() == DType::F32 => pool::PoolPlan::new([h, w], options),
+            _ => None,
+        };
+        match plan {
+            Some(plan) => plan.run(x),
+            None => pool2d_unfused::<Self>(x, options),
+        }
     }
 
     fn scaled_dot_attention(
@@ -59,6 +103,39 @@ impl Backend for Flex {
             None => attention_backward_unfused::<Self>(q, k, v, grad, causal),
         }
     }
+}
+
+/// [`Backend::group_norm`] of f32 tensors, one (image, group) per task.
+fn group_norm_rows(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    options: GroupNormOptions,
+) -> FlexTensor {
+    let [x, gamma, beta] = [x, gamma, beta].map(|t| t.to_contiguous());
+    let shape = x.layout().shape().clone();
+    let (channels, groups) = (shape[1], options.groups);
+    let per_group = x.layout().num_elements() / (shape[0] * groups);
+    let mut out = vec![0.0f32; x.layout().num_elements()];
+    let (gamma, beta) = (values(&gamma), values(&beta));
+    out.par_chunks_mut(per_group)
+        .zip(values(&x).par_chunks(per_group))
+        .enumerate()
+        .for_each(|(i, (out, x))| {
+            let channels = (i % groups) * channels / groups..(i % groups + 1) * channels / groups;
+            let (scale, shift) = (&gamma[channels.clone()], &beta[channels]);
+            group_norm_row(x, out, scale, shift, options.epsilon as f32, options.silu);
+        });
+    FlexTensor::new(
+        Bytes::from_elems(out),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
+}
+
+/// A contiguous f32 tensor's elements.
+fn values(t: &FlexTensor) -> &[f32] {
+    &t.storage::<f32>()[t.layout().start_offset()..]
 }
 
 /// One f32 matrix in a buffer: its first element and its row and column strides.
@@ -92,7 +169,29 @@ impl Matrix {
 ///
 /// # Safety
 /// Every matrix must lie inside a live buffer; `dst` must be writable and not aliased.
-unsafe fn product(dst: Matrix, lhs: Matrix, rhs: Matrix, [m, k, n]: [usize; 3], scale: f32) {
+unsafe fn product(dst: Matrix, lhs: Matrix, rhs: Matrix, dims: [usize; 3], scale: f32) {
+    let sum = Sum {
+        scale,
+        accumulate: false,
+        parallelism: gemm::Parallelism::None,
+    };
+    unsafe { gemm_into(dst, lhs, rhs, dims, sum) }
+}
+
+/// How a product meets its destination: `dst = scale · lhs · rhs`, or `dst += …` when
+/// `accumulate`, on `parallelism`'s threads.
+#[derive(Clone, Copy)]
+struct Sum {
+    scale: f32,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+}
+
+/// `lhs` [m, k] times `rhs` [k, n] into `dst` [m, n] as `sum` says, through gemm.
+///
+/// # Safety
+/// As [`product`].
+unsafe fn gemm_into(dst: Matrix, lhs: Matrix, rhs: Matrix, [m, k, n]: [usize; 3], sum: Sum) {
     unsafe {
         gemm::gemm(
             m,
@@ -101,19 +200,19 @@ unsafe fn product(dst: Matrix, lhs: Matrix, rhs: Matrix, [m, k, n]: [usize; 3], 
             dst.ptr,
             dst.col,
             dst.row,
-            false,
+            sum.accumulate,
             lhs.ptr,
             lhs.col,
             lhs.row,
             rhs.ptr,
             rhs.col,
             rhs.row,
-            0.0,
-            scale,
+            1.0,
+            sum.scale,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            sum.parallelism,
         )
     }
 }
@@ -335,7 +434,8 @@ mod tests {
     use burn::tensor::{ElementConversion, Tensor, TensorData};
 
     use crate::backend::{
-        attention, attention_backward_unfused, attention_unfused, Backend, Cpu, Trainable,
+        attention, attention_backward_unfused, attention_unfused, group_norm_unfused, Backend, Cpu,
+        GroupNormOptions, Trainable,
     };
 
     type Ad = Trainable<Cpu>;
@@ -361,6 +461,36 @@ mod tests {
         let diff = (a - b.clone()).powi_scalar(2).sum().sqrt().into_scalar();
         let norm = b.powi_scalar(2).sum().sqrt().into_scalar();
         diff.elem::<f32>() / norm.elem::<f32>()
+    }
+
+    /// The one-pass group norm (with and without SiLU) against burn's operations, on
+    /// values far from zero mean, where a careless variance loses digits.
+    #[test]
+    fn group_norm_equals_burns_operations() {
+        for (shape, groups, silu) in [([2, 6, 5, 7], 3, true), ([1, 8, 4, 9], 8, false)] {
+            let [b, c, h, w] = shape;
+            let x = values::<Cpu>([b, c, h * w], 0.4)
+                .reshape(shape)
+                .add_scalar(20.0);
+            let gamma = values::<Cpu>([1, 1, c], 1.1).reshape([c]).add_scalar(1.0);
+            let beta = values::<Cpu>([1, 1, c], 2.2).reshape([c]);
+            let options = GroupNormOptions {
+                groups,
+                epsilon: 1e-6,
+                silu,
+            };
+            let steps = group_norm_unfused(x.clone(), gamma.clone(), beta.clone(), options);
+            let [x, gamma, beta] = [
+                x.into_primitive().tensor(),
+                gamma.into_primitive().tensor(),
+                beta.into_primitive().tensor(),
+            ];
+            let fused = Tensor::<Cpu, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(
+                Cpu::group_norm(x, gamma, beta, options),
+            ));
+            let err = relative_error(fused, steps);
+            assert!(err < 1e-5, "{shape:?}: {err}");
+        }
     }
 
     const CASES: [([usize; 5], bool); 2] = [([2, 3, 5, 7, 4], false), ([2, 2, 6, 6, 8], true)];

@@ -1,6 +1,7 @@
-//! Row kernels of the CPU attention: softmax and its backward, written so that the
-//! compiler vectorises them (independent lanes, no libm call per element), and compiled
-//! for AVX-512 and AVX2 beside the baseline, chosen at run time as gemm chooses its own.
+//! Row kernels: softmax and its backward (the CPU attention), a group norm with an optional
+//! SiLU (the VAE). Written so that the compiler vectorises them (independent lanes, no
+//! libm call per element), and compiled for AVX-512 and AVX2 beside the baseline, chosen
+//! at run time as gemm chooses its own.
 
 /// Lanes of the partial maxima and sums: a multiple of every vector width used.
 const LANES: usize = 16;
@@ -42,6 +43,54 @@ compiled_per_cpu! {
 compiled_per_cpu! {
     /// `dp ← p ∘ (dp − Σ p ∘ dp)`: the softmax's backward for one row.
     pub fn softmax_backward_row(dp: &mut [f32], p: &[f32]) => softmax_backward_row_portable
+}
+
+compiled_per_cpu! {
+    /// One group of a group norm: `x` holds the group's channels one after another, each
+    /// `out.len() / scale.len()` values long. `out = (x − mean)·(var + ε)^-½·γ + β` per
+    /// channel (`scale` γ and `shift` β), the mean and (biased) variance over the group;
+    /// then `out ← out·σ(out)` when `silu`.
+    pub fn group_norm_row(x: &[f32], out: &mut [f32], scale: &[f32], shift: &[f32], epsilon: f32, silu: bool) => group_norm_row_portable
+}
+
+#[inline(always)]
+fn group_norm_row_portable(
+    x: &[f32],
+    out: &mut [f32],
+    scale: &[f32],
+    shift: &[f32],
+    epsilon: f32,
+    silu: bool,
+) {
+    let n = x.len() as f32;
+    let mean = fold_lanes(x, 0.0, |a, b| a + b) / n;
+    let mut lanes = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
+    for chunk in chunks {
+        for i in 0..LANES {
+            lanes[i] += (chunk[i] - mean) * (chunk[i] - mean);
+        }
+    }
+    let inv_std = 1.0 / ((lanes.iter().sum::<f32>() + tail) / n + epsilon).sqrt();
+    let channel_len = out.len() / scale.len();
+    let channels = x
+        .chunks_exact(channel_len)
+        .zip(out.chunks_exact_mut(channel_len));
+    for ((x, out), (gamma, beta)) in channels.zip(scale.iter().zip(shift)) {
+        let (a, b) = (inv_std * gamma, beta - mean * inv_std * gamma);
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = v * a + b;
+        }
+        if silu {
+            // x·σ(x) = x / (1 + e⁻ˣ)
+            out.iter_mut().for_each(|o| *o /= 1.0 + exp(-*o));
+        }
+    }
 }
 
 #[inline(always)]
@@ -90,7 +139,7 @@ fn fold_lanes(values: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 /// `eˣ` to within 2 ulp for x ≤ 0 down to the smallest normal result (smaller x give that
-/// result, not 0): Cephes' `expf`, `eˣ = 2ⁿ·eʳ` with `n = round(x·log₂e)`, `r = x − n·ln 2`
+/// result, not 0), and up to `e^88.3` (larger x give that): Cephes' `expf`, `eˣ = 2ⁿ·eʳ` with `n = round(x·log₂e)`, `r = x − n·ln 2`
 /// in two parts (Cody–Waite) and a degree-7 polynomial for `eʳ`; branch-free and without
 /// float-to-integer casts, so it vectorises.
 #[inline(always)]
