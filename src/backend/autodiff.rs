@@ -1,6 +1,9 @@
 //! microdit's operations under autodiff, each one node with its own backward: the matrix
-//! product (so the gradients' products are as precise as the forward's) and attention
-//! (the inner backend's forward and backward; the probabilities are recomputed, not kept).
+//! product (so the gradients' products are as precise as the forward's), attention
+//! (the inner backend's forward and backward; the probabilities are recomputed, not kept)
+//! and the element-wise chains fused on the CPU: SwiGLU's gated product, AdaLN's
+//! modulation and gated residual (one pass each way instead of several operations and
+//! their backwards).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -95,11 +98,7 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
                 let (ids, causal) = ops.state;
                 let [q, k, v] = ids.map(|id| checkpointer.retrieve_node_output(id));
                 let inputs = B::scaled_dot_attention_backward(q, k, v, grad, causal);
-                for (parent, g) in ops.parents.into_iter().zip(inputs) {
-                    if let Some(node) = parent {
-                        grads.register::<B>(node.id, g);
-                    }
-                }
+                register::<B, _>(ops.parents.map(|p| p.map(|node| node.id)), inputs, grads);
             }
         }
 
@@ -119,6 +118,147 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
                 v.primitive,
                 causal,
             )),
+        }
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, value: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SwiGlu;
+
+        impl<B: Backend> Backward<B, 2> for SwiGlu {
+            /// The checkpointed gate and value.
+            type State = [NodeId; 2];
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [gate, value] = ops.state.map(|id| checkpointer.retrieve_node_output(id));
+                register::<B, _>(
+                    ops.parents.map(|p| p.map(|node| node.id)),
+                    B::swiglu_backward(gate, value, grad),
+                    grads,
+                );
+            }
+        }
+
+        match SwiGlu
+            .prepare::<C>([gate.node.clone(), value.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&gate, &value].map(|t| prep.checkpoint(t));
+                prep.finish(ids, B::swiglu(gate.primitive, value.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.primitive, value.primitive)),
+        }
+    }
+
+    fn modulate(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Modulate;
+
+        impl<B: Backend> Backward<B, 3> for Modulate {
+            /// The checkpointed x and scale.
+            type State = [NodeId; 2];
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [x, scale] = ops.state.map(|id| checkpointer.retrieve_node_output(id));
+                register::<B, _>(
+                    ops.parents.map(|p| p.map(|node| node.id)),
+                    B::modulate_backward(x, scale, grad),
+                    grads,
+                );
+            }
+        }
+
+        let parents = [x.node.clone(), shift.node.clone(), scale.node.clone()];
+        match Modulate.prepare::<C>(parents).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&x, &scale].map(|t| prep.checkpoint(t));
+                prep.finish(
+                    ids,
+                    B::modulate(x.primitive, shift.primitive, scale.primitive),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::modulate(x.primitive, shift.primitive, scale.primitive))
+            }
+        }
+    }
+
+    fn gated_residual(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        branch: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GatedResidual;
+
+        impl<B: Backend> Backward<B, 3> for GatedResidual {
+            /// The checkpointed gate and branch.
+            type State = [NodeId; 2];
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [gate, branch] = ops.state.map(|id| checkpointer.retrieve_node_output(id));
+                register::<B, _>(
+                    ops.parents.map(|p| p.map(|node| node.id)),
+                    B::gated_residual_backward(gate, branch, grad),
+                    grads,
+                );
+            }
+        }
+
+        let parents = [x.node.clone(), gate.node.clone(), branch.node.clone()];
+        match GatedResidual
+            .prepare::<C>(parents)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&gate, &branch].map(|t| prep.checkpoint(t));
+                let out = B::gated_residual(x.primitive, gate.primitive, branch.primitive);
+                prep.finish(ids, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gated_residual(
+                x.primitive,
+                gate.primitive,
+                branch.primitive,
+            )),
+        }
+    }
+}
+
+/// Registers each input's gradient for its parent node (`ops.parents`' ids), if that one
+/// is tracked.
+fn register<B: Backend, const N: usize>(
+    parents: [Option<NodeId>; N],
+    inputs: [FloatTensor<B>; N],
+    grads: &mut Gradients,
+) {
+    for (parent, g) in parents.into_iter().zip(inputs) {
+        if let Some(id) = parent {
+            grads.register::<B>(id, g);
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod cublas;
 #[cfg(feature = "cuda")]
 pub mod cuda_runtime;
 mod flex;
+pub mod modulation;
 // cuBLAS's product plans, a pure function tested on the CPU (used by `cublas.rs`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod gemm_plan;
@@ -32,9 +33,9 @@ pub mod nccl;
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, PaddingConfig2d};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, FloatTensor, IntTensor, ModuleOps};
-use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Bool, DType, FloatDType, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
 
 pub type Cpu = burn::backend::Flex;
 pub type CpuDevice = burn::backend::flex::FlexDevice;
@@ -95,6 +96,65 @@ pub trait Backend: burn::tensor::backend::Backend {
     /// is burn's pools ([`pool2d_unfused`]).
     fn pool2d(x: FloatTensor<Self>, options: PoolOptions) -> FloatTensor<Self> {
         pool2d_unfused::<Self>(x, options)
+    }
+
+    /// SwiGLU's gated product `silu(gate) · value`, element by element (one shape). The
+    /// default is burn's operations ([`swiglu_unfused`]).
+    fn swiglu(gate: FloatTensor<Self>, value: FloatTensor<Self>) -> FloatTensor<Self> {
+        swiglu_unfused::<Self>(gate, value)
+    }
+
+    /// The gradients `[d_gate, d_value]` of [`Backend::swiglu`] given its output's
+    /// gradient `grad`: `d_value = grad · silu(gate)` and
+    /// `d_gate = grad · value · σ(gate) · (1 + gate · (1 − σ(gate)))`. The default is
+    /// burn's operations ([`swiglu_backward_unfused`]).
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        swiglu_backward_unfused::<Self>(gate, value, grad)
+    }
+
+    /// AdaLN's modulation `x · (1 + scale) + shift` of tokens x `[B, N, D]` by per-sample
+    /// `shift` and `scale` `[B, D]`. The default is burn's operations
+    /// ([`modulation::modulate_unfused`]).
+    fn modulate(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        modulation::modulate_unfused::<Self>(x, shift, scale)
+    }
+
+    /// `[dx, d_shift, d_scale]` of [`Backend::modulate`] from its output's gradient:
+    /// `dx = grad · (1 + scale)`, `d_shift = Σ_tokens grad`, `d_scale = Σ_tokens grad · x`.
+    fn modulate_backward(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        modulation::modulate_backward_unfused::<Self>(x, scale, grad)
+    }
+
+    /// The gated residual update `x + gate · branch` of tokens x, branch `[B, N, D]` with a
+    /// per-sample `gate` `[B, D]`. The default is burn's operations.
+    fn gated_residual(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        branch: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        modulation::gated_residual_unfused::<Self>(x, gate, branch)
+    }
+
+    /// `[dx, d_gate, d_branch]` of [`Backend::gated_residual`]: `dx = grad`,
+    /// `d_gate = Σ_tokens grad · branch`, `d_branch = grad · gate`.
+    fn gated_residual_backward(
+        gate: FloatTensor<Self>,
+        branch: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        modulation::gated_residual_backward_unfused::<Self>(gate, branch, grad)
     }
 
     /// `softmax(q kᵀ / √d) v` for q [B, H, N, d], k and v [B, H, L, d], optionally causal
@@ -190,6 +250,41 @@ pub fn group_norm_unfused<B: burn::tensor::backend::Backend>(
     } else {
         y
     }
+}
+
+/// A tensor of any rank as a flat one, and its shape to restore it.
+fn flat<B: burn::tensor::backend::Backend>(t: FloatTensor<B>) -> (Tensor<B, 1>, Shape) {
+    let shape = t.shape();
+    let flat = B::float_reshape(t, Shape::new([shape.num_elements()]));
+    (Tensor::from_primitive(TensorPrimitive::Float(flat)), shape)
+}
+
+fn unflat<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>, shape: Shape) -> FloatTensor<B> {
+    B::float_reshape(t.into_primitive().tensor(), shape)
+}
+
+/// `silu(gate) · value` as burn's operations.
+pub fn swiglu_unfused<B: burn::tensor::backend::Backend>(
+    gate: FloatTensor<B>,
+    value: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let ((gate, shape), (value, _)) = (flat::<B>(gate), flat::<B>(value));
+    unflat(silu(gate) * value, shape)
+}
+
+/// [`Backend::swiglu_backward`]'s formulas as burn's operations.
+pub fn swiglu_backward_unfused<B: burn::tensor::backend::Backend>(
+    gate: FloatTensor<B>,
+    value: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> [FloatTensor<B>; 2] {
+    let ((gate, shape), (value, _), (grad, _)) =
+        (flat::<B>(gate), flat::<B>(value), flat::<B>(grad));
+    let sigma = sigmoid(gate.clone());
+    let d_value = grad.clone() * gate.clone() * sigma.clone();
+    let slope = sigma.clone() * (gate * (sigma.neg() + 1.0) + 1.0);
+    let d_gate = grad * value * slope;
+    [d_gate, d_value].map(|t| unflat(t, shape.clone()))
 }
 
 /// What a pooling window yields.
@@ -375,6 +470,15 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
 /// Pooling through [`Backend::pool2d`].
 pub fn pool2d<B: Backend>(x: Tensor<B, 4>, options: PoolOptions) -> Tensor<B, 4> {
     let out = B::pool2d(x.into_primitive().tensor(), options);
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `silu(gate) · value` through [`Backend::swiglu`].
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, value: Tensor<B, D>) -> Tensor<B, D> {
+    let out = B::swiglu(
+        gate.into_primitive().tensor(),
+        value.into_primitive().tensor(),
+    );
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 

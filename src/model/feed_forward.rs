@@ -2,10 +2,9 @@
 
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 use super::init::{Dist, Init};
-use crate::backend::Backend;
+use crate::backend::{swiglu, Backend};
 use crate::nn::precision::linear;
 
 /// `w3(silu(w1 x) * w2 x)`, hidden width from [`super::config::BlockShape::swiglu_hidden`].
@@ -36,7 +35,7 @@ impl<B: Backend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         linear(
             &self.w3,
-            silu(linear(&self.w1, x.clone())) * linear(&self.w2, x),
+            swiglu(linear(&self.w1, x.clone()), linear(&self.w2, x)),
         )
     }
 }

@@ -3,6 +3,7 @@
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
+use burn::tensor::TensorPrimitive;
 
 use super::init::{Dist, Init};
 use crate::backend::Backend;
@@ -24,16 +25,13 @@ pub fn modulate<B: Backend>(
 ) -> Tensor<B, 3> {
     let (x, scale) = promote(x, scale);
     let (x, shift) = promote(x, shift);
-    let n = x.dims()[1];
-    x * per_token(scale + 1.0, n) + per_token(shift, n)
-}
-
-/// A per-sample `t` [B, D] repeated for each of `n` tokens, [B, n, D] in memory.
-/// Broadcasting it instead is slow on the CPU: burn-flex vectorises only broadcasts
-/// shared by the whole batch and walks a per-sample one element by element, about ten
-/// times slower than this copy plus a contiguous operation.
-fn per_token<B: Backend>(t: Tensor<B, 2>, n: usize) -> Tensor<B, 3> {
-    t.unsqueeze_dim::<3>(1).repeat_dim(1, n)
+    let (scale, _) = promote(scale, shift.clone());
+    let out = B::modulate(
+        x.into_primitive().tensor(),
+        shift.into_primitive().tensor(),
+        scale.into_primitive().tensor(),
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 /// The residual update `x + gate * branch` (gate [B, D] per sample), in the wider type.
@@ -43,8 +41,14 @@ pub fn gated_residual<B: Backend>(
     branch: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
     let (gate, branch) = promote(gate, branch);
-    let n = branch.dims()[1];
-    residual(x, branch * per_token(gate, n))
+    let (x, branch) = promote(x, branch);
+    let (gate, _) = promote(gate, branch.clone());
+    let out = B::gated_residual(
+        x.into_primitive().tensor(),
+        gate.into_primitive().tensor(),
+        branch.into_primitive().tensor(),
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 /// `x + branch` in the wider type.

@@ -14,12 +14,12 @@
 //! (i mod s_h, j mod s_w) shifted by (i div s_h, j div s_w). Each channel's row holds the
 //! whole batch side by side, so one product per tap serves every image.
 
-use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::flex::FlexTensor;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Bytes, DType, Shape};
+use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
-use super::{gemm_into, values, Matrix, Shared, Sum};
+use super::{f32_tensor, gemm_into, values, Matrix, Shared, Sum};
 
 /// Fewer input channels than this make products too thin for gemm (an image's 3 colour
 /// channels): burn-flex's convolution serves those.
@@ -324,11 +324,7 @@ impl ConvPlan {
         let out = self.run_on(values(&x), values(&weight), bias.as_ref().map(values));
         let [out_h, out_w] = self.output;
         let shape = Shape::from(vec![self.batch, self.c_out, out_h, out_w]);
-        FlexTensor::new(
-            Bytes::from_elems(out),
-            Layout::contiguous(shape),
-            DType::F32,
-        )
+        f32_tensor(out, shape)
     }
 }
 

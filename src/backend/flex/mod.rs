@@ -1,6 +1,7 @@
 //! microdit's operations on burn-flex (the CPU backend): AdamW in one pass
 //! ([`adamw`]), convolution as shifted products ([`conv`]), pooling ([`pool`]), a group
-//! norm with SiLU ([`rows`]) and attention.
+//! norm with SiLU ([`rows`]), SwiGLU's gated product ([`swiglu`]), AdaLN's modulation
+//! and gated residual ([`modulation`]) and attention.
 //!
 //! Attention: burn-flex's own attention copies q, k and v to
 //! contiguous buffers (the head split leaves them strided), runs its (batch, head) pairs on
@@ -18,14 +19,21 @@ use rayon::prelude::*;
 
 mod adamw;
 mod conv;
+mod modulation;
 mod pool;
 mod rows;
+mod swiglu;
 
+use super::modulation::{
+    gated_residual_backward_unfused, gated_residual_unfused, modulate_backward_unfused,
+    modulate_unfused,
+};
 use super::{
     adamw_step_fused_in_f32, attention_backward_unfused, attention_module,
-    group_norm_unfused_primitive, pool2d_unfused, AdamWStep, Backend, GroupNormOptions,
-    PoolOptions,
+    group_norm_unfused_primitive, pool2d_unfused, swiglu_backward_unfused, swiglu_unfused,
+    AdamWStep, Backend, GroupNormOptions, PoolOptions,
 };
+use modulation::Sizes;
 use rows::{group_norm_row, softmax_backward_row, softmax_row};
 
 impl Backend for Flex {
@@ -76,6 +84,68 @@ impl Backend for Flex {
         match plan {
             Some(plan) => plan.run(x),
             None => pool2d_unfused::<Self>(x, options),
+        }
+    }
+
+    fn modulate(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match Sizes::of(&[&x], &[&shift, &scale]) {
+            Some(sizes) => modulation::modulate(sizes, x, shift, scale),
+            None => modulate_unfused::<Self>(x, shift, scale),
+        }
+    }
+
+    fn modulate_backward(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        match Sizes::of(&[&x, &grad], &[&scale]) {
+            Some(sizes) => modulation::modulate_backward(sizes, x, scale, grad),
+            None => modulate_backward_unfused::<Self>(x, scale, grad),
+        }
+    }
+
+    fn gated_residual(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        branch: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match Sizes::of(&[&x, &branch], &[&gate]) {
+            Some(sizes) => modulation::gated_residual(sizes, x, gate, branch),
+            None => gated_residual_unfused::<Self>(x, gate, branch),
+        }
+    }
+
+    fn gated_residual_backward(
+        gate: FloatTensor<Self>,
+        branch: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        match Sizes::of(&[&branch, &grad], &[&gate]) {
+            Some(sizes) => modulation::gated_residual_backward(sizes, gate, branch, grad),
+            None => gated_residual_backward_unfused::<Self>(gate, branch, grad),
+        }
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, value: FloatTensor<Self>) -> FloatTensor<Self> {
+        match swiglu::fits(&[&gate, &value]) {
+            true => swiglu::forward(gate, value),
+            false => swiglu_unfused::<Self>(gate, value),
+        }
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        match swiglu::fits(&[&gate, &value, &grad]) {
+            true => swiglu::backward(gate, value, grad),
+            false => swiglu_backward_unfused::<Self>(gate, value, grad),
         }
     }
 
@@ -136,6 +206,15 @@ fn group_norm_rows(
 /// A contiguous f32 tensor's elements.
 fn values(t: &FlexTensor) -> &[f32] {
     &t.storage::<f32>()[t.layout().start_offset()..]
+}
+
+/// A contiguous f32 tensor of `shape` holding `data`.
+fn f32_tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(data),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
 }
 
 /// One f32 matrix in a buffer: its first element and its row and column strides.
@@ -430,12 +509,13 @@ impl Heads {
 
 #[cfg(test)]
 mod tests {
+    use burn::tensor::activation::silu;
     use burn::tensor::backend::Backend as BurnBackend;
-    use burn::tensor::{ElementConversion, Tensor, TensorData};
+    use burn::tensor::{ElementConversion, Tensor, TensorData, TensorPrimitive};
 
     use crate::backend::{
-        attention, attention_backward_unfused, attention_unfused, group_norm_unfused, Backend, Cpu,
-        GroupNormOptions, Trainable,
+        attention, attention_backward_unfused, attention_unfused, group_norm_unfused, swiglu,
+        swiglu_backward_unfused, Backend, Cpu, GroupNormOptions, Trainable,
     };
 
     type Ad = Trainable<Cpu>;
@@ -490,6 +570,41 @@ mod tests {
             ));
             let err = relative_error(fused, steps);
             assert!(err < 1e-5, "{shape:?}: {err}");
+        }
+    }
+
+    /// SwiGLU in one pass each way against autodiff of burn's `silu(gate) · value`.
+    #[test]
+    fn swiglu_and_its_gradients_equal_burns_operations() {
+        let shape = [3, 7, 37];
+        let inputs = || {
+            let gate = values::<Ad>(shape, 0.2).mul_scalar(6.0).require_grad();
+            [gate, values::<Ad>(shape, 1.9).require_grad()]
+        };
+        let weights = values::<Ad>(shape, 2.9);
+        let run = |fused: bool| {
+            let [gate, value] = inputs();
+            let out = if fused {
+                swiglu(gate.clone(), value.clone())
+            } else {
+                silu(gate.clone()) * value.clone()
+            };
+            let g = (out.clone() * weights.clone()).sum().backward();
+            [out.inner(), gate.grad(&g).unwrap(), value.grad(&g).unwrap()]
+        };
+        let steps = run(false);
+        for (i, (fused, steps)) in run(true).into_iter().zip(steps.clone()).enumerate() {
+            let err = relative_error(fused.unsqueeze::<4>(), steps.unsqueeze::<4>());
+            assert!(err < 1e-6, "output {i}: {err}");
+        }
+        // The default backward's formulas (what CUDA runs) against autodiff's.
+        let [gate, value] = inputs().map(|t| t.inner().into_primitive().tensor());
+        let grad = weights.inner().into_primitive().tensor();
+        let formulas = swiglu_backward_unfused::<Cpu>(gate, value, grad);
+        for (i, (formula, autodiff)) in formulas.into_iter().zip(&steps[1..]).enumerate() {
+            let formula = Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(formula));
+            let err = relative_error(formula.unsqueeze::<4>(), autodiff.clone().unsqueeze());
+            assert!(err < 1e-6, "gradient {i}: {err}");
         }
     }
 

@@ -5,11 +5,11 @@
 //! along a row and vectorises when the stride is 1 (Inception's 3×3 pools of every mixed
 //! block).
 
-use burn::backend::flex::{FlexTensor, Layout};
-use burn::tensor::{Bytes, DType, Shape};
+use burn::backend::flex::FlexTensor;
+use burn::tensor::Shape;
 use rayon::prelude::*;
 
-use super::values;
+use super::{f32_tensor, values};
 use crate::backend::{Pool, PoolOptions};
 
 /// Output rows and columns, and for each the input range its window covers (padding
@@ -115,11 +115,7 @@ impl PoolPlan {
             .zip(values(&x).par_chunks(self.input[0] * self.input[1]))
             .for_each(|(out, x)| self.plane(x, out));
         let shape = Shape::from(vec![shape[0], shape[1], h_out, w_out]);
-        FlexTensor::new(
-            Bytes::from_elems(out),
-            Layout::contiguous(shape),
-            DType::F32,
-        )
+        f32_tensor(out, shape)
     }
 }
 

@@ -1,5 +1,5 @@
 //! Row kernels: softmax and its backward (the CPU attention), a group norm with an optional
-//! SiLU (the VAE). Written so that the compiler vectorises them (independent lanes, no
+//! SiLU (the VAE), SwiGLU's gated product and its backward. Written so that the compiler vectorises them (independent lanes, no
 //! libm call per element), and compiled for AVX-512 and AVX2 beside the baseline, chosen
 //! at run time as gemm chooses its own.
 
@@ -51,6 +51,47 @@ compiled_per_cpu! {
     /// channel (`scale` γ and `shift` β), the mean and (biased) variance over the group;
     /// then `out ← out·σ(out)` when `silu`.
     pub fn group_norm_row(x: &[f32], out: &mut [f32], scale: &[f32], shift: &[f32], epsilon: f32, silu: bool) => group_norm_row_portable
+}
+
+compiled_per_cpu! {
+    /// `out = silu(gate) · value`, element by element.
+    pub fn swiglu_row(gate: &[f32], value: &[f32], out: &mut [f32]) => swiglu_row_portable
+}
+
+compiled_per_cpu! {
+    /// SwiGLU's gradients from the output's `grad`: `d_value = grad · silu(gate)`,
+    /// `d_gate = grad · value · σ(gate) · (1 + gate · (1 − σ(gate)))`.
+    pub fn swiglu_backward_row(gate: &[f32], value: &[f32], grad: &[f32], d_gate: &mut [f32], d_value: &mut [f32]) => swiglu_backward_row_portable
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+#[inline(always)]
+fn swiglu_row_portable(gate: &[f32], value: &[f32], out: &mut [f32]) {
+    for ((o, &g), &v) in out.iter_mut().zip(gate).zip(value) {
+        *o = g * sigmoid(g) * v;
+    }
+}
+
+#[inline(always)]
+fn swiglu_backward_row_portable(
+    gate: &[f32],
+    value: &[f32],
+    grad: &[f32],
+    d_gate: &mut [f32],
+    d_value: &mut [f32],
+) {
+    let n = gate.len();
+    let (value, grad) = (&value[..n], &grad[..n]);
+    let (d_gate, d_value) = (&mut d_gate[..n], &mut d_value[..n]);
+    for i in 0..n {
+        let (g, s) = (gate[i], sigmoid(gate[i]));
+        d_value[i] = grad[i] * g * s;
+        d_gate[i] = grad[i] * value[i] * s * (1.0 + g * (1.0 - s));
+    }
 }
 
 #[inline(always)]

@@ -1,0 +1,74 @@
+//! AdaLN's per-sample modulation and gated residual of image tokens `[B, N, D]`, and
+//! their backwards, as burn's operations: the default of [`Backend::modulate`] and
+//! [`Backend::gated_residual`], and the reference their fused versions are tested against.
+//! Each takes tensors of one float type (the model promotes them first).
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use super::Backend;
+
+fn wrap<B: burn::tensor::backend::Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn unwrap<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// A per-sample `t` [B, D] repeated for each of `n` tokens, [B, n, D] in memory.
+/// Broadcasting it instead is slow on the CPU: burn-flex vectorises only broadcasts
+/// shared by the whole batch and walks a per-sample one element by element, about ten
+/// times slower than this copy plus a contiguous operation.
+fn per_token<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>, n: usize) -> Tensor<B, 3> {
+    t.unsqueeze_dim::<3>(1).repeat_dim(1, n)
+}
+
+/// `x · (1 + scale) + shift`.
+pub fn modulate_unfused<B: Backend>(
+    x: FloatTensor<B>,
+    shift: FloatTensor<B>,
+    scale: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let x = wrap::<B, 3>(x);
+    let n = x.dims()[1];
+    unwrap(x * per_token(wrap(scale) + 1.0, n) + per_token(wrap(shift), n))
+}
+
+/// [`Backend::modulate_backward`]'s formulas.
+pub fn modulate_backward_unfused<B: Backend>(
+    x: FloatTensor<B>,
+    scale: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> [FloatTensor<B>; 3] {
+    let (x, grad) = (wrap::<B, 3>(x), wrap::<B, 3>(grad));
+    let n = x.dims()[1];
+    let dx = grad.clone() * per_token(wrap(scale) + 1.0, n);
+    let d_shift = grad.clone().sum_dim(1).squeeze_dim::<2>(1);
+    let d_scale = (grad * x).sum_dim(1).squeeze_dim::<2>(1);
+    [unwrap(dx), unwrap(d_shift), unwrap(d_scale)]
+}
+
+/// `x + gate · branch`.
+pub fn gated_residual_unfused<B: Backend>(
+    x: FloatTensor<B>,
+    gate: FloatTensor<B>,
+    branch: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let branch = wrap::<B, 3>(branch);
+    let n = branch.dims()[1];
+    unwrap(wrap::<B, 3>(x) + branch * per_token(wrap(gate), n))
+}
+
+/// [`Backend::gated_residual_backward`]'s formulas.
+pub fn gated_residual_backward_unfused<B: Backend>(
+    gate: FloatTensor<B>,
+    branch: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> [FloatTensor<B>; 3] {
+    let (branch, grad) = (wrap::<B, 3>(branch), wrap::<B, 3>(grad));
+    let n = branch.dims()[1];
+    let d_branch = grad.clone() * per_token(wrap(gate), n);
+    let d_gate = (grad.clone() * branch).sum_dim(1).squeeze_dim::<2>(1);
+    [unwrap(grad), unwrap(d_gate), unwrap(d_branch)]
+}
