@@ -7,7 +7,7 @@ use burn::tensor::TensorPrimitive;
 
 use super::init::{Dist, Init};
 use crate::backend::Backend;
-use crate::nn::precision::{cast, layer_norm_f32, linear, promote};
+use crate::nn::precision::{cast, layer_norm_f32, linear, promote, widest};
 
 /// `nn.LayerNorm(dim, eps, bias=False)`: a learned scale and no shift.
 pub fn layer_norm<B: Backend>(dim: usize, eps: f64, init: &Init<B>) -> LayerNorm<B> {
@@ -23,14 +23,9 @@ pub fn modulate<B: Backend>(
     shift: Tensor<B, 2>,
     scale: Tensor<B, 2>,
 ) -> Tensor<B, 3> {
-    let (x, scale) = promote(x, scale);
-    let (x, shift) = promote(x, shift);
-    let (scale, _) = promote(scale, shift.clone());
-    let out = B::modulate(
-        x.into_primitive().tensor(),
-        shift.into_primitive().tensor(),
-        scale.into_primitive().tensor(),
-    );
+    let dtype = widest(&[x.dtype(), shift.dtype(), scale.dtype()]);
+    let [shift, scale] = [shift, scale].map(|t| cast(t, dtype).into_primitive().tensor());
+    let out = B::modulate(cast(x, dtype).into_primitive().tensor(), shift, scale);
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
@@ -40,14 +35,9 @@ pub fn gated_residual<B: Backend>(
     gate: Tensor<B, 2>,
     branch: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
-    let (gate, branch) = promote(gate, branch);
-    let (x, branch) = promote(x, branch);
-    let (gate, _) = promote(gate, branch.clone());
-    let out = B::gated_residual(
-        x.into_primitive().tensor(),
-        gate.into_primitive().tensor(),
-        branch.into_primitive().tensor(),
-    );
+    let dtype = widest(&[x.dtype(), gate.dtype(), branch.dtype()]);
+    let [x, branch] = [x, branch].map(|t| cast(t, dtype).into_primitive().tensor());
+    let out = B::gated_residual(x, cast(gate, dtype).into_primitive().tensor(), branch);
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 

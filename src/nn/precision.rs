@@ -54,6 +54,11 @@ fn wider(a: DType, b: DType) -> DType {
     }
 }
 
+/// The widest of some float types, as PyTorch promotes mixed operands.
+pub fn widest(types: &[DType]) -> DType {
+    types.iter().copied().fold(types[0], wider)
+}
+
 /// Both operands in the wider of their types.
 pub fn promote<B: Backend, const D: usize, const E: usize>(
     a: Tensor<B, D>,
