@@ -3,7 +3,7 @@
 //! (the inner backend's forward and backward; the probabilities are recomputed, not kept)
 //! and the element-wise chains fused on the CPU: SwiGLU's gated product, AdaLN's
 //! modulation and gated residual (one pass each way instead of several operations and
-//! their backwards).
+//! their backwards), which share one node type ([`Chain`]).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -122,40 +122,12 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
     }
 
     fn swiglu(gate: FloatTensor<Self>, value: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct SwiGlu;
-
-        impl<B: Backend> Backward<B, 2> for SwiGlu {
-            /// The checkpointed gate and value.
-            type State = [NodeId; 2];
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 2>,
-                grads: &mut Gradients,
-                checkpointer: &mut Checkpointer,
-            ) {
-                let grad = grads.consume::<B>(&ops.node);
-                let [gate, value] = ops.state.map(|id| checkpointer.retrieve_node_output(id));
-                register::<B, _>(
-                    ops.parents.map(|p| p.map(|node| node.id)),
-                    B::swiglu_backward(gate, value, grad),
-                    grads,
-                );
-            }
-        }
-
-        match SwiGlu
-            .prepare::<C>([gate.node.clone(), value.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let ids = [&gate, &value].map(|t| prep.checkpoint(t));
-                prep.finish(ids, B::swiglu(gate.primitive, value.primitive))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.primitive, value.primitive)),
-        }
+        fused_chain::<B, C, 2>(
+            [gate, value],
+            [0, 1],
+            |[gate, value]| B::swiglu(gate, value),
+            B::swiglu_backward,
+        )
     }
 
     fn modulate(
@@ -163,42 +135,12 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
         shift: FloatTensor<Self>,
         scale: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct Modulate;
-
-        impl<B: Backend> Backward<B, 3> for Modulate {
-            /// The checkpointed x and scale.
-            type State = [NodeId; 2];
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                checkpointer: &mut Checkpointer,
-            ) {
-                let grad = grads.consume::<B>(&ops.node);
-                let [x, scale] = ops.state.map(|id| checkpointer.retrieve_node_output(id));
-                register::<B, _>(
-                    ops.parents.map(|p| p.map(|node| node.id)),
-                    B::modulate_backward(x, scale, grad),
-                    grads,
-                );
-            }
-        }
-
-        let parents = [x.node.clone(), shift.node.clone(), scale.node.clone()];
-        match Modulate.prepare::<C>(parents).compute_bound().stateful() {
-            OpsKind::Tracked(mut prep) => {
-                let ids = [&x, &scale].map(|t| prep.checkpoint(t));
-                prep.finish(
-                    ids,
-                    B::modulate(x.primitive, shift.primitive, scale.primitive),
-                )
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::modulate(x.primitive, shift.primitive, scale.primitive))
-            }
-        }
+        fused_chain::<B, C, 3>(
+            [x, shift, scale],
+            [0, 2],
+            |[x, shift, scale]| B::modulate(x, shift, scale),
+            B::modulate_backward,
+        )
     }
 
     fn gated_residual(
@@ -206,46 +148,67 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
         gate: FloatTensor<Self>,
         branch: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct GatedResidual;
+        fused_chain::<B, C, 3>(
+            [x, gate, branch],
+            [1, 2],
+            |[x, gate, branch]| B::gated_residual(x, gate, branch),
+            B::gated_residual_backward,
+        )
+    }
+}
 
-        impl<B: Backend> Backward<B, 3> for GatedResidual {
-            /// The checkpointed gate and branch.
-            type State = [NodeId; 2];
+/// The backward of a fused element-wise chain: every input's gradient from the two
+/// inputs the chain checkpointed and the output's gradient (`Backend::swiglu_backward`,
+/// `modulate_backward`, `gated_residual_backward`).
+type ChainBackward<B, const N: usize> =
+    fn(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> [FloatTensor<B>; N];
 
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                checkpointer: &mut Checkpointer,
-            ) {
-                let grad = grads.consume::<B>(&ops.node);
-                let [gate, branch] = ops.state.map(|id| checkpointer.retrieve_node_output(id));
-                register::<B, _>(
-                    ops.parents.map(|p| p.map(|node| node.id)),
-                    B::gated_residual_backward(gate, branch, grad),
-                    grads,
-                );
-            }
+struct Chain<B: Backend, const N: usize> {
+    backward: ChainBackward<B, N>,
+}
+
+impl<B: Backend, const N: usize> std::fmt::Debug for Chain<B, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Chain")
+    }
+}
+
+impl<B: Backend, const N: usize> Backward<B, N> for Chain<B, N> {
+    /// The two checkpointed inputs the backward reads.
+    type State = [NodeId; 2];
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, N>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [a, b] = ops.state.map(|id| checkpointer.retrieve_node_output(id));
+        register::<B, N>(
+            ops.parents.map(|p| p.map(|node| node.id)),
+            (self.backward)(a, b, grad),
+            grads,
+        );
+    }
+}
+
+/// One autodiff node for an element-wise chain of `N` inputs: `forward` on the inner
+/// backend, and under tracking the inputs at `saved` checkpointed for `backward`.
+fn fused_chain<B: Backend, C: CheckpointStrategy, const N: usize>(
+    inputs: [FloatTensor<Autodiff<B, C>>; N],
+    saved: [usize; 2],
+    forward: fn([FloatTensor<B>; N]) -> FloatTensor<B>,
+    backward: ChainBackward<B, N>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let parents = inputs.each_ref().map(|t| t.node.clone());
+    let node = Chain { backward };
+    match node.prepare::<C>(parents).compute_bound().stateful() {
+        OpsKind::Tracked(mut prep) => {
+            let ids = saved.map(|i| prep.checkpoint(&inputs[i]));
+            prep.finish(ids, forward(inputs.map(|t| t.primitive)))
         }
-
-        let parents = [x.node.clone(), gate.node.clone(), branch.node.clone()];
-        match GatedResidual
-            .prepare::<C>(parents)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let ids = [&gate, &branch].map(|t| prep.checkpoint(t));
-                let out = B::gated_residual(x.primitive, gate.primitive, branch.primitive);
-                prep.finish(ids, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::gated_residual(
-                x.primitive,
-                gate.primitive,
-                branch.primitive,
-            )),
-        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(inputs.map(|t| t.primitive))),
     }
 }
 
