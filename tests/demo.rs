@@ -5,7 +5,7 @@ mod common;
 
 use microdit::backend::Cpu;
 use microdit::backend::{CpuDevice, Trainable};
-use microdit::demo::{run, DemoOptions, Variant};
+use microdit::demo::{run, DemoOptions, Variant, DEFAULT_IMAGE_SIZE};
 
 #[test]
 fn a_tiny_demo_writes_its_outputs_and_resumes() {
@@ -14,6 +14,7 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
         out: dir.path().join("demo"),
         minutes: 0.2,
         variant: Variant::Masked,
+        image_size: DEFAULT_IMAGE_SIZE,
         train_images: 120,
         eval_prompts: 3,
         seed: 5,
@@ -56,6 +57,16 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
     assert_eq!(std::fs::read(opts.out.join("plan.json")).unwrap(), plan);
     // Resumed from finished stages, the same weights give the same samples and scores.
     assert_eq!(again.frechet_distance, scores.frechet_distance);
+    // A folder made at one image size is not resumed at another.
+    let other = DemoOptions {
+        image_size: 2 * DEFAULT_IMAGE_SIZE,
+        ..opts.clone()
+    };
+    let refused = run::<Trainable<Cpu>>(&other, &devices).unwrap_err();
+    assert!(
+        format!("{refused:#}").contains(&format!("--image-size {DEFAULT_IMAGE_SIZE}")),
+        "{refused:#}"
+    );
 
     // `generate` finds the demo model's text tower and codec in its pipeline.json.
     let png = dir.path().join("red.png");
@@ -78,7 +89,7 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
             settings.resolution,
             settings.sampling.steps
         ),
-        ("space-to-depth:2", 32, 18)
+        ("space-to-depth:2", DEFAULT_IMAGE_SIZE, 18)
     );
 
     // The demo's folder itself means its newest stage, for `generate` as for `serve --run`.

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use super::DeviceChoice;
 use crate::backend::Trainable;
-use crate::demo::{DemoOptions, Variant};
+use crate::demo::{DemoOptions, Variant, DEFAULT_IMAGE_SIZE};
 use crate::model::DitConfig;
 use crate::pipeline::SamplingArgs;
 
@@ -28,6 +28,10 @@ pub struct DemoArgs {
     /// unmasked; masked-no-mixer. Same budget each, for the ablation in docs/DEMO.md.
     #[arg(long, value_enum, default_value = "masked")]
     pub variant: Variant,
+    /// Side of the generated images in pixels, even, 16 to 64 (2×2-pixel latents, one patch
+    /// each in the demo's model: 64 patches at 16 px, 256 at 32).
+    #[arg(long, default_value_t = DEFAULT_IMAGE_SIZE)]
+    pub image_size: usize,
     /// Generated training images.
     #[arg(long, default_value_t = 6000)]
     pub train_images: usize,
@@ -38,8 +42,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The denoiser's architecture instead of the demo's: a JSON or TOML DiT config, as the
-    /// `dit.json` a demo writes (input_size 16, in_channels 12, caption_channels 64, for the
-    /// demo's latents and text tower).
+    /// `dit.json` a demo writes (input_size half the image size, in_channels 12,
+    /// caption_channels 64, for the demo's latents and text tower).
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
@@ -47,7 +51,7 @@ pub struct DemoArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
-    /// How the scored samples are drawn [default: 18 Heun steps, guidance 3]; re-running a
+    /// How the scored samples are drawn [default: 18 Heun steps, guidance 5]; re-running a
     /// finished demo with other settings only samples and scores again.
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -58,6 +62,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         out: args.out.clone(),
         minutes: args.minutes,
         variant: args.variant,
+        image_size: args.image_size,
         train_images: args.train_images,
         eval_prompts: args.eval_prompts,
         seed: args.seed,

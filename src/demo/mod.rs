@@ -5,4 +5,4 @@ pub mod run;
 pub mod score;
 pub mod shapes;
 
-pub use run::{run, DemoOptions, Scores, Variant};
+pub use run::{run, DemoOptions, Scores, Variant, DEFAULT_IMAGE_SIZE};

@@ -19,7 +19,7 @@ use super::shapes::{scene_and_image, Scene};
 use crate::data::sources::ImageCaptionSource;
 use crate::hub::Hub;
 use crate::model::{DitConfig, Precision};
-use crate::pipeline::load::Components;
+use crate::pipeline::load::{Components, PIPELINE_FILE};
 use crate::pipeline::{Sampling, TextToImage};
 use crate::precompute::{precompute, Encoders, PrecomputeOptions};
 use crate::state_dict::{reference_tensors, CLIP_TEXT_KEYS};
@@ -45,6 +45,8 @@ pub struct DemoOptions {
     /// Wall-clock budget for the whole run, data and evaluation included.
     pub minutes: f64,
     pub variant: Variant,
+    /// Side of the generated images in pixels ([`DEFAULT_IMAGE_SIZE`] unless told).
+    pub image_size: usize,
     pub train_images: usize,
     /// Prompts sampled per group (seen and held-out combinations).
     pub eval_prompts: usize,
@@ -57,13 +59,18 @@ pub struct DemoOptions {
 }
 
 impl DemoOptions {
-    /// The demo's sampler: 18 Heun steps at guidance 3.
+    /// The demo's sampler: 18 Heun steps at guidance 5.
     pub fn default_sampling() -> Sampling {
         Sampling::heun(SAMPLER_STEPS, GUIDANCE)
     }
 }
 
-const IMAGE_SIZE: usize = 32;
+/// Images of 16 px: at 32 px the model did not learn shapes in ten minutes (nor in 30), at
+/// 16 px it began to (docs/DEMO.md, "Shapes: the image's size, …").
+pub const DEFAULT_IMAGE_SIZE: usize = 16;
+const MIN_IMAGE_SIZE: usize = 16;
+/// 1,024 patches at 64 px: beyond that a CPU step takes seconds.
+const MAX_IMAGE_SIZE: usize = 64;
 const CODEC: SpaceToDepth = SpaceToDepth { factor: 2 };
 /// Files in the demo folder: the denoiser's architecture and the text tower.
 const MODEL: &str = "dit.json";
@@ -78,8 +85,9 @@ const TEXT_CONTEXT: usize = 16;
 /// followed the captions better than 1e-3 in a measured comparison (docs/DEMO.md).
 const REPLICA_BATCH: usize = 32;
 const LR: f64 = 2e-3;
-/// Share of the training time given to the unmasked finetune after a masked stage.
-const FINETUNE_SHARE: f64 = 0.2;
+/// Share of the training time given to the unmasked finetune after a masked stage: 40%
+/// drew better shapes and positions than 20% in a measured comparison (docs/DEMO.md).
+const FINETUNE_SHARE: f64 = 0.4;
 /// Share of the budget kept for the final sampling and scoring until a part-way scoring has
 /// been timed.
 const EVAL_SHARE: f64 = 0.12;
@@ -96,8 +104,12 @@ const EMA_HALF_LIFE: f64 = 0.1;
 /// 32 px images trains the high noise levels too little here (docs/DEMO.md).
 const P_MEAN: f64 = -0.6;
 const P_STD: f64 = 1.2;
+/// The scored samples: 18 Heun steps at guidance 5 (MicroDiT's own default), which drew
+/// shapes better than 3 on the same weights (docs/DEMO.md).
 const SAMPLER_STEPS: usize = 18;
-const GUIDANCE: f64 = 3.0;
+const GUIDANCE: f64 = 5.0;
+/// Side in pixels of each image in `samples.png` (enlarged without smoothing).
+const GRID_CELL: u32 = 128;
 /// Prompts sampled together when scoring.
 const EVAL_BATCH: usize = 16;
 
@@ -120,8 +132,10 @@ pub struct Scores {
 pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Result<Scores> {
     let device = devices.first().context("no device given")?;
     let budget = Budget::starting_now(opts.minutes);
+    check_image_size(opts)?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
+    pipeline_components(opts.image_size).write(&opts.out)?;
     let tower = opts.out.join(TEXT_TOWER);
     let data = opts.out.join("data");
     if !data.join("index.json").exists() {
@@ -132,8 +146,8 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
         };
         let source = ImageCaptionSource::open(&opts.out.join("images"))?;
         let options = PrecomputeOptions {
-            resolutions: vec![IMAGE_SIZE],
-            min_size: IMAGE_SIZE,
+            resolutions: vec![opts.image_size],
+            min_size: opts.image_size,
             batch_size: 256,
             part_size: 2000,
             quiet: opts.quiet,
@@ -202,6 +216,31 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
     curve.plot(&opts.out.join(CURVE_PLOT))?;
     write_report(opts, &trained, &scores, &curve, budget.elapsed())?;
     Ok(scores)
+}
+
+/// A size the shapes fit in (three small copies apart, sides of the image) and the codec
+/// divides; and the folder's own size when it holds a demo already (its `pipeline.json`
+/// says which), so that a resumed run never mixes images of two sizes.
+fn check_image_size(opts: &DemoOptions) -> Result<()> {
+    let size = opts.image_size;
+    anyhow::ensure!(
+        (MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&size) && size.is_multiple_of(CODEC.factor),
+        "image size {size}: the demo draws images of {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px, \
+         a multiple of {}",
+        CODEC.factor
+    );
+    let file = opts.out.join(PIPELINE_FILE);
+    if file.is_file() {
+        let made: Components = crate::io::read_json(&file, "a microdit pipeline.json")?;
+        if let Some(made) = made.resolution.filter(|&made| made != size) {
+            anyhow::bail!(
+                "{} holds a demo of {made} px images: resume it with --image-size {made}, or \
+                 give another --out",
+                opts.out.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The wall clock of one demo run: when it ends, how long the final sampling and scoring
@@ -340,9 +379,10 @@ fn write_images(opts: &DemoOptions) -> Result<()> {
     let dir = opts.out.join("images");
     std::fs::create_dir_all(&dir)?;
     (0..opts.train_images).into_par_iter().try_for_each(|i| {
-        let (scene, image) = scene_and_image(opts.seed, i, IMAGE_SIZE, false);
+        let (scene, image) = scene_and_image(opts.seed, i, opts.image_size, false);
         let path = dir.join(format!("{i:06}.png"));
-        crate::image::write_png(&path, image.as_raw(), IMAGE_SIZE, IMAGE_SIZE, &[])?;
+        let size = opts.image_size;
+        crate::image::write_png(&path, image.as_raw(), size, size, &[])?;
         std::fs::write(path.with_extension("txt"), scene.caption())?;
         anyhow::Ok(())
     })
@@ -377,13 +417,15 @@ fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<T
     TextEncoder::from_source(dir.to_str().context("path")?, &hub, device)
 }
 
-/// The demo's denoiser: a 0.56 M-parameter MicroDiT for 16×16×12 latents (64 patches of
-/// 2×2), four blocks with an expert-choice MoE every second, one patch-mixer block.
-pub fn default_model() -> DitConfig {
+/// The demo's denoiser for `image_size` px images: a MicroDiT with a patch per latent pixel
+/// (64 patches of 2×2 px at 16 px; patches of 2×2 latent pixels did not learn shapes,
+/// docs/DEMO.md), width 64, four blocks with an expert-choice MoE every second, one
+/// patch-mixer block.
+pub fn default_model(image_size: usize) -> DitConfig {
     let depth = 4;
     DitConfig {
-        input_size: IMAGE_SIZE / CODEC.factor,
-        patch_size: 2,
+        input_size: image_size / CODEC.factor,
+        patch_size: 1,
         in_channels: CODEC.channels(),
         dim: 64,
         depth,
@@ -410,8 +452,11 @@ pub fn default_model() -> DitConfig {
 /// The architecture trained: `--model`'s or the demo's, without its patch-mixer for the
 /// variant that has none. Its input and caption sizes are the demo data's.
 fn dit_config(opts: &DemoOptions) -> Result<DitConfig> {
-    let mut cfg = opts.model.clone().unwrap_or_else(default_model);
-    let data = (IMAGE_SIZE / CODEC.factor, CODEC.channels(), TEXT_WIDTH);
+    let mut cfg = match &opts.model {
+        Some(model) => model.clone(),
+        None => default_model(opts.image_size),
+    };
+    let data = (opts.image_size / CODEC.factor, CODEC.channels(), TEXT_WIDTH);
     anyhow::ensure!(
         (cfg.input_size, cfg.in_channels, cfg.caption_channels) == data,
         "the demo's data needs input_size {}, in_channels {} and caption_channels {}; the model \
@@ -441,7 +486,7 @@ fn train_config(
         model: model.display().to_string(),
         in_channels: Some(CODEC.channels()),
         data: vec![data.to_path_buf()],
-        latents_column: Some(format!("latents_{IMAGE_SIZE}")),
+        latents_column: Some(format!("latents_{}", opts.image_size)),
         mask_ratio: mask,
         steps,
         global_batch: REPLICA_BATCH * replicas,
@@ -476,7 +521,6 @@ fn stage_configs<B: AutodiffBackend>(
     crate::io::write_atomic(&model, |f| {
         serde_json::to_writer_pretty(f, &dit).map_err(std::io::Error::other)
     })?;
-    pipeline_components().write(&opts.out)?;
     let masks: Vec<(String, f64, f64)> = match opts.variant {
         Variant::Unmasked => vec![("unmasked".into(), 0.0, 1.0)],
         _ => vec![
@@ -560,7 +604,7 @@ fn eval_scenes(opts: &DemoOptions, prompts: usize) -> Vec<(bool, Scene, image::R
     for held_out in [false, true] {
         for i in 0..prompts {
             let stream = i + if held_out { opts.eval_prompts } else { 0 };
-            let (scene, image) = scene_and_image(seed, stream, IMAGE_SIZE, held_out);
+            let (scene, image) = scene_and_image(seed, stream, opts.image_size, held_out);
             all.push((held_out, scene, image));
         }
     }
@@ -568,13 +612,13 @@ fn eval_scenes(opts: &DemoOptions, prompts: usize) -> Vec<(bool, Scene, image::R
 }
 
 /// What `microdit generate` needs to sample a model trained here (`pipeline.json`).
-fn pipeline_components() -> Components {
+fn pipeline_components(image_size: usize) -> Components {
     Components {
         checkpoint: None,
         model: Some(MODEL.into()),
         vae: Some(CODEC.name()),
         text_encoder: Some(TEXT_TOWER.into()),
-        resolution: Some(IMAGE_SIZE),
+        resolution: Some(image_size),
         steps: Some(SAMPLER_STEPS),
         guidance: Some(GUIDANCE),
     }
@@ -641,7 +685,7 @@ fn score(
     // A second draw of real images for the same prompts: the distance's floor at this size.
     let other_real: Vec<Vec<f64>> = (0..scenes.len())
         .map(|i| {
-            features(&scene_and_image(opts.seed.wrapping_add(2), i, IMAGE_SIZE, scenes[i].0).1)
+            features(&scene_and_image(opts.seed.wrapping_add(2), i, opts.image_size, scenes[i].0).1)
         })
         .collect();
     Ok(Scores {
@@ -652,13 +696,13 @@ fn score(
     })
 }
 
-/// Each prompt's generated image beside the generator's own, four times enlarged.
+/// Each prompt's generated image beside the generator's own, enlarged to [`GRID_CELL`] px.
 fn write_grid(
     path: &Path,
     scenes: &[(bool, Scene, image::RgbImage)],
     generated: &[image::RgbImage],
 ) -> Result<()> {
-    let size = IMAGE_SIZE as u32 * 4;
+    let size = GRID_CELL;
     let enlarge = |im: &image::RgbImage| {
         image::imageops::resize(im, size, size, image::imageops::FilterType::Nearest).into_raw()
     };
@@ -681,7 +725,12 @@ fn write_report(
     let mut md = format!(
         "# microdit demo: {:?}\n\nBudget {} min, this run {:.1} min. {} training images ({} px), {} \
          prompts per group.\n\n",
-        opts.variant, opts.minutes, seconds / 60.0, opts.train_images, IMAGE_SIZE, opts.eval_prompts
+        opts.variant,
+        opts.minutes,
+        seconds / 60.0,
+        opts.train_images,
+        opts.image_size,
+        opts.eval_prompts
     );
     for (dir, steps, mask) in trained {
         md += &format!("- {}: {steps} steps, mask ratio {mask}\n", dir.display());

@@ -279,18 +279,24 @@ mod tests {
 
     #[test]
     fn the_scorer_reads_the_generators_own_images() {
-        let mut tally = Tally::default();
-        for i in 0..400 {
-            let (scene, image) = scene_and_image(7, i, 32, i % 2 == 0);
-            tally.add(&judge(&scene, &image));
-        }
-        for (name, (ok, n)) in [
-            ("colour", tally.color),
-            ("shape", tally.shape),
-            ("count", tally.count),
-            ("position", tally.position),
-        ] {
-            assert!(n > 20 && ok as f64 / n as f64 > 0.97, "{name}: {ok}/{n}");
+        // The demo's default size, the smallest it allows, and twice that.
+        for size in [16, 32] {
+            let mut tally = Tally::default();
+            for i in 0..400 {
+                let (scene, image) = scene_and_image(7, i, size, i % 2 == 0);
+                tally.add(&judge(&scene, &image));
+            }
+            for (name, (ok, n)) in [
+                ("colour", tally.color),
+                ("shape", tally.shape),
+                ("count", tally.count),
+                ("position", tally.position),
+            ] {
+                assert!(
+                    n > 20 && ok as f64 / n as f64 > 0.97,
+                    "{size} px, {name}: {ok}/{n}"
+                );
+            }
         }
     }
 }

@@ -182,7 +182,13 @@ pub fn render(scene: &Scene, size: usize, rng: &mut impl Rng) -> RgbImage {
         Scene::Count { object, count } => {
             let r = half_size(size, object.large);
             let mut placed: Vec<(i32, i32)> = Vec::new();
+            let mut tries = 0;
             while placed.len() < *count {
+                // Copies placed early can leave no room for the rest: start again.
+                tries += 1;
+                if tries % 100 == 0 {
+                    placed.clear();
+                }
                 let (x, y) = centre(r, (0, s - 1));
                 // Two pixels of background between copies keep them separate components.
                 if placed
@@ -190,8 +196,10 @@ pub fn render(scene: &Scene, size: usize, rng: &mut impl Rng) -> RgbImage {
                     .all(|(px, py)| (px - x).abs() > 2 * r + 2 || (py - y).abs() > 2 * r + 2)
                 {
                     placed.push((x, y));
-                    draw(&mut image, object, x, y, r);
                 }
+            }
+            for &(x, y) in &placed {
+                draw(&mut image, object, x, y, r);
             }
         }
         Scene::Pair { left, right } => {
