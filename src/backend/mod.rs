@@ -410,10 +410,23 @@ impl<B> AutodiffBackend for B where
 {
 }
 
+/// A float primitive as a tensor of rank `D`, and [`primitive`] back: the seam between
+/// burn's tensor API and the operations of the [`Backend`] extension.
+pub(crate) fn float<B: burn::tensor::backend::Backend, const D: usize>(
+    t: FloatTensor<B>,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+pub(crate) fn primitive<B: burn::tensor::backend::Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
 /// `lhs @ rhs` through [`Backend::matmul`].
 pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
-    let out = B::matmul(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    float(B::matmul(primitive(lhs), primitive(rhs)))
 }
 
 /// A convolution through [`Backend::convolution`].
@@ -424,12 +437,12 @@ pub fn conv2d<B: Backend>(
     options: ConvOptions<2>,
 ) -> Tensor<B, 4> {
     let out = B::convolution(
-        x.into_primitive().tensor(),
-        weight.into_primitive().tensor(),
-        bias.map(|b| b.into_primitive().tensor()),
+        primitive(x),
+        primitive(weight),
+        bias.map(primitive),
         options,
     );
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    float(out)
 }
 
 /// burn's `Conv2d` module applied through [`conv2d`] (through its own forward when its
@@ -451,35 +464,55 @@ pub fn conv2d_module<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B,
 pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) -> Tensor<B, 4> {
     let param = |p: &Option<Param<Tensor<B, 1>>>| {
         let p = p.as_ref().expect("microdit's group norms are affine");
-        p.val().into_primitive().tensor()
+        primitive(p.val())
     };
     let options = GroupNormOptions {
         groups: norm.num_groups,
         epsilon: norm.epsilon,
         silu,
     };
-    let out = B::group_norm(
-        x.into_primitive().tensor(),
+    float(B::group_norm(
+        primitive(x),
         param(&norm.gamma),
         param(&norm.beta),
         options,
-    );
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    ))
 }
 
 /// Pooling through [`Backend::pool2d`].
 pub fn pool2d<B: Backend>(x: Tensor<B, 4>, options: PoolOptions) -> Tensor<B, 4> {
-    let out = B::pool2d(x.into_primitive().tensor(), options);
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    float(B::pool2d(primitive(x), options))
 }
 
 /// `silu(gate) · value` through [`Backend::swiglu`].
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, value: Tensor<B, D>) -> Tensor<B, D> {
-    let out = B::swiglu(
-        gate.into_primitive().tensor(),
-        value.into_primitive().tensor(),
-    );
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    float(B::swiglu(primitive(gate), primitive(value)))
+}
+
+/// AdaLN's `x · (1 + scale) + shift` through [`Backend::modulate`] (one float type).
+pub fn modulate<B: Backend>(
+    x: Tensor<B, 3>,
+    shift: Tensor<B, 2>,
+    scale: Tensor<B, 2>,
+) -> Tensor<B, 3> {
+    float(B::modulate(
+        primitive(x),
+        primitive(shift),
+        primitive(scale),
+    ))
+}
+
+/// `x + gate · branch` through [`Backend::gated_residual`] (one float type).
+pub fn gated_residual<B: Backend>(
+    x: Tensor<B, 3>,
+    gate: Tensor<B, 2>,
+    branch: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    float(B::gated_residual(
+        primitive(x),
+        primitive(gate),
+        primitive(branch),
+    ))
 }
 
 /// [`Backend::top_k_indices`] (not differentiable: the values are only compared).
@@ -494,13 +527,12 @@ pub fn attention<B: Backend>(
     v: Tensor<B, 4>,
     causal: bool,
 ) -> Tensor<B, 4> {
-    let out = B::scaled_dot_attention(
-        q.into_primitive().tensor(),
-        k.into_primitive().tensor(),
-        v.into_primitive().tensor(),
+    float(B::scaled_dot_attention(
+        primitive(q),
+        primitive(k),
+        primitive(v),
         causal,
-    );
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    ))
 }
 
 /// [`attention_unfused`] on primitives, for backends' implementations.

@@ -4,17 +4,9 @@
 //! Each takes tensors of one float type (the model promotes them first).
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::Tensor;
 
-use super::Backend;
-
-fn wrap<B: burn::tensor::backend::Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-fn unwrap<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
+use super::{float, primitive, Backend};
 
 /// A per-sample `t` [B, D] repeated for each of `n` tokens, [B, n, D] in memory.
 /// Broadcasting it instead is slow on the CPU: burn-flex vectorises only broadcasts
@@ -30,9 +22,9 @@ pub fn modulate_unfused<B: Backend>(
     shift: FloatTensor<B>,
     scale: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    let x = wrap::<B, 3>(x);
+    let x = float::<B, 3>(x);
     let n = x.dims()[1];
-    unwrap(x * per_token(wrap(scale) + 1.0, n) + per_token(wrap(shift), n))
+    primitive(x * per_token(float(scale) + 1.0, n) + per_token(float(shift), n))
 }
 
 /// [`Backend::modulate_backward`]'s formulas.
@@ -41,12 +33,12 @@ pub fn modulate_backward_unfused<B: Backend>(
     scale: FloatTensor<B>,
     grad: FloatTensor<B>,
 ) -> [FloatTensor<B>; 3] {
-    let (x, grad) = (wrap::<B, 3>(x), wrap::<B, 3>(grad));
+    let (x, grad) = (float::<B, 3>(x), float::<B, 3>(grad));
     let n = x.dims()[1];
-    let dx = grad.clone() * per_token(wrap(scale) + 1.0, n);
+    let dx = grad.clone() * per_token(float(scale) + 1.0, n);
     let d_shift = grad.clone().sum_dim(1).squeeze_dim::<2>(1);
     let d_scale = (grad * x).sum_dim(1).squeeze_dim::<2>(1);
-    [unwrap(dx), unwrap(d_shift), unwrap(d_scale)]
+    [primitive(dx), primitive(d_shift), primitive(d_scale)]
 }
 
 /// `x + gate · branch`.
@@ -55,9 +47,9 @@ pub fn gated_residual_unfused<B: Backend>(
     gate: FloatTensor<B>,
     branch: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    let branch = wrap::<B, 3>(branch);
+    let branch = float::<B, 3>(branch);
     let n = branch.dims()[1];
-    unwrap(wrap::<B, 3>(x) + branch * per_token(wrap(gate), n))
+    primitive(float::<B, 3>(x) + branch * per_token(float(gate), n))
 }
 
 /// [`Backend::gated_residual_backward`]'s formulas.
@@ -66,9 +58,9 @@ pub fn gated_residual_backward_unfused<B: Backend>(
     branch: FloatTensor<B>,
     grad: FloatTensor<B>,
 ) -> [FloatTensor<B>; 3] {
-    let (branch, grad) = (wrap::<B, 3>(branch), wrap::<B, 3>(grad));
+    let (branch, grad) = (float::<B, 3>(branch), float::<B, 3>(grad));
     let n = branch.dims()[1];
-    let d_branch = grad.clone() * per_token(wrap(gate), n);
+    let d_branch = grad.clone() * per_token(float(gate), n);
     let d_gate = (grad.clone() * branch).sum_dim(1).squeeze_dim::<2>(1);
-    [unwrap(grad), unwrap(d_gate), unwrap(d_branch)]
+    [primitive(grad), primitive(d_gate), primitive(d_branch)]
 }

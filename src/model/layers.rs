@@ -3,10 +3,9 @@
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
-use burn::tensor::TensorPrimitive;
 
 use super::init::{Dist, Init};
-use crate::backend::Backend;
+use crate::backend::{self, Backend};
 use crate::nn::precision::{cast, layer_norm_f32, linear, promote, widest};
 
 /// `nn.LayerNorm(dim, eps, bias=False)`: a learned scale and no shift.
@@ -24,9 +23,8 @@ pub fn modulate<B: Backend>(
     scale: Tensor<B, 2>,
 ) -> Tensor<B, 3> {
     let dtype = widest(&[x.dtype(), shift.dtype(), scale.dtype()]);
-    let [shift, scale] = [shift, scale].map(|t| cast(t, dtype).into_primitive().tensor());
-    let out = B::modulate(cast(x, dtype).into_primitive().tensor(), shift, scale);
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    let [shift, scale] = [shift, scale].map(|t| cast(t, dtype));
+    backend::modulate(cast(x, dtype), shift, scale)
 }
 
 /// The residual update `x + gate * branch` (gate [B, D] per sample), in the wider type.
@@ -36,9 +34,8 @@ pub fn gated_residual<B: Backend>(
     branch: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
     let dtype = widest(&[x.dtype(), gate.dtype(), branch.dtype()]);
-    let [x, branch] = [x, branch].map(|t| cast(t, dtype).into_primitive().tensor());
-    let out = B::gated_residual(x, cast(gate, dtype).into_primitive().tensor(), branch);
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    let [x, branch] = [x, branch].map(|t| cast(t, dtype));
+    backend::gated_residual(x, cast(gate, dtype), branch)
 }
 
 /// `x + branch` in the wider type.
