@@ -174,18 +174,37 @@ fn strip_wrapper_prefix(
     tensors
 }
 
-/// Loads reference weights into `model`, which must have been built from the matching
-/// config. Fails naming every missing, unexpected or wrongly shaped tensor.
-/// Loads reference-named `tensors` into `model`, after checking every name and shape and
-/// listing all problems at once. Tensors are read only here, one at a time, so a file that
-/// holds more than the model (a CLIP file's vision tower) costs no memory for the rest:
-/// pass only the wanted names.
+/// Loads reference-named `tensors` into `model`, after [`check_fits`]. Tensors are read
+/// only here, one at a time, so a file that holds more than the model (a CLIP file's vision
+/// tower) costs no memory for the rest: pass only the wanted names.
 pub fn apply_state_dict<B: Backend, M: ModuleSnapshot<B>>(
     mut model: M,
     tensors: BTreeMap<String, TensorSnapshot>,
     keys: &KeyMap,
 ) -> Result<M> {
-    let expected: BTreeMap<String, Vec<usize>> = reference_snapshots(&model, keys)
+    check_fits(&model, &tensors, keys)?;
+    let snapshots = tensors.into_values().map(as_f32).collect();
+    let (snapshots, _) = remapper(keys.from_reference).remap(snapshots);
+    let result = model.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);
+    if !result.errors.is_empty() || !result.missing.is_empty() {
+        bail!(
+            "applying weights failed: {:?} missing: {:?}",
+            result.errors,
+            result.missing
+        );
+    }
+    Ok(model)
+}
+
+/// Whether reference-named `tensors` fit `model`, which must have been built from the
+/// matching config: fails naming every missing, unexpected or wrongly shaped tensor at
+/// once. Reads only names and shapes.
+pub fn check_fits<B: Backend, M: ModuleSnapshot<B>>(
+    model: &M,
+    tensors: &BTreeMap<String, TensorSnapshot>,
+    keys: &KeyMap,
+) -> Result<()> {
+    let expected: BTreeMap<String, Vec<usize>> = reference_snapshots(model, keys)
         .into_iter()
         .map(|s| (s.full_path(), s.shape.to_vec()))
         .collect();
@@ -213,17 +232,7 @@ pub fn apply_state_dict<B: Backend, M: ModuleSnapshot<B>>(
             problems.join("\n  ")
         );
     }
-    let snapshots = tensors.into_values().map(as_f32).collect();
-    let (snapshots, _) = remapper(keys.from_reference).remap(snapshots);
-    let result = model.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);
-    if !result.errors.is_empty() || !result.missing.is_empty() {
-        bail!(
-            "applying weights failed: {:?} missing: {:?}",
-            result.errors,
-            result.missing
-        );
-    }
-    Ok(model)
+    Ok(())
 }
 
 /// Checkpoints may be stored in half precision; the model computes in f32.

@@ -67,6 +67,18 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
         format!("{refused:#}").contains(&format!("--image-size {DEFAULT_IMAGE_SIZE}")),
         "{refused:#}"
     );
+    // Nor with another architecture, which would leave its dit.json unlike its checkpoints.
+    let dit = std::fs::read(opts.out.join("dit.json")).unwrap();
+    let no_mixer = DemoOptions {
+        variant: Variant::MaskedNoMixer,
+        ..opts.clone()
+    };
+    let refused = run::<Trainable<Cpu>>(&no_mixer, &devices).unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("another architecture"),
+        "{refused:#}"
+    );
+    assert_eq!(std::fs::read(opts.out.join("dit.json")).unwrap(), dit);
 
     // `generate` finds the demo model's text tower and codec in its pipeline.json.
     let png = dir.path().join("red.png");

@@ -211,6 +211,27 @@ fn broken_data_and_unwritable_checkpoints_fail_clearly() {
     assert!(skipped > 0, "{last}");
     std::fs::write(&shard, &bytes).unwrap();
 
+    // Resumed with another architecture: an error naming the checkpoint, not burn's panic.
+    let (code, _) = train(&s, "r6", &["--abort-after-step", "2"]);
+    assert_ne!(code, Some(0), "the run should have been aborted");
+    let mut wider = tiny_model();
+    wider.dim = 48;
+    std::fs::write(
+        s.root.join("wider.json"),
+        serde_json::to_string(&wider).unwrap(),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(s.root.join("stage.toml"))
+        .unwrap()
+        .replace("model.json", "wider.json");
+    std::fs::write(s.root.join("wider.toml"), cfg).unwrap();
+    let (code, log) = train_with(&s, "wider.toml", "r6", &["--resume"]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("another architecture") && log.contains("has shape"),
+        "{log}"
+    );
+
     // The checkpoint cannot be written (something in the way, as a full disk would): the
     // run stops with an error and no half-written checkpoint is left to resume from.
     std::fs::create_dir_all(s.root.join("r4")).unwrap();

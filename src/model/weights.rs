@@ -11,7 +11,9 @@ use burn::prelude::*;
 use burn_store::TensorSnapshot;
 
 use super::dit::MicroDit;
-use crate::state_dict::{apply_state_dict, read_state_dict, reference_tensors, DIT_KEYS};
+use crate::state_dict::{
+    apply_state_dict, check_fits, read_state_dict, reference_tensors, DIT_KEYS,
+};
 
 /// Buffers of the reference state dict: derived from the config here, checked on load.
 const POS_EMBED: &str = "pos_embed";
@@ -21,6 +23,17 @@ pub fn load_weights<B: Backend>(model: MicroDit<B>, path: &Path) -> Result<Micro
     let tensors = read_state_dict(path)?;
     load_state_dict(model, tensors)
         .with_context(|| format!("loading weights from {}", path.display()))
+}
+
+/// Whether the weights at `path` were saved from a model of `model`'s architecture (names
+/// and shapes only; nothing is loaded). A checkpoint's own record format cannot say so
+/// itself: burn panics on a mismatch.
+pub fn check_weights_fit<B: Backend>(model: &MicroDit<B>, path: &Path) -> Result<()> {
+    let mut tensors = denoiser_part(read_state_dict(path)?);
+    tensors.remove(POS_EMBED);
+    tensors.remove(MASK_TOKEN);
+    check_fits(model, &tensors, &DIT_KEYS)
+        .with_context(|| format!("{} was saved from another architecture", path.display()))
 }
 
 pub fn load_state_dict<B: Backend>(

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::optim::{AdamWSettings, Ema, GroupedAdamW};
-use crate::model::weights::{load_weights, save_weights};
+use crate::model::weights::{check_weights_fit, load_weights, save_weights};
 use crate::model::MicroDit;
 use crate::run_dir;
 
@@ -169,6 +169,7 @@ pub fn load<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<Restored<B>> {
     let ctx = || format!("reading checkpoint {}", checkpoint.display());
+    check_weights_fit(&model, &checkpoint.join(run_dir::WEIGHTS)).with_context(ctx)?;
     let model = model.load_record(
         recorder()
             .load(checkpoint.join("model"), device)
