@@ -67,6 +67,16 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
         format!("{refused:#}").contains(&format!("--image-size {DEFAULT_IMAGE_SIZE}")),
         "{refused:#}"
     );
+    // Nor with another seed, whose prompts its text tower and weights were not made for.
+    let reseeded = DemoOptions {
+        seed: opts.seed + 1,
+        ..opts.clone()
+    };
+    let refused = run::<Trainable<Cpu>>(&reseeded, &devices).unwrap_err();
+    assert!(
+        format!("{refused:#}").contains(&format!("--seed {}", opts.seed)),
+        "{refused:#}"
+    );
     // Nor with another architecture, which would leave its dit.json unlike its checkpoints.
     let dit = std::fs::read(opts.out.join("dit.json")).unwrap();
     let no_mixer = DemoOptions {

@@ -231,6 +231,18 @@ fn broken_data_and_unwritable_checkpoints_fail_clearly() {
         log.contains("another architecture") && log.contains("has shape"),
         "{log}"
     );
+    // A next stage of another architecture, carrying the optimiser state: the same.
+    std::fs::write(
+        s.root.join("wider-stage.toml"),
+        std::fs::read_to_string(s.root.join("wider.toml")).unwrap() + "init_from = \"r6\"\n",
+    )
+    .unwrap();
+    let (code, log) = train_with(&s, "wider-stage.toml", "r7", &[]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("initialising from") && log.contains("has shape"),
+        "{log}"
+    );
 
     // The checkpoint cannot be written (something in the way, as a full disk would): the
     // run stops with an error and no half-written checkpoint is left to resume from.

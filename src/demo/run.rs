@@ -19,7 +19,7 @@ use super::shapes::{scene_and_image, Scene};
 use crate::data::sources::ImageCaptionSource;
 use crate::hub::Hub;
 use crate::model::{DitConfig, Precision};
-use crate::pipeline::load::{Components, PIPELINE_FILE};
+use crate::pipeline::load::Components;
 use crate::pipeline::{Sampling, TextToImage};
 use crate::precompute::{precompute, Encoders, PrecomputeOptions};
 use crate::state_dict::{reference_tensors, CLIP_TEXT_KEYS};
@@ -63,6 +63,13 @@ impl DemoOptions {
     pub fn default_sampling() -> Sampling {
         Sampling::heun(SAMPLER_STEPS, GUIDANCE)
     }
+
+    /// Prompts per group for a budget of `minutes`: [`EVAL_PROMPTS`] from ten minutes up,
+    /// fewer in shorter runs so that scoring stays about a twentieth of the budget.
+    pub fn default_eval_prompts(minutes: f64) -> usize {
+        ((minutes * EVAL_PROMPTS as f64 / 10.0).round() as usize)
+            .clamp(MIN_EVAL_PROMPTS, EVAL_PROMPTS)
+    }
 }
 
 /// Images of 16 px: at 32 px the model did not learn shapes in ten minutes (nor in 30), at
@@ -72,8 +79,10 @@ const MIN_IMAGE_SIZE: usize = 16;
 /// 1,024 patches at 64 px: beyond that a CPU step takes seconds.
 const MAX_IMAGE_SIZE: usize = 64;
 const CODEC: SpaceToDepth = SpaceToDepth { factor: 2 };
-/// Files in the demo folder: the denoiser's architecture and the text tower.
+/// Files in the demo folder: the denoiser's architecture, the options the folder was made
+/// with, and the text tower.
 const MODEL: &str = "dit.json";
+const MADE: &str = "demo.json";
 const TEXT_TOWER: &str = "text-tower";
 const TEXT_WIDTH: usize = 64;
 /// Caption tokens: the longest caption ("a yellow circle left of a purple triangle") is 10
@@ -95,6 +104,9 @@ const EVAL_SHARE: f64 = 0.12;
 /// Where in the first stage (shares of its planned steps) the model is scored part-way,
 /// besides the end of every stage.
 const CURVE_POINTS: [f64; 2] = [1.0 / 3.0, 2.0 / 3.0];
+/// The part-way scorings sample the final scoring's prompts divided by this: enough to
+/// show the curve's trend, in a quarter of the time.
+const PART_WAY_PROMPTS_DIVISOR: usize = 4;
 /// Files in the demo folder: the adherence curve and its plot.
 const CURVE: &str = "curve.json";
 const CURVE_PLOT: &str = "adherence.png";
@@ -111,6 +123,12 @@ const SAMPLER_STEPS: usize = 18;
 const GUIDANCE: f64 = 5.0;
 /// Side in pixels of each image in `samples.png` (enlarged without smoothing).
 const GRID_CELL: u32 = 128;
+/// Prompts per group scored at the end of a run of ten minutes or more: with 192 a
+/// group's accuracy is within about ±4 points (a count's, about a quarter of the prompts,
+/// ±7); with 48 the same weights scored up to 13 points apart on another draw of prompts
+/// (docs/DEMO.md). Shorter runs score fewer, at least [`MIN_EVAL_PROMPTS`].
+const EVAL_PROMPTS: usize = 192;
+const MIN_EVAL_PROMPTS: usize = 48;
 /// Prompts sampled together when scoring.
 const EVAL_BATCH: usize = 16;
 
@@ -134,9 +152,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
     let device = devices.first().context("no device given")?;
     let budget = Budget::starting_now(opts.minutes);
     check_image_size(opts)?;
-    check_model(opts)?;
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
+    check_folder(opts)?;
     pipeline_components(opts.image_size).write(&opts.out)?;
     let tower = opts.out.join(TEXT_TOWER);
     let data = opts.out.join("data");
@@ -185,7 +201,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
             if (last_stage && !pauses.contains(&step)) || curve.has(steps_before + step) {
                 return Ok(());
             }
-            let prompts = (opts.eval_prompts / 2).max(1);
+            let prompts = (opts.eval_prompts / PART_WAY_PROMPTS_DIVISOR).max(1);
             let began = Instant::now();
             let scores = evaluate::<B::InnerBackend>(opts, &stage.dir, prompts, None, device)?;
             budget.scored(began.elapsed().as_secs_f64(), prompts, opts.eval_prompts);
@@ -221,8 +237,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
 }
 
 /// A size the shapes fit in (three small copies apart, sides of the image) and the codec
-/// divides; and the folder's own size when it holds a demo already (its `pipeline.json`
-/// says which), so that a resumed run never mixes images of two sizes.
+/// divides.
 fn check_image_size(opts: &DemoOptions) -> Result<()> {
     let size = opts.image_size;
     anyhow::ensure!(
@@ -231,35 +246,67 @@ fn check_image_size(opts: &DemoOptions) -> Result<()> {
          a multiple of {}",
         CODEC.factor
     );
-    let file = opts.out.join(PIPELINE_FILE);
-    if file.is_file() {
-        let made: Components = crate::io::read_json(&file, "a microdit pipeline.json")?;
-        if let Some(made) = made.resolution.filter(|&made| made != size) {
-            anyhow::bail!(
-                "{} holds a demo of {made} px images: resume it with --image-size {made}, or \
-                 give another --out",
-                opts.out.display()
-            );
-        }
-    }
     Ok(())
 }
 
-/// The folder's own architecture when it holds a demo already (its `dit.json`): checked
-/// before anything is written, so that a run with another `--model` or `--variant` neither
-/// overwrites that file nor meets checkpoints it cannot load.
-fn check_model(opts: &DemoOptions) -> Result<()> {
-    let file = opts.out.join(MODEL);
+/// The options a demo folder's images, text tower, shards and evaluation prompts are made
+/// from (`demo.json`): a re-run with others would mix two demos in one folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Made {
+    image_size: usize,
+    train_images: usize,
+    seed: u64,
+}
+
+impl Made {
+    fn of(opts: &DemoOptions) -> Self {
+        Self {
+            image_size: opts.image_size,
+            train_images: opts.train_images,
+            seed: opts.seed,
+        }
+    }
+
+    fn options(&self) -> String {
+        format!(
+            "--image-size {} --train-images {} --seed {}",
+            self.image_size, self.train_images, self.seed
+        )
+    }
+}
+
+/// The folder's own options and architecture when it holds a demo already (its
+/// `demo.json` and `dit.json`): checked before anything is written, so that a re-run with
+/// other options neither overwrites those files nor meets data or checkpoints made for
+/// others. A new folder gets its `demo.json` here.
+fn check_folder(opts: &DemoOptions) -> Result<()> {
+    let resume = "resume it with the options it was made with, or give another --out";
+    let file = opts.out.join(MADE);
+    let asked = Made::of(opts);
     if file.is_file() {
-        let made: DitConfig = crate::io::read_json(&file, "a DiT config")?;
+        let made: Made = crate::io::read_json(&file, "a microdit demo.json")?;
+        anyhow::ensure!(
+            made == asked,
+            "{} holds a demo made with {} ({resume})",
+            opts.out.display(),
+            made.options()
+        );
+    }
+    let model = opts.out.join(MODEL);
+    if model.is_file() {
+        let made: DitConfig = crate::io::read_json(&model, "a DiT config")?;
         anyhow::ensure!(
             made == dit_config(opts)?,
             "{} holds a demo of another architecture (its {MODEL}; another --model or \
-             --variant): resume it with the options it was made with, or give another --out",
+             --variant): {resume}",
             opts.out.display()
         );
     }
-    Ok(())
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    crate::io::write_atomic(&file, |f| {
+        serde_json::to_writer_pretty(f, &asked).map_err(std::io::Error::other)
+    })
 }
 
 /// The wall clock of one demo run: when it ends, how long the final sampling and scoring
@@ -790,7 +837,7 @@ fn write_report(
     md += &format!(
         "\n## Learning\n\nHeld-out accuracy as training went (`{CURVE}`; plotted in \
          `{CURVE_PLOT}`: {}, chance as faint lines; the points before the last are scored on \
-         the first half of the prompts):\n\n{}",
+         the first quarter of the prompts):\n\n{}",
         lines.join(", "),
         curve.table()
     );
@@ -818,6 +865,15 @@ mod tests {
             let caption = Scene::random(&mut rng, k % 2 == 0).caption();
             assert!(!tokenizer.tokenize(&caption).1, "{caption:?} is cut");
         }
+    }
+
+    #[test]
+    fn short_runs_score_fewer_prompts() {
+        let prompts = DemoOptions::default_eval_prompts;
+        assert_eq!(prompts(10.0), EVAL_PROMPTS);
+        assert_eq!(prompts(30.0), EVAL_PROMPTS);
+        assert_eq!(prompts(3.0), 58);
+        assert_eq!(prompts(1.0), MIN_EVAL_PROMPTS);
     }
 
     #[test]

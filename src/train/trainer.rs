@@ -357,11 +357,13 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 Some(ckpt) => ckpt.join(run_dir::WEIGHTS),
                 None => init.clone(),
             };
+            // The weights first: loading them checks the architecture, which the
+            // optimiser's record (moments per parameter id) would not.
+            model = load_weights(model, &weights)
+                .with_context(|| format!("initialising from {}", init.display()))?;
             if let Some(ckpt) = previous.as_ref().filter(|_| cfg.carry_optimizer) {
                 optim = checkpoint::load_optimizer(ckpt, optim, device)?;
             }
-            model = load_weights(model, &weights)
-                .with_context(|| format!("initialising from {}", init.display()))?;
             if rank.is_main() {
                 eprintln!("initialised from {}", weights.display());
             }
