@@ -283,7 +283,8 @@ fn check_folder(opts: &DemoOptions) -> Result<()> {
     let resume = "resume it with the options it was made with, or give another --out";
     let file = opts.out.join(MADE);
     let asked = Made::of(opts);
-    if file.is_file() {
+    let new_folder = !file.is_file();
+    if !new_folder {
         let made: Made = crate::io::read_json(&file, "a microdit demo.json")?;
         anyhow::ensure!(
             made == asked,
@@ -304,9 +305,12 @@ fn check_folder(opts: &DemoOptions) -> Result<()> {
     }
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    crate::io::write_atomic(&file, |f| {
-        serde_json::to_writer_pretty(f, &asked).map_err(std::io::Error::other)
-    })
+    if new_folder {
+        crate::io::write_atomic(&file, |f| {
+            serde_json::to_writer_pretty(f, &asked).map_err(std::io::Error::other)
+        })?;
+    }
+    Ok(())
 }
 
 /// The wall clock of one demo run: when it ends, how long the final sampling and scoring
