@@ -1,7 +1,9 @@
 //! microdit's operations under autodiff, each one node with its own backward: the matrix
 //! product (so the gradients' products are as precise as the forward's), attention
-//! (the inner backend's forward and backward; the probabilities are recomputed, not kept)
-//! and the element-wise chains fused on the CPU: SwiGLU's gated product, AdaLN's
+//! (the inner backend's forward and backward; the probabilities are recomputed, not kept),
+//! the layer norm without a shift (its row statistics recomputed in the backward), exact
+//! GELU (burn's backward is the tanh approximation's) and the element-wise chains fused on
+//! the CPU: SwiGLU's gated product, AdaLN's
 //! modulation and gated residual (one pass each way instead of several operations and
 //! their backwards), which share one node type ([`Chain`]).
 
@@ -118,6 +120,82 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
                 v.primitive,
                 causal,
             )),
+        }
+    }
+
+    fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Gelu;
+
+        impl<B: Backend> Backward<B, 1> for Gelu {
+            /// The checkpointed input.
+            type State = NodeId;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let x = checkpointer.retrieve_node_output(ops.state);
+                let dx = B::gelu_exact_backward(x, grad);
+                register::<B, 1>(ops.parents.map(|p| p.map(|node| node.id)), [dx], grads);
+            }
+        }
+
+        match Gelu
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let id = prep.checkpoint(&x);
+                prep.finish(id, B::gelu_exact(x.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gelu_exact(x.primitive)),
+        }
+    }
+
+    fn scaled_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNorm;
+
+        impl<B: Backend> Backward<B, 2> for LayerNorm {
+            /// The checkpointed x and γ, and ε (the row statistics are recomputed).
+            type State = ([NodeId; 2], f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (ids, epsilon) = ops.state;
+                let [x, gamma] = ids.map(|id| checkpointer.retrieve_node_output(id));
+                let inputs = B::scaled_layer_norm_backward(x, gamma, grad, epsilon);
+                register::<B, _>(ops.parents.map(|p| p.map(|node| node.id)), inputs, grads);
+            }
+        }
+
+        match LayerNorm
+            .prepare::<C>([x.node.clone(), gamma.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&x, &gamma].map(|t| prep.checkpoint(t));
+                let out = B::scaled_layer_norm(x.primitive, gamma.primitive, epsilon);
+                prep.finish((ids, epsilon), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::scaled_layer_norm(x.primitive, gamma.primitive, epsilon))
+            }
         }
     }
 

@@ -23,6 +23,8 @@ pub mod cublas;
 #[cfg(feature = "cuda")]
 pub mod cuda_runtime;
 mod flex;
+pub mod gelu;
+pub mod layer_norm;
 pub mod modulation;
 // cuBLAS's product plans, a pure function tested on the CPU (used by `cublas.rs`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -96,6 +98,41 @@ pub trait Backend: burn::tensor::backend::Backend {
     /// is burn's pools ([`pool2d_unfused`]).
     fn pool2d(x: FloatTensor<Self>, options: PoolOptions) -> FloatTensor<Self> {
         pool2d_unfused::<Self>(x, options)
+    }
+
+    /// GELU with the exact error function, element by element (any shape). The default is
+    /// burn's `gelu` ([`gelu::gelu_exact_unfused`]).
+    fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        gelu::gelu_exact_unfused::<Self>(x)
+    }
+
+    /// The gradient of [`Backend::gelu_exact`], `grad·(Φ(x) + x·φ(x))` (burn's own default
+    /// `gelu_backward` is the tanh approximation's; see [`gelu`]). The default is burn's
+    /// operations.
+    fn gelu_exact_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        gelu::gelu_exact_backward_unfused::<Self>(x, grad)
+    }
+
+    /// LayerNorm over the last dimension with a scale `gamma` and no shift:
+    /// `(x − mean)·(var + ε)^-½·γ`, the biased variance. The default is burn's layer norm
+    /// ([`layer_norm::scaled_layer_norm_unfused`]).
+    fn scaled_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        layer_norm::scaled_layer_norm_unfused::<Self>(x, gamma, epsilon)
+    }
+
+    /// `[dx, d_gamma]` of [`Backend::scaled_layer_norm`] from its output's gradient (the
+    /// formulas in [`layer_norm`]). The default is burn's operations.
+    fn scaled_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> [FloatTensor<Self>; 2] {
+        layer_norm::scaled_layer_norm_backward_unfused::<Self>(x, gamma, grad, epsilon)
     }
 
     /// SwiGLU's gated product `silu(gate) · value`, element by element (one shape). The
@@ -482,6 +519,24 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
 /// Pooling through [`Backend::pool2d`].
 pub fn pool2d<B: Backend>(x: Tensor<B, 4>, options: PoolOptions) -> Tensor<B, 4> {
     float(B::pool2d(primitive(x), options))
+}
+
+/// Exact GELU through [`Backend::gelu_exact`].
+pub fn gelu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    float(B::gelu_exact(primitive(x)))
+}
+
+/// LayerNorm with a scale and no shift through [`Backend::scaled_layer_norm`].
+pub fn scaled_layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    epsilon: f64,
+) -> Tensor<B, D> {
+    float(B::scaled_layer_norm(
+        primitive(x),
+        primitive(gamma),
+        epsilon,
+    ))
 }
 
 /// `silu(gate) · value` through [`Backend::swiglu`].

@@ -1,7 +1,7 @@
 //! Transformer blocks: the AdaLN-modulated DiT block, the caption self-attention block, and
 //! the final layer.
 
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
@@ -10,9 +10,9 @@ use super::config::BlockShape;
 use super::expert_choice::ExpertChoiceFeedForward;
 use super::feed_forward::FeedForward;
 use super::init::{Dist, Init};
-use super::layers::{gated_residual, layer_norm, modulate, residual};
+use super::layers::{gated_residual, layer_norm, modulate, residual, LayerNorm};
 use crate::backend::Backend;
-use crate::nn::precision::{layer_norm_f32, linear};
+use crate::nn::precision::linear;
 use crate::nn::split_last;
 
 /// Every second block swaps its dense feed-forward for experts.
@@ -100,17 +100,14 @@ impl<B: Backend> DitBlock<B> {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
             split_last(linear(&self.ada_ln_modulation, gelu_approximate(c)));
         let attn = self.attn.forward(modulate(
-            layer_norm_f32(&self.norm1, x.clone()),
+            self.norm1.forward(x.clone()),
             shift_msa,
             scale_msa,
         ));
         let x = gated_residual(x, gate_msa, attn);
-        let x = residual(
-            x.clone(),
-            self.cross_attn.forward(layer_norm_f32(&self.norm2, x), y),
-        );
+        let x = residual(x.clone(), self.cross_attn.forward(self.norm2.forward(x), y));
         let ff = self.mlp.forward(modulate(
-            layer_norm_f32(&self.norm3, x.clone()),
+            self.norm3.forward(x.clone()),
             shift_mlp,
             scale_mlp,
         ));
@@ -140,8 +137,8 @@ impl<B: Backend> CaptionBlock<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = residual(x.clone(), self.attn.forward(layer_norm_f32(&self.norm1, x)));
-        residual(x.clone(), self.mlp.forward(layer_norm_f32(&self.norm2, x)))
+        let x = residual(x.clone(), self.attn.forward(self.norm1.forward(x)));
+        residual(x.clone(), self.mlp.forward(self.norm2.forward(x)))
     }
 }
 
@@ -166,7 +163,7 @@ impl<B: Backend> FinalLayer<B> {
         let [shift, scale] = split_last(linear(&self.ada_ln_modulation, gelu_approximate(c)));
         linear(
             &self.linear,
-            modulate(layer_norm_f32(&self.norm_final, x), shift, scale),
+            modulate(self.norm_final.forward(x), shift, scale),
         )
     }
 }

@@ -4,11 +4,10 @@
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 use burn::tensor::{BasicOps, IndexingUpdateOp};
 
 use super::init::{Dist, Init};
-use crate::backend::{top_k_indices, Backend};
+use crate::backend::{gelu_exact, top_k_indices, Backend};
 use crate::nn::precision::{linear, matmul_in_weight_type, promote, softmax_f32};
 
 #[derive(Module, Debug)]
@@ -72,7 +71,7 @@ impl<B: Backend> ExpertChoiceFeedForward<B> {
             .reshape([n * t, d])
             .gather(0, rows.clone())
             .reshape([e, n * k, d]);
-        let h = gelu(matmul_in_weight_type(xin, self.w1.val()));
+        let h = gelu_exact(matmul_in_weight_type(xin, self.w1.val()));
         let h = matmul_in_weight_type(h, self.w2.val()); // [E, N·K, D]
         let (h, weights) = promote(h.reshape([e * n * k, d]), weights);
         Tensor::zeros([n * t, d], (&device, h.dtype()))

@@ -1,19 +1,37 @@
 //! Small pieces shared by the denoiser's modules.
 
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::module::Param;
+use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use super::init::{Dist, Init};
 use crate::backend::{self, Backend};
-use crate::nn::precision::{cast, layer_norm_f32, linear, promote, widest};
+use crate::nn::precision::{cast, linear, promote, to_f32, widest};
 
-/// `nn.LayerNorm(dim, eps, bias=False)`: a learned scale and no shift.
+/// `nn.LayerNorm(dim, eps, bias=False)`: a learned scale and no shift, in f32 (the scale
+/// kept in f32 by [`LowPrecisionCopy`](crate::nn::precision::LowPrecisionCopy)), through
+/// [`backend::scaled_layer_norm`]: one node under autodiff where burn's `LayerNorm` is eight
+/// operations and their backwards. Named and laid out as burn's (`Struct:LayerNorm` with a
+/// `gamma`), so checkpoints and burn-store's PyTorch adapters read it as one.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub gamma: Param<Tensor<B, 1>>,
+    epsilon: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        backend::scaled_layer_norm(to_f32(x), self.gamma.val(), self.epsilon)
+    }
+}
+
+/// A [`LayerNorm`] of width `dim`, its scale at one.
 pub fn layer_norm<B: Backend>(dim: usize, eps: f64, init: &Init<B>) -> LayerNorm<B> {
-    LayerNormConfig::new(dim)
-        .with_epsilon(eps)
-        .with_bias(false)
-        .init(init.device())
+    LayerNorm {
+        gamma: Param::from_tensor(Tensor::ones([dim], init.device())),
+        epsilon: eps,
+    }
 }
 
 /// AdaLN modulation `x * (1 + scale) + shift`, with per-sample `shift`, `scale` of shape [B, D].
@@ -73,7 +91,7 @@ impl<B: Backend> Mlp<B> {
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let h = gelu_approximate(linear(&self.fc1, x));
-        linear(&self.fc2, layer_norm_f32(&self.norm, h))
+        linear(&self.fc2, self.norm.forward(h))
     }
 }
 
@@ -93,6 +111,6 @@ impl<B: Backend> NormLinear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(&self.linear, layer_norm_f32(&self.norm, x))
+        linear(&self.linear, self.norm.forward(x))
     }
 }

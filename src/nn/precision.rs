@@ -4,13 +4,13 @@
 //! is the identity.
 
 use burn::module::{ModuleMapper, Param};
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, FloatDType, TensorPrimitive};
+use burn::tensor::{DType, FloatDType};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{matmul, Backend};
+use crate::backend::{matmul, scaled_layer_norm, Backend};
 
 /// The float type a model computes its products in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -91,27 +91,12 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) ->
     y.reshape(dims)
 }
 
-/// `LayerNorm::forward` in f32 (weights kept in f32 by [`LowPrecisionCopy`]).
-pub fn layer_norm_f32<B: Backend, const D: usize>(
-    norm: &LayerNorm<B>,
-    x: Tensor<B, D>,
-) -> Tensor<B, D> {
-    norm.forward(to_f32(x))
-}
-
 /// LayerNorm without parameters over the last dimension (the q/k norms), in f32: the
-/// backend's layer norm with a scale of ones (exact: x·1 = x), which the CPU computes in
-/// one pass per row instead of one per operation.
+/// layer norm with a scale of ones (exact: x·1 = x).
 pub fn normalize<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
     let x = to_f32(x);
     let ones = Tensor::<B, 1>::ones([x.dims()[D - 1]], (&x.device(), DType::F32));
-    let out = B::layer_norm(
-        x.into_primitive().tensor(),
-        ones.into_primitive().tensor(),
-        None,
-        eps,
-    );
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    scaled_layer_norm(x, ones, eps)
 }
 
 /// Softmax in f32.

@@ -9,11 +9,11 @@ use anyhow::{Context, Result};
 use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::sigmoid;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::backend::attention;
+use crate::backend::{attention, gelu_exact};
 use crate::nn::precision::linear;
 use crate::nn::split_last;
 use crate::state_dict::{apply_state_dict, read_state_dict, CLIP_TEXT_KEYS};
@@ -146,7 +146,7 @@ impl<B: Backend> ClipMlp<B> {
         let h = if self.quick_gelu {
             h.clone() * sigmoid(h * 1.702)
         } else {
-            gelu(h)
+            gelu_exact(h)
         };
         linear(&self.c_proj, h)
     }

@@ -1,6 +1,7 @@
 //! microdit's operations on burn-flex (the CPU backend): AdamW in one pass
 //! ([`adamw`]), convolution as shifted products ([`conv`]), pooling ([`pool`]), a group
-//! norm with SiLU ([`rows`]), SwiGLU's gated product ([`swiglu`]), AdaLN's modulation
+//! norm with SiLU ([`rows`]), the layer norm without a shift and its backward
+//! ([`layer_norm`]), SwiGLU's gated product and exact GELU ([`activation`]), AdaLN's modulation
 //! and gated residual ([`modulation`]) and attention.
 //!
 //! Attention: burn-flex's own attention copies q, k and v to
@@ -17,13 +18,16 @@ use burn::tensor::ops::{ConvOptions, FloatTensor, ModuleOps};
 use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
+mod activation;
 mod adamw;
 mod conv;
+mod layer_norm;
 mod modulation;
 mod pool;
 mod rows;
-mod swiglu;
 
+use super::gelu::{gelu_exact_backward_unfused, gelu_exact_unfused};
+use super::layer_norm::{scaled_layer_norm_backward_unfused, scaled_layer_norm_unfused};
 use super::modulation::{
     gated_residual_backward_unfused, gated_residual_unfused, modulate_backward_unfused,
     modulate_unfused,
@@ -87,6 +91,43 @@ impl Backend for Flex {
         }
     }
 
+    fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match activation::fits(&[&x]) {
+            true => activation::gelu(x),
+            false => gelu_exact_unfused::<Self>(x),
+        }
+    }
+
+    fn gelu_exact_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        match activation::fits(&[&x, &grad]) {
+            true => activation::gelu_backward(x, grad),
+            false => gelu_exact_backward_unfused::<Self>(x, grad),
+        }
+    }
+
+    fn scaled_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        match layer_norm::fits(&[&x], &gamma) {
+            true => layer_norm::forward(x, gamma, epsilon as f32),
+            false => scaled_layer_norm_unfused::<Self>(x, gamma, epsilon),
+        }
+    }
+
+    fn scaled_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> [FloatTensor<Self>; 2] {
+        match layer_norm::fits(&[&x, &grad], &gamma) {
+            true => layer_norm::backward(x, gamma, grad, epsilon as f32),
+            false => scaled_layer_norm_backward_unfused::<Self>(x, gamma, grad, epsilon),
+        }
+    }
+
     fn modulate(
         x: FloatTensor<Self>,
         shift: FloatTensor<Self>,
@@ -132,8 +173,8 @@ impl Backend for Flex {
     }
 
     fn swiglu(gate: FloatTensor<Self>, value: FloatTensor<Self>) -> FloatTensor<Self> {
-        match swiglu::fits(&[&gate, &value]) {
-            true => swiglu::forward(gate, value),
+        match activation::fits(&[&gate, &value]) {
+            true => activation::swiglu(gate, value),
             false => swiglu_unfused::<Self>(gate, value),
         }
     }
@@ -143,8 +184,8 @@ impl Backend for Flex {
         value: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 2] {
-        match swiglu::fits(&[&gate, &value, &grad]) {
-            true => swiglu::backward(gate, value, grad),
+        match activation::fits(&[&gate, &value, &grad]) {
+            true => activation::swiglu_backward(gate, value, grad),
             false => swiglu_backward_unfused::<Self>(gate, value, grad),
         }
     }
