@@ -21,16 +21,27 @@ fn row_starts(layout: &Layout) -> Option<Vec<usize>> {
     if rank == 0 || strides[rank - 1] != 1 || strides.iter().any(|&s| s < 0) {
         return None;
     }
+    let (len, start) = (shape[rank - 1], layout.start_offset());
     let count = shape[..rank - 1].iter().product::<usize>();
-    let starts = (0..count).map(|row| {
-        let (mut rest, mut start) = (row, layout.start_offset());
+    if layout.is_contiguous() {
+        return Some((0..count).map(|row| start + row * len).collect());
+    }
+    // An odometer over the leading dimensions, the last one fastest.
+    let (mut index, mut offset) = (vec![0; rank - 1], start);
+    let mut starts = Vec::with_capacity(count);
+    for _ in 0..count {
+        starts.push(offset);
         for d in (0..rank - 1).rev() {
-            start += rest % shape[d] * strides[d] as usize;
-            rest /= shape[d];
+            index[d] += 1;
+            offset += strides[d] as usize;
+            if index[d] < shape[d] {
+                break;
+            }
+            offset -= index[d] * strides[d] as usize;
+            index[d] = 0;
         }
-        start
-    });
-    Some(starts.collect())
+    }
+    Some(starts)
 }
 
 /// A tensor's rows: its storage and where each row starts (after a contiguous copy when
@@ -129,9 +140,11 @@ pub fn backward(
 
 #[cfg(test)]
 mod tests {
+    use burn::backend::flex::Layout;
     use burn::tensor::ops::ModuleOps;
     use burn::tensor::{Distribution, Tensor, TensorPrimitive};
 
+    use super::row_starts;
     use crate::backend::layer_norm::scaled_layer_norm_backward_unfused;
     use crate::backend::{scaled_layer_norm, Backend, Cpu, Trainable};
 
@@ -183,6 +196,17 @@ mod tests {
             let err = relative_error(ours, burns);
             assert!(err < 2e-6, "output {i}: {err}");
         }
+    }
+
+    /// Rows of a layout whose leading dimensions are swapped, and of a contiguous one.
+    #[test]
+    fn row_starts_follow_the_strides() {
+        let swapped = Layout::new([2, 3, 4].into(), vec![4, 8, 1], 5);
+        assert_eq!(row_starts(&swapped), Some(vec![5, 13, 21, 9, 17, 25]));
+        let contiguous = Layout::contiguous([2, 3, 4].into());
+        assert_eq!(row_starts(&contiguous), Some(vec![0, 4, 8, 12, 16, 20]));
+        let column_strided = Layout::new([3, 4].into(), vec![1, 3], 0);
+        assert_eq!(row_starts(&column_strided), None);
     }
 
     /// The default backward's formulas (what CUDA runs) against this backend's kernel.

@@ -336,7 +336,10 @@ mod tests {
             let want = if x < 0.0 { tail } else { 1.0 - tail };
             let ours = normal_cdf(x) as f64;
             let bound = 2e-7 * (4.0 + (x * x) as f64);
-            assert!(((ours - want) / want).abs() < bound, "{x}: {ours} vs {want}");
+            assert!(
+                ((ours - want) / want).abs() < bound,
+                "{x}: {ours} vs {want}"
+            );
             x += 0.003_7;
         }
     }
