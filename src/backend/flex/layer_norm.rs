@@ -54,11 +54,14 @@ struct Rows {
 
 impl Rows {
     fn of(tensor: FlexTensor) -> Self {
-        let tensor = match row_starts(tensor.layout()) {
-            Some(_) => tensor,
-            None => tensor.to_contiguous(),
+        let (tensor, starts) = match row_starts(tensor.layout()) {
+            Some(starts) => (tensor, starts),
+            None => {
+                let tensor = tensor.to_contiguous();
+                let starts = row_starts(tensor.layout()).expect("a contiguous tensor has rows");
+                (tensor, starts)
+            }
         };
-        let starts = row_starts(tensor.layout()).expect("a contiguous tensor has rows");
         let len = tensor.layout().shape().last().copied().unwrap_or(1);
         Self {
             tensor,

@@ -1,8 +1,8 @@
 //! Row kernels: softmax and its backward (the CPU attention), a group norm with an optional
 //! SiLU (the VAE), a layer norm with a scale and its backward, SwiGLU's gated product and
-//! exact GELU with their backwards. Written so that the compiler vectorises them (independent lanes, no
-//! libm call per element), and compiled for AVX-512 and AVX2 beside the baseline, chosen
-//! at run time as gemm chooses its own.
+//! exact GELU with their backwards. Written so that the compiler vectorises them
+//! (independent lanes, no libm call per element), and compiled for AVX-512 and AVX2 beside
+//! the baseline, chosen at run time as gemm chooses its own.
 
 /// Lanes of the partial maxima and sums: a multiple of every vector width used.
 const LANES: usize = 16;
@@ -105,9 +105,9 @@ fn gelu_backward_row_portable(x: &[f32], grad: &[f32], dx: &mut [f32]) {
 /// The standard normal distribution function `Φ(x) = ½·erfc(−x/√2)`, to a relative error
 /// of about 1e-7·(1 + x²) (the rounding of x² in the exponent) down to x = −12, so GELU's
 /// lower tail keeps its precision where `½(1 + erf)` would cancel: erfc by Numerical
-/// Recipes' Chebyshev fit
-/// (`erfcc`, fractional error below 1.2e-7), `erfc(z) = t·e^(−z² + P(t))` with
-/// `t = 1/(1 + z/2)` for `z = |x|/√2`; branch-free, so it vectorises.
+/// Recipes' Chebyshev fit (`erfcc`, fractional error below 1.2e-7),
+/// `erfc(z) = t·e^(−z² + P(t))` with `t = 1/(1 + z/2)` for `z = |x|/√2`; branch-free, so it
+/// vectorises.
 #[inline(always)]
 fn normal_cdf(x: f32) -> f32 {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
