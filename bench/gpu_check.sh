@@ -5,7 +5,8 @@
 #                                   binaries (`cargo test --release --features cuda-tests
 #                                   --no-run`), strips and xz-compresses microdit and the
 #                                   parity and NCCL test binaries, and packs the fixture sets
-#                                   ($MICRODIT_FIXTURES, default ../shared/fixtures) into DIR
+#                                   (the project's tests/fixtures and $MICRODIT_FIXTURES,
+#                                   default ../shared/fixtures) into DIR
 #                                   (default target/gpu-check; it must stay under 64 MiB).
 #   bench/gpu_check.sh run [DIR]    on the GPU machine, from the repository root (PyTorch
 #                                   installed, no network or Rust needed): parity tests on
@@ -37,7 +38,15 @@ pack() {
     for f in microdit parity frozen_parity nccl; do xz -T0 -6 -f "$dir/$f" & done
     wait
     rm -rf "$dir/fixtures"
-    tar -C "${MICRODIT_FIXTURES:-../shared/fixtures}" -cf - . | xz -T0 -6 >"$dir/fixtures.tar.xz"
+    # One folder of sets: the binaries run away from this checkout, so its own sets go too.
+    local sets
+    sets=$(mktemp -d)
+    cp -r tests/fixtures/. "$sets"
+    local extra
+    IFS=: read -ra extra <<<"${MICRODIT_FIXTURES-../shared/fixtures}"
+    for d in "${extra[@]}"; do [ -d "$d" ] && cp -r "$d"/. "$sets"; done
+    tar -C "$sets" -cf - . | xz -T0 -6 >"$dir/fixtures.tar.xz"
+    rm -rf "$sets"
     rm -f "$log"
     du -sh "$dir"
 }

@@ -173,7 +173,7 @@ fn eval_generates_resumes_shares_work_and_reports() {
     let root = &model.root;
     let set = fixture_sets("fid-inception").remove(0);
     let (_guard, inception) = weights_file(&set, "inception.safetensors");
-    let clip = common::fixture_dirs_with("open_clip_config.json").remove(0);
+    let clip = common::fixture_sets("clip-text").remove(0);
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let run = |args: &[String]| {
         let r = common::microdit_env(args, &[("HF_HUB_OFFLINE", "1".as_ref())]);

@@ -3,7 +3,7 @@
 mod common;
 
 use burn::prelude::*;
-use common::{assert_close, fixture_dirs_with, to_vec, Cases};
+use common::{assert_close, fixture_sets, to_vec, Cases};
 use microdit::backend::{test_device, TestBackend};
 use microdit::hub::Hub;
 use microdit::text::{ClipTextEncoder, ClipTokenizer};
@@ -14,7 +14,7 @@ const TOL: f64 = 1e-4;
 #[test]
 fn clip_text_embeddings_match_open_clip() {
     let dev = test_device();
-    for dir in fixture_dirs_with("open_clip_config.json") {
+    for dir in fixture_sets("clip-text") {
         let hub = Hub::new(dir.join("no-cache"), true);
         let (encoder, _) =
             ClipTextEncoder::<B>::from_source(dir.to_str().unwrap(), &hub, &dev).unwrap();
@@ -50,7 +50,7 @@ fn clip_text_embeddings_match_open_clip() {
 fn vae_encode_and_decode_match_diffusers() {
     use microdit::vae::AutoencoderKl;
     let dev = test_device();
-    for dir in fixture_dirs_with("diffusion_pytorch_model.safetensors") {
+    for dir in fixture_sets("vae") {
         let hub = Hub::new(dir.join("no-cache"), true);
         let (vae, _) =
             AutoencoderKl::<B>::from_source(dir.to_str().unwrap(), None, &hub, &dev).unwrap();

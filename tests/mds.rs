@@ -7,7 +7,7 @@ use microdit::data::MdsDataset;
 
 #[test]
 fn captions_and_arrays_equal_what_was_written() {
-    for set in common::fixture_dirs_with("expected.json") {
+    for set in common::fixture_sets("mds") {
         let expected: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(set.join("expected.json")).unwrap())
                 .unwrap();
@@ -41,6 +41,14 @@ fn captions_and_arrays_equal_what_was_written() {
     }
 }
 
+/// The first `mds` set whose shards are stored uncompressed, more than one of them.
+fn uncompressed_set_of_several_shards() -> std::path::PathBuf {
+    common::fixture_sets("mds")
+        .into_iter()
+        .find(|d| d.join("data/shard.00001.mds").is_file())
+        .expect("an mds set with two or more uncompressed shards")
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -51,10 +59,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 
 #[test]
 fn damaged_datasets_give_errors_that_name_the_file() {
-    let plain = common::fixture_dirs_with("expected.json")
-        .into_iter()
-        .find(|d| d.ends_with("mds-plain"))
-        .unwrap();
+    let plain = uncompressed_set_of_several_shards();
     let tmp = tempfile::tempdir().unwrap();
 
     let missing_index = tmp.path().join("empty");
@@ -93,10 +98,7 @@ fn damaged_datasets_give_errors_that_name_the_file() {
 fn written_datasets_read_back_and_round_trip_through_the_fixture_contents() {
     use microdit::data::mds::{f16_bytes, MdsWriter};
     use microdit::data::Value;
-    let plain = common::fixture_dirs_with("expected.json")
-        .into_iter()
-        .find(|d| d.ends_with("mds-plain"))
-        .unwrap();
+    let plain = uncompressed_set_of_several_shards();
     let source = MdsDataset::open(&plain.join("data")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     for (name, compression) in [("plain", None), ("zstd", Some(3))] {

@@ -19,8 +19,8 @@ use microdit::vae::LatentCodec;
 fn encoders() -> Encoders<Cpu> {
     let device = CpuDevice::default();
     let hub = Hub::new(std::env::temp_dir(), true);
-    let text = common::fixture_dirs_with("open_clip_config.json").remove(0);
-    let vae = common::fixture_dirs_with("diffusion_pytorch_model.safetensors").remove(0);
+    let text = common::fixture_sets("clip-text").remove(0);
+    let vae = common::fixture_sets("vae").remove(0);
     Encoders {
         text: TextEncoder::from_source(text.to_str().unwrap(), &hub, &device).unwrap(),
         images: LatentCodec::load(vae.to_str().unwrap(), &hub, &device).unwrap(),

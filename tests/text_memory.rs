@@ -25,7 +25,7 @@ fn peak_rss() -> u64 {
 
 #[test]
 fn only_text_tensors_are_read() {
-    let dir = common::fixture_dirs_with("open_clip_config.json").remove(0);
+    let dir = common::fixture_sets("clip-text").remove(0);
     let fixture = std::fs::read(dir.join("open_clip_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&fixture).unwrap();
 

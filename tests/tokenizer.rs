@@ -4,24 +4,13 @@ mod common;
 
 use microdit::text::tokenizer::{ClipTokenizer, CONTEXT_LENGTH};
 
-/// Sets under `MICRODIT_FIXTURES`, plus `tests/fixtures/tokenizer-unseen`: prompts chosen to
-/// exercise the clean-up (entities, quotes, widths, ligatures, scripts, emoji), tokenised by
-/// open_clip 3.3.0 with ftfy.
-fn case_dirs() -> Vec<std::path::PathBuf> {
-    let mut dirs = common::fixture_dirs_with("cases.json");
-    dirs.push(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer-unseen"),
-    );
-    dirs
-}
-
 #[test]
 fn token_ids_match_open_clip_exactly() {
     let tok = ClipTokenizer::new();
     assert_eq!(tok.vocab_size(), 49408);
     let mut checked = 0;
     let mut failures = Vec::new();
-    for dir in case_dirs() {
+    for dir in common::fixture_sets("tokenizer") {
         let cases: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
                 .unwrap();

@@ -349,7 +349,16 @@ fn the_expert_learning_rate_scale_applies_to_expert_parameters_only() {
 
 #[test]
 fn preview_grids_are_written_every_few_steps() {
-    let vae = common::fixture_dirs_with("diffusion_pytorch_model.safetensors").remove(0);
+    // A VAE for the training setup's 4-channel latents; its tiles are 8 latents a side.
+    let (vae, vae_cfg) = common::fixture_sets("vae")
+        .into_iter()
+        .map(|dir| {
+            let cfg = microdit::vae::VaeConfig::from_file(&dir.join("config.json")).unwrap();
+            (dir, cfg)
+        })
+        .find(|(_, cfg)| cfg.latent_channels == 4)
+        .expect("a 'vae' set with 4 latent channels");
+    let tile = (8 * vae_cfg.downscale()) as u32;
     let s = setup(&format!(
         "steps = 4\ncheckpoint_every = 4\nsample_every = 2\nsample_steps = 2\nsample_captions = \"captions.safetensors\"\nsample_vae = \"{}\"\n",
         vae.display()
@@ -370,10 +379,10 @@ fn preview_grids_are_written_every_few_steps() {
         let reader = png::Decoder::new(std::io::Cursor::new(png))
             .read_info()
             .unwrap();
-        // Two 16 px tiles (8x8 latents, a VAE that upsamples twice) side by side.
+        // Two tiles side by side.
         assert_eq!(
             (reader.info().width, reader.info().height),
-            (32, 16),
+            (2 * tile, tile),
             "{step}"
         );
     }

@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
 use microdit::backend::Cpu;
@@ -12,8 +13,15 @@ use microdit::state_dict::{reference_tensors, DIT_KEYS};
 
 type B = Cpu;
 
-fn tiny() -> DitConfig {
-    DitConfig::from_file(&common::fixtures_dir().join("dit-tiny/config.json")).unwrap()
+/// Every denoiser fixture set: its folder and configuration.
+fn dit_sets() -> Vec<(PathBuf, DitConfig)> {
+    common::fixture_sets("dit")
+        .into_iter()
+        .map(|dir| {
+            let cfg = DitConfig::from_file(&dir.join("config.json")).unwrap();
+            (dir, cfg)
+        })
+        .collect()
 }
 
 fn values(t: &BTreeMap<String, TensorData>, name: &str) -> Vec<f32> {
@@ -40,10 +48,18 @@ fn init(cfg: &DitConfig, seed: u64) -> BTreeMap<String, TensorData> {
 #[test]
 fn from_scratch_initialisation_follows_the_reference_scheme() {
     let cfg = DitConfig {
+        input_size: 8,
         dim: 256,
+        depth: 4,
         head_dim: 32,
+        caption_channels: 32,
+        qkv_multipliers: vec![1.0],
+        ffn_multipliers: vec![4.0],
+        depth_init: true,
+        use_patch_mixer: true,
+        patch_mixer_depth: 2,
         patch_mixer_dim: 192,
-        ..tiny()
+        ..DitConfig::preset("MicroDiT_XL_2").unwrap()
     };
     let t = init(&cfg, 7);
     for (name, data) in &t {
@@ -93,7 +109,7 @@ fn from_scratch_initialisation_follows_the_reference_scheme() {
 
 #[test]
 fn saved_weights_load_back_identically() {
-    let cfg = tiny();
+    let (_, cfg) = dit_sets().remove(0);
     let device = Default::default();
     let model = MicroDit::<B>::new(&cfg, &mut Init::reference(3, &device));
     let dir = tempfile::tempdir().unwrap();
@@ -119,61 +135,83 @@ fn saved_weights_load_back_identically() {
     );
 }
 
-fn load_error(cfg: &DitConfig, file: &str) -> String {
+fn load_error(cfg: &DitConfig, path: &Path) -> String {
     let device = Default::default();
-    let path = common::fixtures_dir().join(file);
     let model = MicroDit::<B>::new(cfg, &mut Init::empty(&device));
     format!(
         "{:#}",
-        load_weights(model, &path).expect_err("loading should fail")
+        load_weights(model, path).expect_err("loading should fail")
     )
 }
 
 #[test]
 fn a_checkpoint_that_does_not_fit_names_each_problem() {
-    let wider = DitConfig {
-        ffn_multipliers: vec![4.0; 4],
-        ..tiny()
-    };
-    let e = load_error(&wider, "dit-tiny/weights.safetensors");
-    assert!(
-        e.contains(
-            "tensor 'blocks.0.mlp.w1.weight' has shape [32, 64], the model expects [176, 64]"
-        ),
-        "{e}"
-    );
+    let mut with_mixer_maps = 0;
+    for (dir, cfg) in dit_sets() {
+        let weights = dir.join("weights.safetensors");
+        // The last block never holds experts, so its SwiGLU is there in every architecture.
+        let last = cfg.depth - 1;
+        let wider = DitConfig {
+            ffn_multipliers: cfg.ffn_multipliers.iter().map(|m| 2.0 * m).collect(),
+            ..cfg.clone()
+        };
+        let e = load_error(&wider, &weights);
+        let hidden = |c: &DitConfig| c.backbone_blocks()[last].swiglu_hidden();
+        let expected = format!(
+            "tensor 'blocks.{last}.mlp.w1.weight' has shape [{}, {d}], the model expects [{}, {d}]",
+            hidden(&cfg),
+            hidden(&wider),
+            d = cfg.dim
+        );
+        assert!(e.contains(&expected), "{}: {e}", dir.display());
 
-    let with_bias = DitConfig {
-        use_bias: true,
-        ..tiny()
-    };
-    let e = load_error(&with_bias, "dit-tiny/weights.safetensors");
-    assert!(e.contains("missing tensor 'blocks.0.attn.qkv.bias'"), "{e}");
+        let other_bias = DitConfig {
+            use_bias: !cfg.use_bias,
+            ..cfg.clone()
+        };
+        let e = load_error(&other_bias, &weights);
+        let expected = if cfg.use_bias {
+            "unexpected tensor 'blocks.0.attn.qkv.bias'"
+        } else {
+            "missing tensor 'blocks.0.attn.qkv.bias'"
+        };
+        assert!(e.contains(expected), "{}: {e}", dir.display());
 
-    let without_mixer_maps = DitConfig {
-        patch_mixer_dim: 64,
-        ..tiny()
-    };
-    let e = load_error(&without_mixer_maps, "dit-tiny/weights.safetensors");
-    assert!(
-        e.contains("unexpected tensor 'patch_mixer_map_xin.1.weight'"),
-        "{e}"
-    );
+        if cfg.has_mixer_projections() {
+            with_mixer_maps += 1;
+            let without_mixer_maps = DitConfig {
+                patch_mixer_dim: cfg.dim,
+                ..cfg.clone()
+            };
+            let e = load_error(&without_mixer_maps, &weights);
+            assert!(
+                e.contains("unexpected tensor 'patch_mixer_map_xin.1.weight'"),
+                "{}: {e}",
+                dir.display()
+            );
+        }
 
-    let e = load_error(&tiny(), "dit-tiny/missing.safetensors");
-    assert!(e.contains("does not exist"), "{e}");
+        let e = load_error(&cfg, &dir.join("missing.safetensors"));
+        assert!(e.contains("does not exist"), "{e}");
+    }
+    assert!(with_mixer_maps > 0, "no 'dit' set with mixer projections");
 }
 
 #[test]
 fn positions_made_with_another_interpolation_scale_are_refused() {
-    let dir = common::fixtures_dir().join("dit-interp-samedim");
-    let cfg = DitConfig::from_file(&dir.join("config.json")).unwrap();
-    let wrong = DitConfig {
-        pos_interp_scale: 1.0,
-        ..cfg
-    };
-    let e = load_error(&wrong, "dit-interp-samedim/weights.safetensors");
-    assert!(e.contains("pos_interp_scale"), "{e}");
+    for (dir, cfg) in dit_sets() {
+        let other = if cfg.pos_interp_scale == 1.0 {
+            2.0
+        } else {
+            1.0
+        };
+        let wrong = DitConfig {
+            pos_interp_scale: other,
+            ..cfg
+        };
+        let e = load_error(&wrong, &dir.join("weights.safetensors"));
+        assert!(e.contains("pos_interp_scale"), "{}: {e}", dir.display());
+    }
 }
 
 #[test]
@@ -195,7 +233,7 @@ fn configs_load_from_json_and_toml() {
 
 #[test]
 fn whole_latent_diffusion_state_dicts_load_their_denoiser() {
-    let cfg = tiny();
+    let (_, cfg) = dit_sets().remove(0);
     let device = Default::default();
     let model = MicroDit::<B>::new(&cfg, &mut Init::reference(5, &device));
     let mut tensors: BTreeMap<String, TensorData> = reference_tensors(&model, &DIT_KEYS)

@@ -13,42 +13,88 @@ use std::process::Command;
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
-/// `MICRODIT_FIXTURES`, or `../shared/fixtures` beside the project root.
-pub fn fixtures_dir() -> PathBuf {
-    std::env::var_os("MICRODIT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
+/// The folders fixture sets are found in: the project's own (`tests/fixtures`, each
+/// folder below it written by its `make.py`; absent where a test binary runs away from its
+/// checkout), then `MICRODIT_FIXTURES` (folders separated by `:`; set and empty, none), or
+/// else `../shared/fixtures` beside the project root where it exists.
+pub fn fixture_roots() -> Vec<PathBuf> {
+    let project = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let extra: Vec<PathBuf> = match std::env::var_os("MICRODIT_FIXTURES") {
+        Some(list) => std::env::split_paths(&list)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect(),
+        None => Some(project.join("../shared/fixtures"))
+            .filter(|p| p.is_dir())
+            .into_iter()
+            .collect(),
+    };
+    Some(project.join("tests/fixtures"))
+        .filter(|p| p.is_dir())
+        .into_iter()
+        .chain(extra)
+        .collect()
 }
 
-/// Every fixture set whose `config.json` says `"kind": <kind>`, under `MICRODIT_FIXTURES`
-/// and the sets this project makes itself (`tests/fixtures/*/`, each folder by its
-/// `make.py`); panics when there is none, so that a missing fixtures directory fails
-/// instead of passing vacuously.
-pub fn fixture_sets(kind: &str) -> Vec<PathBuf> {
-    let dir = fixtures_dir();
-    let own = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let own_sets = std::fs::read_dir(&own)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .flat_map(|maker| std::fs::read_dir(maker).into_iter().flatten());
-    let mut sets: Vec<PathBuf> = std::fs::read_dir(&dir)
+/// Sets written before their `config.json` named a kind are known by a file of their layout
+/// (`../shared/fixtures/README.md`).
+const KIND_BY_LAYOUT: [(&str, &str); 4] = [
+    ("diffusion_pytorch_model.safetensors", "vae"),
+    ("open_clip_config.json", "clip-text"),
+    ("expected.json", "mds"),
+    ("cases.json", "tokenizer"),
+];
+
+/// What a fixture set holds: its `config.json`'s `"kind"`, or the kind its layout shows.
+fn kind_of(dir: &Path) -> Option<String> {
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    if let Some(kind) = config.as_ref().and_then(|c| c.get("kind")) {
+        return kind.as_str().map(str::to_string);
+    }
+    KIND_BY_LAYOUT
+        .iter()
+        .find(|(file, _)| dir.join(file).is_file())
+        .map(|(_, kind)| kind.to_string())
+}
+
+/// Folders directly under `dir`, sorted.
+fn subfolders(dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("fixtures directory {} unreadable: {e}", dir.display()))
-        .chain(own_sets)
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            std::fs::read_to_string(p.join("config.json"))
-                .ok()
-                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-                .is_some_and(|v| v.get("kind").and_then(|k| k.as_str()) == Some(kind))
-        })
+        .filter(|p| p.is_dir())
         .collect();
-    sets.sort();
+    dirs.sort();
+    dirs
+}
+
+/// Every fixture set of `kind` under [`fixture_roots`]: a root's folders and, a level down,
+/// the sets each maker's folder holds. Panics when there is none, so that a kind without
+/// sets fails instead of passing vacuously.
+pub fn fixture_sets(kind: &str) -> Vec<PathBuf> {
+    let roots = fixture_roots();
+    let sets: Vec<PathBuf> = roots
+        .iter()
+        .flat_map(|root| subfolders(root))
+        .flat_map(|dir| {
+            let below = if kind_of(&dir).is_none() {
+                subfolders(&dir)
+            } else {
+                Vec::new()
+            };
+            std::iter::once(dir).chain(below)
+        })
+        .filter(|dir| kind_of(dir).as_deref() == Some(kind))
+        .collect();
     assert!(
         !sets.is_empty(),
-        "no '{kind}' fixture sets under {} or {}",
-        dir.display(),
-        own.display()
+        "no '{kind}' fixture sets under {}",
+        roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     sets
 }
@@ -167,38 +213,6 @@ pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f64) {
         err < tol,
         "{what}: relative L2 error {err:e} exceeds {tol:e}"
     );
-}
-
-/// Every fixture directory that holds `file`.
-pub fn fixture_dirs_with(file: &str) -> Vec<PathBuf> {
-    let dir = fixtures_dir();
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("fixtures directory {} unreadable: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(file).exists())
-        .collect();
-    dirs.sort();
-    assert!(
-        !dirs.is_empty(),
-        "no fixture set with {file} under {}",
-        dir.display()
-    );
-    dirs
-}
-
-/// Every fixture set whose `config.json` has a top-level `key` (`"dit"`: a denoiser set).
-pub fn fixture_sets_with_key(key: &str) -> Vec<PathBuf> {
-    let sets: Vec<PathBuf> = fixture_dirs_with("config.json")
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(p.join("config.json"))
-                .ok()
-                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-                .is_some_and(|v| v.get(key).is_some())
-        })
-        .collect();
-    assert!(!sets.is_empty(), "no fixture set with a '{key}' config");
-    sets
 }
 
 /// What a run of the `microdit` binary printed and how it ended.

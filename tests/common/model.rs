@@ -35,9 +35,9 @@ pub fn tiny_model() -> TinyModel {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     // Whichever sets come first: every size below is taken from them.
-    let text = super::fixture_dirs_with("open_clip_config.json").remove(0);
-    let vae = super::fixture_dirs_with("diffusion_pytorch_model.safetensors").remove(0);
-    let dit = super::fixture_sets_with_key("dit").remove(0);
+    let text = super::fixture_sets("clip-text").remove(0);
+    let vae = super::fixture_sets("vae").remove(0);
+    let dit = super::fixture_sets("dit").remove(0);
     let width = microdit::text::ClipTextConfig::from_file(&text.join("open_clip_config.json"))
         .unwrap()
         .width;
