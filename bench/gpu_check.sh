@@ -10,7 +10,10 @@
 #                                   (default target/gpu-check; it must stay under 64 MiB).
 #   bench/gpu_check.sh run [DIR]    on the GPU machine, from the repository root (PyTorch
 #                                   installed, no network or Rust needed): parity tests on
-#                                   CUDA, NCCL on one GPU (PyTorch's libnccl), cold and warm
+#                                   CUDA (attention and expert top-k by the embedded Triton
+#                                   cubins), the Triton kernels' tests on the GPU and
+#                                   attention beside SDPA, NCCL on one GPU (PyTorch's
+#                                   libnccl), cold and warm
 #                                   start of an XL training step and of a sampler step,
 #                                   then microdit beside bench/pytorch_bench.py on the same
 #                                   work; one table at the end, also written to
@@ -123,6 +126,23 @@ run() {
         echo "| parity: $test (CUDA, f32) | $passed passed, $failed failed (rc $rc); largest relative L2 error ${worst:-?}; ${took} s |" >>"$rows"
     done
     unset MICRODIT_FIXTURES
+
+    # The Triton kernels' own source on this GPU (compiled by this machine's Triton, the
+    # same source as the cubins the binaries embed), against the tests' float64 references,
+    # then attention beside SDPA.
+    echo "== Triton kernels on the GPU"
+    local start log=$out/kernels.log rc took
+    start=$(date +%s%N)
+    timeout "$(limit 120)" python3 -m pytest -q kernels >"$log" 2>&1
+    rc=$?
+    took=$(since "$start")
+    tail -2 "$log"
+    echo "| Triton kernels' tests on the GPU | $(tail -1 "$log") (rc $rc), ${took} s |" >>"$rows"
+    timeout "$(limit 60)" python3 -m kernels.bench_attention >"$out/attention.log" 2>&1
+    cat "$out/attention.log"
+    while read -r line; do
+        echo "| ${line%%:*} | ${line#*: } |" >>"$rows"
+    done < <(grep "^attention" "$out/attention.log")
 
     for start_kind in cold warm; do
         [ "$start_kind" = cold ] && rm -rf /tmp/microdit-cache

@@ -141,7 +141,7 @@ mod probe {
     }
 
     fn speed(dev: &CudaDevice) {
-        let mode = format!("{:?}", microdit::backend::cublas::mode());
+        let mode = microdit::backend::cublas::mode();
         let shapes: [(usize, usize, usize, usize, bool); 6] = [
             (1, 2048, 1024, 3072, false),
             (1, 8192, 768, 2304, false),

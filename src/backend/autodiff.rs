@@ -1,6 +1,7 @@
 //! microdit's operations under autodiff, each one node with its own backward: the matrix
 //! product (so the gradients' products are as precise as the forward's), attention
-//! (the inner backend's forward and backward; the probabilities are recomputed, not kept),
+//! (the inner backend's forward and backward; the probabilities are recomputed, not kept,
+//! from what the forward saved where it saves anything: FlashAttention's row statistics),
 //! the layer norm without a shift (its row statistics recomputed in the backward), exact
 //! GELU (burn's backward is the tanh approximation's) and the element-wise chains fused on
 //! the CPU: SwiGLU's gated product, AdaLN's
@@ -15,7 +16,7 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Shape, TensorMetadata};
 
-use super::Backend;
+use super::{AttentionSaved, Backend};
 
 impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -87,8 +88,9 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
         struct Attention;
 
         impl<B: Backend> Backward<B, 3> for Attention {
-            /// The checkpointed q, k, v and whether the attention is causal.
-            type State = ([NodeId; 3], bool);
+            /// The checkpointed q, k, v, whether the attention is causal, and what the
+            /// inner backend's forward saved for its backward.
+            type State = ([NodeId; 3], bool, Option<AttentionSaved<B>>);
 
             fn backward(
                 self,
@@ -97,9 +99,9 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
                 checkpointer: &mut Checkpointer,
             ) {
                 let grad = grads.consume::<B>(&ops.node);
-                let (ids, causal) = ops.state;
+                let (ids, causal, saved) = ops.state;
                 let [q, k, v] = ids.map(|id| checkpointer.retrieve_node_output(id));
-                let inputs = B::scaled_dot_attention_backward(q, k, v, grad, causal);
+                let inputs = B::scaled_dot_attention_backward(q, k, v, grad, causal, saved);
                 register::<B, _>(ops.parents.map(|p| p.map(|node| node.id)), inputs, grads);
             }
         }
@@ -111,8 +113,9 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
         {
             OpsKind::Tracked(mut prep) => {
                 let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
-                let out = B::scaled_dot_attention(q.primitive, k.primitive, v.primitive, causal);
-                prep.finish((ids, causal), out)
+                let (out, saved) =
+                    B::scaled_dot_attention_saving(q.primitive, k.primitive, v.primitive, causal);
+                prep.finish((ids, causal, saved), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::scaled_dot_attention(
                 q.primitive,

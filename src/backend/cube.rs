@@ -4,13 +4,18 @@
 //!   accelerated kernels round f32 operands to TF32, a 1e-3 relative error), and a cold
 //!   start that compiles one kernel per strategy and shape class instead of benchmarking
 //!   some thirty candidates for every new shape;
-//! - attention from those products;
+//! - attention and expert-choice top-k by microdit's ahead-of-time Triton kernels
+//!   (`triton_ops.rs`) where a compiled variant serves the call, else attention from those
+//!   products and top-k by burn's sort; exact GELU and SwiGLU's product likewise (one
+//!   kernel each way instead of several of burn's), and the f32 layer norm;
+//! - f32 convolutions as shifted products on cuBLAS (`shifted_conv.rs`), exact where
+//!   burn's use TF32;
 //! - AdamW in one kernel per parameter.
 
 use std::sync::OnceLock;
 
-use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
-use burn::tensor::DType;
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, FloatTensor, IntTensor, ModuleOps};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::attention::{attention as cube_attention, AttentionStrategy};
 use burn_cubecl::kernel::matmul::{init_matmul_output, matmul as cube_matmul, MatmulStrategy};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -32,7 +37,13 @@ use cubecl::{calculate_cube_count_elemwise, tensor_vector_size_parallel};
 
 use cubecl::cuda::CudaRuntime;
 
-use super::{adamw_step_fused_in_f32, attention_unfused_primitive, cublas, AdamWStep, Backend};
+use super::elementwise_plan::Chain;
+use super::shifted_conv::{self, ShiftedConv};
+use super::{
+    adamw_step_fused_in_f32, attention_backward_unfused, attention_unfused_primitive, cublas, gelu,
+    layer_norm, swiglu_backward_unfused, swiglu_unfused, top_k_indices_sorted, triton_ops,
+    AdamWStep, AttentionSaved, Backend,
+};
 
 /// How half-precision products are computed: a fixed tensor-core strategy, or burn's
 /// autotuner (`MICRODIT_MATMUL=autotune`: best kernels, minutes of benchmarking on a cold
@@ -245,12 +256,129 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> Backend
             .expect("matmul kernel")
     }
 
+    fn convolution(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        // In f32 as shifted products on cuBLAS, exact; burn's convolution uses TF32.
+        let dims = |t: &FloatTensor<Self>| <[usize; 4]>::try_from(t.meta.shape().to_vec()).ok();
+        let plan = (x.dtype == DType::F32)
+            .then(|| ShiftedConv::new(dims(&x)?, dims(&weight)?, &options))
+            .flatten();
+        match plan {
+            Some(plan) => {
+                let tensor = |t| Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t));
+                let bias =
+                    bias.map(|b| Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(b)));
+                shifted_conv::conv2d(tensor(x), tensor(weight), bias, &plan)
+                    .into_primitive()
+                    .tensor()
+            }
+            None => <Self as ModuleOps<Self>>::conv2d(x, weight, bias, options),
+        }
+    }
+
+    fn scaled_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        match triton_ops::layer_norm(&x, &gamma, epsilon) {
+            Some(y) => y,
+            None => layer_norm::scaled_layer_norm_unfused::<Self>(x, gamma, epsilon),
+        }
+    }
+
+    fn scaled_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> [FloatTensor<Self>; 2] {
+        match triton_ops::layer_norm_backward(&x, &gamma, grad.clone(), epsilon) {
+            Some(grads) => grads,
+            None => layer_norm::scaled_layer_norm_backward_unfused::<Self>(x, gamma, grad, epsilon),
+        }
+    }
+
+    fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match triton_ops::elementwise(Chain::GeluForward, std::slice::from_ref(&x)) {
+            Some([y]) => y,
+            None => gelu::gelu_exact_unfused::<Self>(x),
+        }
+    }
+
+    fn gelu_exact_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        match triton_ops::elementwise(Chain::GeluBackward, &[x.clone(), grad.clone()]) {
+            Some([dx]) => dx,
+            None => gelu::gelu_exact_backward_unfused::<Self>(x, grad),
+        }
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, value: FloatTensor<Self>) -> FloatTensor<Self> {
+        match triton_ops::elementwise(Chain::SwigluForward, &[gate.clone(), value.clone()]) {
+            Some([out]) => out,
+            None => swiglu_unfused::<Self>(gate, value),
+        }
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        let inputs = [gate.clone(), value.clone(), grad.clone()];
+        match triton_ops::elementwise(Chain::SwigluBackward, &inputs) {
+            Some(grads) => grads,
+            None => swiglu_backward_unfused::<Self>(gate, value, grad),
+        }
+    }
+
+    fn top_k_indices(values: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        match triton_ops::top_k_indices(&values, k) {
+            Some(indices) => indices,
+            None => top_k_indices_sorted::<Self>(values, k),
+        }
+    }
+
+    fn scaled_dot_attention_saving(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        causal: bool,
+    ) -> (FloatTensor<Self>, Option<AttentionSaved<Self>>) {
+        match triton_ops::attention_forward(&q, &k, &v, causal) {
+            Some([out, lse]) => (out.clone(), Some(AttentionSaved { out, lse })),
+            None => (Self::scaled_dot_attention(q, k, v, causal), None),
+        }
+    }
+
+    fn scaled_dot_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        causal: bool,
+        saved: Option<AttentionSaved<Self>>,
+    ) -> [FloatTensor<Self>; 3] {
+        let saved = saved.map(|s| [s.out, s.lse]);
+        match triton_ops::attention_backward(&q, &k, &v, grad.clone(), causal, saved) {
+            Some(grads) => grads,
+            None => attention_backward_unfused::<Self>(q, k, v, grad, causal),
+        }
+    }
+
     fn scaled_dot_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         causal: bool,
     ) -> FloatTensor<Self> {
+        if let Some([out, _]) = triton_ops::attention_forward(&q, &k, &v, causal) {
+            return out;
+        }
         let unfused = |q, k, v| attention_unfused_primitive::<Self>(q, k, v, causal);
         // cubecl's flash attention (half precision only: its inner products use tensor
         // cores) on request; by default the three steps, whose products go to cuBLAS.

@@ -48,17 +48,23 @@ pub fn configure() {
     });
 }
 
-/// GPU `device`'s primary context (the one cubecl uses), made current, and a new
-/// non-blocking stream on it.
-pub fn own_stream(device: usize) -> anyhow::Result<(driver_sys::CUcontext, driver_sys::CUstream)> {
+/// GPU `device`'s primary context (the one cubecl uses), made current.
+pub fn primary_context(device: usize) -> anyhow::Result<driver_sys::CUcontext> {
     use anyhow::Context;
     // SAFETY: plain driver calls; the primary context stays retained for the process.
     unsafe {
         let handle = driver::device::get(device as i32).context("CUDA device")?;
         let context = driver::primary_ctx::retain(handle).context("CUDA primary context")?;
         driver::ctx::set_current(context).context("CUDA context")?;
-        let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking)
-            .context("CUDA stream")?;
-        Ok((context, stream))
+        Ok(context)
     }
+}
+
+/// GPU `device`'s primary context, made current, and a new non-blocking stream on it.
+pub fn own_stream(device: usize) -> anyhow::Result<(driver_sys::CUcontext, driver_sys::CUstream)> {
+    use anyhow::Context;
+    let context = primary_context(device)?;
+    let stream =
+        driver::stream::create(driver::stream::StreamKind::NonBlocking).context("CUDA stream")?;
+    Ok((context, stream))
 }

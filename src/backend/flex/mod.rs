@@ -35,7 +35,7 @@ use super::modulation::{
 use super::{
     adamw_step_fused_in_f32, attention_backward_unfused, attention_module,
     group_norm_unfused_primitive, pool2d_unfused, swiglu_backward_unfused, swiglu_unfused,
-    AdamWStep, Backend, GroupNormOptions, PoolOptions,
+    AdamWStep, AttentionSaved, Backend, GroupNormOptions, PoolOptions,
 };
 use modulation::Sizes;
 use rows::{group_norm_row, softmax_backward_row, softmax_row};
@@ -208,6 +208,7 @@ impl Backend for Flex {
         v: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         causal: bool,
+        _saved: Option<AttentionSaved<Self>>,
     ) -> [FloatTensor<Self>; 3] {
         match Heads::new([&q, &k, &v, &grad], causal) {
             Some(heads) => heads.backward([&q, &k, &v, &grad]),
@@ -711,6 +712,7 @@ mod tests {
                 v.clone(),
                 grad.clone(),
                 causal,
+                None,
             );
             let steps = attention_backward_unfused::<Cpu>(q, k, v, grad, causal);
             for (i, (a, b)) in kernel.into_iter().zip(steps).enumerate() {

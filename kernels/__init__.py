@@ -1,0 +1,1 @@
+"""Triton kernels for microdit's GPU backend (see attention.py, common.py)."""

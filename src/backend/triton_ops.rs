@@ -1,0 +1,283 @@
+//! The CUDA backend's operations on microdit's Triton kernels: FlashAttention-2 forward
+//! and backward (`attention_plan`), expert-choice top-k (`top_k_plan`), and exact GELU and
+//! SwiGLU's gated product each way (`elementwise_plan`), the f32 layer norm without a shift
+//! each way (`layer_norm_plan`). Each returns
+//! `None` where no compiled variant serves the call (or the GPU cannot load it, or
+//! `MICRODIT_TRITON=off`), and the caller keeps burn's operations.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::cuda::CudaRuntime;
+
+use super::attention_plan::{Attention, Heads, Kind};
+use super::elementwise_plan::{Chain, Elementwise};
+use super::launch_plan::TritonKernel;
+use super::layer_norm_plan::{rows_of, LayerNorm};
+use super::stream_order::{self, address};
+use super::top_k_plan::TopK;
+use super::triton;
+
+type Tensor = CubeTensor<CudaRuntime>;
+
+/// The variants `names` of the tensors' GPU, when every one is compiled and loads there.
+fn kernels<const K: usize>(t: &Tensor, names: [String; K]) -> Option<[&'static TritonKernel; K]> {
+    if !triton::enabled() {
+        return None;
+    }
+    let found = names.map(|name| triton::kernel(&name));
+    let all: Vec<&'static TritonKernel> = found.iter().copied().collect::<Option<_>>()?;
+    all.iter()
+        .all(|k| triton::available(t.device.index, k))
+        .then(|| all.try_into().ok())?
+}
+
+fn dtype_name(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F32 => Some("fp32"),
+        DType::BF16 => Some("bf16"),
+        DType::F16 => Some("fp16"),
+        _ => None,
+    }
+}
+
+fn heads(t: &Tensor) -> Option<Heads> {
+    Heads::new(t.meta.shape(), t.meta.strides())
+}
+
+fn plan(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Option<Attention> {
+    let dtype = dtype_name(q.dtype).filter(|_| k.dtype == q.dtype && v.dtype == q.dtype)?;
+    Attention::new(heads(q)?, heads(k)?, heads(v)?, dtype, causal)
+}
+
+fn empty(like: &Tensor, dims: &[usize], dtype: DType) -> Tensor {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(dims.to_vec()),
+        dtype,
+    )
+}
+
+/// `[out, lse]`: `softmax(q kᵀ / √d) v` and its row log-sum-exp (f32 `[B, H, N]`).
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Option<[Tensor; 2]> {
+    let plan = plan(q, k, v, causal)?;
+    let [forward] = kernels(q, [plan.variant(Kind::Forward)])?;
+    let out = empty(q, &plan.out().dims, q.dtype);
+    let lse = empty(q, &plan.rows(), DType::F32);
+    let client = q.client.clone();
+    let [pq, pk, pv, po, pl] = [q, k, v, &out, &lse].map(|t| address(&client, &t.handle));
+    let args = plan.forward_args([pq, pk, pv, po, pl]);
+    stream_order::run(&client, q.device.index, |own| {
+        // SAFETY: the pointers are live allocations of the planned shapes and strides.
+        unsafe {
+            triton::launch(
+                own,
+                q.device.index,
+                forward,
+                plan.grid(Kind::Forward, forward),
+                &args,
+            )
+        }
+    });
+    Some([out, lse])
+}
+
+/// `[dq, dk, dv]` given the output's gradient and the forward's `[out, lse]` (recomputed
+/// when the forward did not keep them).
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: Tensor,
+    causal: bool,
+    saved: Option<[Tensor; 2]>,
+) -> Option<[Tensor; 3]> {
+    let plan = plan(q, k, v, causal)?;
+    let kinds = [
+        Kind::BackwardPreprocess,
+        Kind::BackwardKeys,
+        Kind::BackwardQueries,
+    ];
+    let [preprocess, keys, queries] = kernels(q, kinds.map(|kind| plan.variant(kind)))?;
+    let [out, lse] = match saved {
+        Some(saved) => saved,
+        None => attention_forward(q, k, v, causal)?,
+    };
+    // The kernels read dO and O as dense `[B, H, N, d]`.
+    let (grad, out) = (into_contiguous(grad), into_contiguous(out));
+    let delta = empty(q, &plan.rows(), DType::F32);
+    let dq = empty(q, &plan.out().dims, q.dtype);
+    let [dk, dv] = [k, v].map(|t| empty(t, &plan.keys().dims, q.dtype));
+    let client = q.client.clone();
+    let ptr = |t: &Tensor| address(&client, &t.handle);
+    let (pq, pk, pv, pg, pl, pd) = (ptr(q), ptr(k), ptr(v), ptr(&grad), ptr(&lse), ptr(&delta));
+    let launches = [
+        (
+            preprocess,
+            Kind::BackwardPreprocess,
+            plan.preprocess_args([ptr(&out), pg, pd]),
+        ),
+        (
+            keys,
+            Kind::BackwardKeys,
+            plan.keys_args([pq, pk, pv, pg, pl, pd, ptr(&dk), ptr(&dv)]),
+        ),
+        (
+            queries,
+            Kind::BackwardQueries,
+            plan.queries_args([pq, pk, pv, pg, pl, pd, ptr(&dq)]),
+        ),
+    ];
+    stream_order::run(&client, q.device.index, |own| {
+        for (kernel, kind, args) in &launches {
+            // SAFETY: the pointers are live allocations of the planned shapes and strides;
+            // the launches run in order on one stream (Δ before its readers).
+            unsafe { triton::launch(own, q.device.index, kernel, plan.grid(*kind, kernel), args) }
+        }
+    });
+    // The inputs stay alive until here, past the point where cubecl could reuse them.
+    drop((grad, out, lse, delta));
+    Some([dq, dk, dv])
+}
+
+/// Indices (i32) of the `k` largest values along the last dimension of f32 `values`
+/// `[N, E, T]`, largest first, ties to the smaller index.
+pub fn top_k_indices(values: &Tensor, k: usize) -> Option<Tensor> {
+    if values.dtype != DType::F32 {
+        return None;
+    }
+    let plan = TopK::new(values.meta.shape(), values.meta.strides(), k)?;
+    let [kernel] = kernels(values, [plan.variant()])?;
+    let [n, e, _] = plan.dims;
+    let out = empty(values, &[n, e, k], DType::I32);
+    let client = values.client.clone();
+    let args = plan.args([values, &out].map(|t| address(&client, &t.handle)));
+    stream_order::run(&client, values.device.index, |own| {
+        // SAFETY: the pointers are live allocations of the planned shapes and strides.
+        unsafe { triton::launch(own, values.device.index, kernel, plan.grid(kernel), &args) }
+    });
+    Some(out)
+}
+
+/// `chain` over same-shaped, same-dtype `inputs`: its outputs, dense, in the inputs' shape.
+pub fn elementwise<const O: usize>(chain: Chain, inputs: &[Tensor]) -> Option<[Tensor; O]> {
+    let first = inputs.first()?;
+    let dtype = dtype_name(first.dtype)?;
+    let shape = first.meta.shape().to_vec();
+    let same = inputs
+        .iter()
+        .all(|t| t.dtype == first.dtype && t.meta.shape()[..] == shape[..]);
+    let plan = Elementwise::new(chain, dtype, shape.iter().product())?;
+    if !same || chain.operands() != (inputs.len(), O) {
+        return None;
+    }
+    let [kernel] = kernels(first, [plan.variant()])?;
+    let inputs: Vec<Tensor> = inputs.iter().cloned().map(into_contiguous).collect();
+    let outputs: [Tensor; O] = std::array::from_fn(|_| empty(first, &shape, first.dtype));
+    let client = first.client.clone();
+    let pointers: Vec<u64> = inputs
+        .iter()
+        .chain(&outputs)
+        .map(|t| address(&client, &t.handle))
+        .collect();
+    let args = plan.args(&pointers);
+    stream_order::run(&client, first.device.index, |own| {
+        // SAFETY: the pointers are live dense allocations of `n` elements.
+        unsafe { triton::launch(own, first.device.index, kernel, plan.grid(kernel), &args) }
+    });
+    // The inputs stay alive until here, past the point where cubecl could reuse them.
+    drop(inputs);
+    Some(outputs)
+}
+
+/// `x`'s rows and row stride as the layer norm reads them, making `x` dense when its rows
+/// do not walk with one stride.
+fn rows(x: Tensor) -> (Tensor, usize, usize) {
+    match rows_of(x.meta.shape(), x.meta.strides()) {
+        Some((rows, stride)) => (x, rows, stride),
+        None => {
+            let x = into_contiguous(x);
+            let dims = x.meta.shape().to_vec();
+            let dim = *dims.last().unwrap_or(&1);
+            (x, dims.iter().product::<usize>() / dim.max(1), dim)
+        }
+    }
+}
+
+fn layer_norm_plan(x: &Tensor, gamma: &Tensor, epsilon: f64) -> Option<LayerNorm> {
+    let dim = *x.meta.shape().last()?;
+    let f32 = x.dtype == DType::F32 && gamma.dtype == DType::F32;
+    let rows = x.meta.shape().iter().product::<usize>() / dim.max(1);
+    LayerNorm::new(rows, dim, epsilon).filter(|_| f32 && gamma.meta.shape()[..] == [dim])
+}
+
+/// The f32 layer norm without a shift, `(x − mean)·(var + ε)^-½·γ`, dense in x's shape.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, epsilon: f64) -> Option<Tensor> {
+    let plan = layer_norm_plan(x, gamma, epsilon)?;
+    let [forward] = kernels(x, [LayerNorm::FORWARD.to_string()])?;
+    let (x_rows, _, x_stride) = rows(x.clone());
+    let y = empty(x, x.meta.shape(), DType::F32);
+    let client = x.client.clone();
+    let args = plan.forward_args(
+        [&x_rows, gamma, &y].map(|t| address(&client, &t.handle)),
+        x_stride,
+    );
+    stream_order::run(&client, x.device.index, |own| {
+        // SAFETY: the pointers are live allocations of the planned rows.
+        unsafe { triton::launch(own, x.device.index, forward, plan.grid(forward), &args) }
+    });
+    drop(x_rows);
+    Some(y)
+}
+
+/// `[dx, dγ]` of [`layer_norm`].
+pub fn layer_norm_backward(
+    x: &Tensor,
+    gamma: &Tensor,
+    grad: Tensor,
+    epsilon: f64,
+) -> Option<[Tensor; 2]> {
+    let plan = layer_norm_plan(x, gamma, epsilon)?;
+    if grad.dtype != DType::F32 || grad.meta.shape() != x.meta.shape() {
+        return None;
+    }
+    let names = [LayerNorm::BACKWARD, LayerNorm::SUM].map(str::to_string);
+    let [backward, sum] = kernels(x, names)?;
+    let (x_rows, _, x_stride) = rows(x.clone());
+    let (grad_rows, _, grad_stride) = rows(grad);
+    let dx = empty(x, x.meta.shape(), DType::F32);
+    let partials = plan.partials(backward);
+    let part = empty(x, &partials, DType::F32);
+    let d_gamma = empty(x, &[plan.dim], DType::F32);
+    let client = x.client.clone();
+    let ptr = |t: &Tensor| address(&client, &t.handle);
+    let backward_args = plan.backward_args(
+        [
+            ptr(&x_rows),
+            ptr(gamma),
+            ptr(&grad_rows),
+            ptr(&dx),
+            ptr(&part),
+        ],
+        [x_stride, grad_stride],
+    );
+    let sum_args = plan.sum_args([ptr(&part), ptr(&d_gamma)], partials[1]);
+    stream_order::run(&client, x.device.index, |own| {
+        // SAFETY: the pointers are live allocations of the planned rows and partial sums;
+        // the two launches run in order on one stream.
+        unsafe {
+            triton::launch(
+                own,
+                x.device.index,
+                backward,
+                plan.grid(backward),
+                &backward_args,
+            );
+            triton::launch(own, x.device.index, sum, plan.sum_grid(sum), &sum_args);
+        }
+    });
+    drop((x_rows, grad_rows, part));
+    Some([dx, d_gamma])
+}
