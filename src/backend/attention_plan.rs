@@ -98,7 +98,9 @@ impl Attention {
     pub fn new(q: Heads, k: Heads, v: Heads, dtype: &'static str, causal: bool) -> Option<Self> {
         let [b, h, _, d] = q.dims;
         let same_keys = k.dims == v.dims && k.dims[..2] == [b, h] && k.dims[3] == d;
+        // An empty grid cannot launch: no rows or no keys stay with burn.
         let served = same_keys
+            && q.dims.iter().chain(&k.dims).all(|&n| n > 0)
             && HEAD_DIMS.contains(&d)
             && ["fp32", "bf16"].contains(&dtype)
             && (b * h) < u16::MAX as usize
@@ -317,6 +319,11 @@ mod tests {
         assert!(
             Attention::new(huge, huge, huge, "bf16", false).is_none(),
             "past int32"
+        );
+        let no_keys = Heads::contiguous([1, 2, 0, 64]);
+        assert!(
+            Attention::new(q, no_keys, no_keys, "fp32", false).is_none(),
+            "empty grid"
         );
         let other_keys = Heads::contiguous([1, 2, 16, 32]);
         assert!(Attention::new(q, other_keys, other_keys, "fp32", false).is_none());

@@ -264,7 +264,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> Backend
     ) -> FloatTensor<Self> {
         // In f32 as shifted products on cuBLAS, exact; burn's convolution uses TF32.
         let dims = |t: &FloatTensor<Self>| <[usize; 4]>::try_from(t.meta.shape().to_vec()).ok();
-        let plan = (x.dtype == DType::F32)
+        let plan = (x.dtype == DType::F32 && weight.dtype == DType::F32)
             .then(|| ShiftedConv::new(dims(&x)?, dims(&weight)?, &options))
             .flatten();
         match plan {
@@ -337,10 +337,11 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> Backend
     }
 
     fn top_k_indices(values: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
-        match triton_ops::top_k_indices(&values, k) {
-            Some(indices) => indices,
-            None => top_k_indices_sorted::<Self>(values, k),
-        }
+        // The kernel writes i32 indices: the backend's own integers only when they are i32.
+        let indices = (I::dtype() == DType::I32)
+            .then(|| triton_ops::top_k_indices(&values, k))
+            .flatten();
+        indices.unwrap_or_else(|| top_k_indices_sorted::<Self>(values, k))
     }
 
     fn scaled_dot_attention_saving(

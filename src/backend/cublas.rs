@@ -97,6 +97,18 @@ pub fn matmul(lhs: Tensor, rhs: Tensor) -> Option<Tensor> {
     }
     let client = out.client.clone();
     let pointers = [&lhs, &rhs, &out].map(|t| address(&client, &t.handle));
+    // Creating the handle may wait for the device: not inside the handshake.
+    stream_order::prepare(&client, out.device.index, |own| {
+        let stream = own.stream;
+        own.blas.get_or_insert_with(|| {
+            // SAFETY: a cuBLAS handle on a live stream of the current context.
+            unsafe {
+                let handle = blas::create_handle().expect("cuBLAS handle");
+                blas::set_stream(handle, stream as blas_sys::cudaStream_t).expect("cuBLAS stream");
+                handle
+            }
+        });
+    });
     stream_order::run(&client, out.device.index, |own| {
         // SAFETY: the pointers are live cubecl allocations of the checked shapes and
         // strides, ordered against cubecl's stream by `stream_order`.
@@ -113,17 +125,12 @@ pub fn matmul(lhs: Tensor, rhs: Tensor) -> Option<Tensor> {
 /// # Safety
 /// `[lhs, rhs, out]` are live device addresses holding the planned operands.
 unsafe fn gemm_call(
-    own: &mut OwnStream,
+    own: &OwnStream,
     gemm: &Gemm,
     data_type: blas_sys::cudaDataType,
     [lhs, rhs, out]: [u64; 3],
 ) {
-    let stream = own.stream;
-    let handle = *own.blas.get_or_insert_with(|| {
-        let handle = blas::create_handle().expect("cuBLAS handle");
-        blas::set_stream(handle, stream as blas_sys::cudaStream_t).expect("cuBLAS stream");
-        handle
-    });
+    let handle = own.blas.expect("the handle made before the handshake");
     let op = |o: &Operand| {
         if o.transposed {
             blas_sys::cublasOperation_t::CUBLAS_OP_T

@@ -47,7 +47,7 @@ pub struct Elementwise {
 impl Elementwise {
     /// The call, or `None` where no compiled variant serves it.
     pub fn new(chain: Chain, dtype: &'static str, n: usize) -> Option<Self> {
-        let served = ["fp32", "bf16"].contains(&dtype) && n < i32::MAX as usize;
+        let served = ["fp32", "bf16"].contains(&dtype) && n > 0 && n < i32::MAX as usize;
         served.then_some(Self { chain, dtype, n })
     }
 
@@ -105,5 +105,9 @@ mod tests {
             }
         }
         assert!(Elementwise::new(Chain::GeluForward, "fp16", 8).is_none());
+        assert!(
+            Elementwise::new(Chain::GeluForward, "fp32", 0).is_none(),
+            "empty grid"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The host-side arithmetic of launching work on microdit's own CUDA stream, as pure
 //! functions tested on the CPU (no GPU is needed to check them): the handshake's sequence
-//! numbers (`stream_order`), which compiled image of an ahead-of-time Triton kernel a GPU
+//! numbers and their comparison (`stream_order`), which compiled image of an ahead-of-time Triton kernel a GPU
 //! loads, and how a launch's arguments fill the kernel's parameter list.
 
 /// The number after `sequence`, wrapping around and skipping 0 (the flags' initial value).
@@ -137,11 +137,23 @@ mod tests {
         }
     }
 
+    /// Whether a handshake flag holding `flag` has reached `value`, across the wrap of the
+    /// sequence: `flag − value` (mod 2³²) in the lower half. The CPU reference of what both
+    /// handshake kernels in `stream_order` compute: a wait for a number that a later one
+    /// has overtaken (work that panicked before signalling) still ends.
+    fn reached(flag: u32, value: u32) -> bool {
+        flag.wrapping_sub(value) < 1 << 31
+    }
+
     #[test]
     fn the_sequence_wraps_past_zero() {
         assert_eq!(next_sequence(0), 1);
         assert_eq!(next_sequence(41), 42);
         assert_eq!(next_sequence(u32::MAX), 1, "0 is the flags' initial value");
+        assert!(reached(42, 42) && reached(43, 42) && !reached(41, 42));
+        assert!(reached(1, u32::MAX), "past the wrap");
+        assert!(!reached(u32::MAX, 1), "before the wrap");
+        assert!(!reached(0, 1), "the initial value reaches nothing");
     }
 
     /// The parameter types of `function`'s `.entry` in `ptx`, and its `.reqntid` (threads

@@ -39,9 +39,9 @@ mod elementwise_plan;
 mod launch_plan;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod layer_norm_plan;
-// Convolution as shifted cuBLAS products, exact in f32 (CUDA's; tested on the CPU).
 #[cfg(feature = "cuda")]
 pub mod nccl;
+// Convolution as shifted cuBLAS products, exact in f32 (CUDA's; tested on the CPU).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod shifted_conv;
 #[cfg(feature = "cuda")]

@@ -12,9 +12,13 @@
 //!    queues afterwards (a reader of the result, or a new tensor reusing an operand's
 //!    memory) runs before the work has finished.
 //!
-//! Both sides wait for equality, not for "at least": `ready` only ever holds the previous
-//! number or the awaited one (the next number is written after cubecl has seen `done`),
-//! so the sequence may wrap around 2³² (skipping 0, the flags' initial value).
+//! Both sides wait until the flag has reached the number in the sequence's wrapping order
+//! (`flag − number` mod 2³² below 2³¹; `reached` in `launch_plan`'s tests), so the sequence
+//! may wrap around 2³² (skipping 0, the flags' initial value), and a wait whose number a
+//! later one overtook still ends. cubecl's signal is flushed to the GPU at once: its queue
+//! would otherwise hold it back while the own stream's wait spins. Work runs on the
+//! calling thread's cubecl stream's order only: operands another thread wrote must have
+//! been synchronised by then (as before for cuBLAS).
 //!
 //! (The driver's stream memory operations, `cuStreamWaitValue32`, refuse cubecl's
 //! pool-allocated memory, hence the kernels.) `MICRODIT_CUBLAS=sync` orders the two from
@@ -77,7 +81,8 @@ const HANDSHAKE_PTX: &str = r#"
     cvta.to.global.u64 %rd2, %rd1;
 SPIN:
     ld.volatile.global.u32 %r2, [%rd2];
-    setp.ne.u32 %p, %r2, %r1;
+    sub.u32 %r2, %r2, %r1;
+    setp.ge.u32 %p, %r2, 0x80000000;
     @%p bra SPIN;
     ret;
 }
@@ -105,8 +110,9 @@ fn signal(flag: &Array<Atomic<u32>>, value: u32) {
 #[cube(launch)]
 fn wait_for(flag: &Array<Atomic<u32>>, value: u32) {
     if ABSOLUTE_POS == 0 {
+        // The flag minus the value in the lower half (`reached` in `launch_plan`'s tests).
         loop {
-            if Atomic::load(&flag[0]) == value {
+            if Atomic::load(&flag[0]) - value < 0x8000_0000u32 {
                 break;
             }
         }
@@ -138,6 +144,8 @@ impl OwnStream {
         let (context, stream) = super::cuda_runtime::own_stream(index).expect("CUDA stream");
         let word = || client.create_from_slice(u32::as_bytes(&[0]));
         let (ready, done) = (word(), word());
+        // The zeros are uploaded on cubecl's stream: written before the own stream reads.
+        cubecl::future::block_on(client.sync()).expect("device sync");
         let (ready_ptr, done_ptr) = (address(client, &ready), address(client, &done));
         Self {
             stream,
@@ -227,8 +235,23 @@ fn lock(device: &Mutex<OwnStream>) -> MutexGuard<'_, OwnStream> {
     device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `f` with GPU `index`'s own stream locked and its context current, outside any
+/// handshake: for set-up that may wait on the device (a library handle).
+pub fn prepare<T>(
+    client: &ComputeClient<CudaRuntime>,
+    index: usize,
+    f: impl FnOnce(&mut OwnStream) -> T,
+) -> T {
+    let device = device(client, index);
+    let mut own = lock(&device);
+    // SAFETY: the context is live (retained for the process).
+    unsafe { driver::ctx::set_current(own.context).expect("CUDA context") };
+    f(&mut own)
+}
+
 /// Runs `work` on GPU `index`'s own stream (its context current), after everything
-/// `client` queued before and before everything it queues after. `work` only enqueues.
+/// `client` queued before and before everything it queues after. `work` only enqueues:
+/// nothing in it may wait for the device (see [`prepare`]).
 pub fn run<T>(
     client: &ComputeClient<CudaRuntime>,
     index: usize,
@@ -247,6 +270,7 @@ pub fn run<T>(
             unsafe { ArrayArg::from_raw_parts(own.ready.clone(), 1) },
             sequence,
         );
+        client.flush().expect("cubecl flush");
     } else {
         cubecl::future::block_on(client.sync()).expect("device sync");
     }

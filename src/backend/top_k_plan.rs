@@ -19,12 +19,13 @@ pub struct TopK {
 
 impl TopK {
     /// The call, or `None` where no compiled variant serves it (rows longer than the
-    /// largest block, k above the row length, offsets past int32).
+    /// largest block, k above the row length or 0, no rows, offsets past int32).
     pub fn new(dims: &[usize], strides: &[usize], k: usize) -> Option<Self> {
         let dims: [usize; 3] = dims.try_into().ok()?;
         let strides: [usize; 3] = strides.try_into().ok()?;
         let extent: usize = (0..3).map(|i| dims[i].saturating_sub(1) * strides[i]).sum();
-        let served = k <= dims[2]
+        let served = (1..=dims[2]).contains(&k)
+            && dims[0] * dims[1] > 0
             && dims[2] <= BLOCK_TS[BLOCK_TS.len() - 1]
             && extent < i32::MAX as usize
             && dims[0] * dims[1] < i32::MAX as usize;

@@ -95,6 +95,10 @@ pub fn attention_backward(
     saved: Option<[Tensor; 2]>,
 ) -> Option<[Tensor; 3]> {
     let plan = plan(q, k, v, causal)?;
+    // The kernels read dO in the operands' dtype.
+    if grad.dtype != q.dtype {
+        return None;
+    }
     let kinds = [
         Kind::BackwardPreprocess,
         Kind::BackwardKeys,
@@ -210,7 +214,8 @@ fn layer_norm_plan(x: &Tensor, gamma: &Tensor, epsilon: f64) -> Option<LayerNorm
     let dim = *x.meta.shape().last()?;
     let f32 = x.dtype == DType::F32 && gamma.dtype == DType::F32;
     let rows = x.meta.shape().iter().product::<usize>() / dim.max(1);
-    LayerNorm::new(rows, dim, epsilon).filter(|_| f32 && gamma.meta.shape()[..] == [dim])
+    let dense_gamma = gamma.meta.shape()[..] == [dim] && gamma.meta.strides()[..] == [1];
+    LayerNorm::new(rows, dim, epsilon).filter(|_| f32 && dense_gamma)
 }
 
 /// The f32 layer norm without a shift, `(x − mean)·(var + ε)^-½·γ`, dense in x's shape.
