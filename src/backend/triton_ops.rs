@@ -13,7 +13,7 @@ use cubecl::cuda::CudaRuntime;
 
 use super::attention_plan::{Attention, Heads, Kind};
 use super::elementwise_plan::{Chain, Elementwise};
-use super::launch_plan::TritonKernel;
+use super::launch_plan::{Arg, TritonKernel};
 use super::layer_norm_plan::{rows_of, LayerNorm};
 use super::stream_order::{self, address};
 use super::top_k_plan::TopK;
@@ -31,6 +31,29 @@ fn kernels<const K: usize>(t: &Tensor, names: [String; K]) -> Option<[&'static T
     all.iter()
         .all(|k| triton::available(t.device.index, k))
         .then(|| all.try_into().ok())?
+}
+
+/// One launch: a kernel, its grid and its arguments.
+type Launch = (&'static TritonKernel, (u32, u32, u32), Vec<Arg>);
+
+/// Enqueues `launches`, in order, on the own stream of `on`'s GPU, ordered against
+/// cubecl's stream.
+///
+/// # Safety
+/// Every pointer in the arguments is a live allocation of the sizes its kernel reads and
+/// writes, kept alive by the caller until this returns.
+unsafe fn enqueue(on: &Tensor, launches: &[Launch]) {
+    let device = on.device.index;
+    stream_order::run(&on.client, device, |own| {
+        for (kernel, grid, args) in launches {
+            triton::launch(own, device, kernel, *grid, args);
+        }
+    });
+}
+
+/// A tensor's device address (its view's offset included).
+fn pointer(t: &Tensor) -> u64 {
+    address(&t.client, &t.handle)
 }
 
 fn dtype_name(dtype: DType) -> Option<&'static str> {
@@ -66,21 +89,10 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Op
     let [forward] = kernels(q, [plan.variant(Kind::Forward)])?;
     let out = empty(q, &plan.out().dims, q.dtype);
     let lse = empty(q, &plan.rows(), DType::F32);
-    let client = q.client.clone();
-    let [pq, pk, pv, po, pl] = [q, k, v, &out, &lse].map(|t| address(&client, &t.handle));
+    let [pq, pk, pv, po, pl] = [q, k, v, &out, &lse].map(pointer);
     let args = plan.forward_args([pq, pk, pv, po, pl]);
-    stream_order::run(&client, q.device.index, |own| {
-        // SAFETY: the pointers are live allocations of the planned shapes and strides.
-        unsafe {
-            triton::launch(
-                own,
-                q.device.index,
-                forward,
-                plan.grid(Kind::Forward, forward),
-                &args,
-            )
-        }
-    });
+    // SAFETY: the pointers are live allocations of the planned shapes and strides.
+    unsafe { enqueue(q, &[(forward, plan.grid(Kind::Forward, forward), args)]) };
     Some([out, lse])
 }
 
@@ -114,33 +126,35 @@ pub fn attention_backward(
     let delta = empty(q, &plan.rows(), DType::F32);
     let dq = empty(q, &plan.out().dims, q.dtype);
     let [dk, dv] = [k, v].map(|t| empty(t, &plan.keys().dims, q.dtype));
-    let client = q.client.clone();
-    let ptr = |t: &Tensor| address(&client, &t.handle);
-    let (pq, pk, pv, pg, pl, pd) = (ptr(q), ptr(k), ptr(v), ptr(&grad), ptr(&lse), ptr(&delta));
+    let (pq, pk, pv, pg, pl, pd) = (
+        pointer(q),
+        pointer(k),
+        pointer(v),
+        pointer(&grad),
+        pointer(&lse),
+        pointer(&delta),
+    );
     let launches = [
         (
             preprocess,
             Kind::BackwardPreprocess,
-            plan.preprocess_args([ptr(&out), pg, pd]),
+            plan.preprocess_args([pointer(&out), pg, pd]),
         ),
         (
             keys,
             Kind::BackwardKeys,
-            plan.keys_args([pq, pk, pv, pg, pl, pd, ptr(&dk), ptr(&dv)]),
+            plan.keys_args([pq, pk, pv, pg, pl, pd, pointer(&dk), pointer(&dv)]),
         ),
         (
             queries,
             Kind::BackwardQueries,
-            plan.queries_args([pq, pk, pv, pg, pl, pd, ptr(&dq)]),
+            plan.queries_args([pq, pk, pv, pg, pl, pd, pointer(&dq)]),
         ),
     ];
-    stream_order::run(&client, q.device.index, |own| {
-        for (kernel, kind, args) in &launches {
-            // SAFETY: the pointers are live allocations of the planned shapes and strides;
-            // the launches run in order on one stream (Δ before its readers).
-            unsafe { triton::launch(own, q.device.index, kernel, plan.grid(*kind, kernel), args) }
-        }
-    });
+    let launches = launches.map(|(kernel, kind, args)| (kernel, plan.grid(kind, kernel), args));
+    // SAFETY: the pointers are live allocations of the planned shapes and strides; the
+    // launches run in order on one stream (Δ before its readers).
+    unsafe { enqueue(q, &launches) };
     // The inputs stay alive until here, past the point where cubecl could reuse them.
     drop((grad, out, lse, delta));
     Some([dq, dk, dv])
@@ -156,12 +170,9 @@ pub fn top_k_indices(values: &Tensor, k: usize) -> Option<Tensor> {
     let [kernel] = kernels(values, [plan.variant()])?;
     let [n, e, _] = plan.dims;
     let out = empty(values, &[n, e, k], DType::I32);
-    let client = values.client.clone();
-    let args = plan.args([values, &out].map(|t| address(&client, &t.handle)));
-    stream_order::run(&client, values.device.index, |own| {
-        // SAFETY: the pointers are live allocations of the planned shapes and strides.
-        unsafe { triton::launch(own, values.device.index, kernel, plan.grid(kernel), &args) }
-    });
+    let args = plan.args([values, &out].map(pointer));
+    // SAFETY: the pointers are live allocations of the planned shapes and strides.
+    unsafe { enqueue(values, &[(kernel, plan.grid(kernel), args)]) };
     Some(out)
 }
 
@@ -180,17 +191,10 @@ pub fn elementwise<const O: usize>(chain: Chain, inputs: &[Tensor]) -> Option<[T
     let [kernel] = kernels(first, [plan.variant()])?;
     let inputs: Vec<Tensor> = inputs.iter().cloned().map(into_contiguous).collect();
     let outputs: [Tensor; O] = std::array::from_fn(|_| empty(first, &shape, first.dtype));
-    let client = first.client.clone();
-    let pointers: Vec<u64> = inputs
-        .iter()
-        .chain(&outputs)
-        .map(|t| address(&client, &t.handle))
-        .collect();
+    let pointers: Vec<u64> = inputs.iter().chain(&outputs).map(pointer).collect();
     let args = plan.args(&pointers);
-    stream_order::run(&client, first.device.index, |own| {
-        // SAFETY: the pointers are live dense allocations of `n` elements.
-        unsafe { triton::launch(own, first.device.index, kernel, plan.grid(kernel), &args) }
-    });
+    // SAFETY: the pointers are live dense allocations of `n` elements.
+    unsafe { enqueue(first, &[(kernel, plan.grid(kernel), args)]) };
     // The inputs stay alive until here, past the point where cubecl could reuse them.
     drop(inputs);
     Some(outputs)
@@ -224,15 +228,9 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, epsilon: f64) -> Option<Tensor> {
     let [forward] = kernels(x, [LayerNorm::FORWARD.to_string()])?;
     let (x_rows, _, x_stride) = rows(x.clone());
     let y = empty(x, x.meta.shape(), DType::F32);
-    let client = x.client.clone();
-    let args = plan.forward_args(
-        [&x_rows, gamma, &y].map(|t| address(&client, &t.handle)),
-        x_stride,
-    );
-    stream_order::run(&client, x.device.index, |own| {
-        // SAFETY: the pointers are live allocations of the planned rows.
-        unsafe { triton::launch(own, x.device.index, forward, plan.grid(forward), &args) }
-    });
+    let args = plan.forward_args([&x_rows, gamma, &y].map(pointer), x_stride);
+    // SAFETY: the pointers are live allocations of the planned rows.
+    unsafe { enqueue(x, &[(forward, plan.grid(forward), args)]) };
     drop(x_rows);
     Some(y)
 }
@@ -256,33 +254,24 @@ pub fn layer_norm_backward(
     let partials = plan.partials(backward);
     let part = empty(x, &partials, DType::F32);
     let d_gamma = empty(x, &[plan.dim], DType::F32);
-    let client = x.client.clone();
-    let ptr = |t: &Tensor| address(&client, &t.handle);
     let backward_args = plan.backward_args(
         [
-            ptr(&x_rows),
-            ptr(gamma),
-            ptr(&grad_rows),
-            ptr(&dx),
-            ptr(&part),
+            pointer(&x_rows),
+            pointer(gamma),
+            pointer(&grad_rows),
+            pointer(&dx),
+            pointer(&part),
         ],
         [x_stride, grad_stride],
     );
-    let sum_args = plan.sum_args([ptr(&part), ptr(&d_gamma)], partials[1]);
-    stream_order::run(&client, x.device.index, |own| {
-        // SAFETY: the pointers are live allocations of the planned rows and partial sums;
-        // the two launches run in order on one stream.
-        unsafe {
-            triton::launch(
-                own,
-                x.device.index,
-                backward,
-                plan.grid(backward),
-                &backward_args,
-            );
-            triton::launch(own, x.device.index, sum, plan.sum_grid(sum), &sum_args);
-        }
-    });
+    let sum_args = plan.sum_args([pointer(&part), pointer(&d_gamma)], partials[1]);
+    let launches = [
+        (backward, plan.grid(backward), backward_args),
+        (sum, plan.sum_grid(sum), sum_args),
+    ];
+    // SAFETY: the pointers are live allocations of the planned rows and partial sums; the
+    // two launches run in order on one stream.
+    unsafe { enqueue(x, &launches) };
     drop((x_rows, grad_rows, part));
     Some([dx, d_gamma])
 }
