@@ -7,7 +7,8 @@
 //! - attention and expert-choice top-k by microdit's ahead-of-time Triton kernels
 //!   (`triton_ops.rs`) where a compiled variant serves the call, else attention from those
 //!   products and top-k by burn's sort; exact GELU and SwiGLU's product likewise (one
-//!   kernel each way instead of several of burn's), and the f32 layer norm;
+//!   kernel each way instead of several of burn's), the f32 layer norm, AdaLN's
+//!   modulation and the gated residual;
 //! - f32 convolutions as shifted products on cuBLAS (`shifted_conv.rs`), exact where
 //!   burn's use TF32;
 //! - AdamW in one kernel per parameter.
@@ -39,10 +40,11 @@ use cubecl::cuda::CudaRuntime;
 
 use super::elementwise_plan::Chain;
 use super::shifted_conv::{self, ShiftedConv};
+use super::token_plan::TokenChain;
 use super::{
     adamw_step_fused_in_f32, attention_backward_unfused, attention_unfused_primitive, cublas, gelu,
-    layer_norm, swiglu_backward_unfused, swiglu_unfused, top_k_indices_sorted, triton_ops,
-    AdamWStep, AttentionSaved, Backend,
+    layer_norm, modulation, swiglu_backward_unfused, swiglu_unfused, top_k_indices_sorted,
+    triton_ops, AdamWStep, AttentionSaved, Backend,
 };
 
 /// How half-precision products are computed: a fixed tensor-core strategy, or burn's
@@ -300,6 +302,55 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> Backend
         match triton_ops::layer_norm_backward(&x, &gamma, grad.clone(), epsilon) {
             Some(grads) => grads,
             None => layer_norm::scaled_layer_norm_backward_unfused::<Self>(x, gamma, grad, epsilon),
+        }
+    }
+
+    fn modulate(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match triton_ops::token_forward(TokenChain::ModulateForward, [&x, &shift, &scale]) {
+            Some(y) => y,
+            None => modulation::modulate_unfused::<Self>(x, shift, scale),
+        }
+    }
+
+    fn modulate_backward(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        match triton_ops::token_backward(TokenChain::ModulateBackward, [&x, &scale, &grad]) {
+            Some((dx, d_vectors)) => match <[_; 2]>::try_from(d_vectors) {
+                Ok([d_shift, d_scale]) => [dx, d_shift, d_scale],
+                Err(_) => unreachable!("two sums"),
+            },
+            None => modulation::modulate_backward_unfused::<Self>(x, scale, grad),
+        }
+    }
+
+    fn gated_residual(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        branch: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match triton_ops::token_forward(TokenChain::GatedResidualForward, [&x, &gate, &branch]) {
+            Some(y) => y,
+            None => modulation::gated_residual_unfused::<Self>(x, gate, branch),
+        }
+    }
+
+    fn gated_residual_backward(
+        gate: FloatTensor<Self>,
+        branch: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        let inputs = [&gate, &branch, &grad];
+        match triton_ops::token_backward(TokenChain::GatedResidualBackward, inputs) {
+            // dx is the output's gradient itself.
+            Some((d_branch, mut d_gate)) => [grad.clone(), d_gate.remove(0), d_branch],
+            None => modulation::gated_residual_backward_unfused::<Self>(gate, branch, grad),
         }
     }
 

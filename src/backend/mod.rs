@@ -47,6 +47,8 @@ mod shifted_conv;
 #[cfg(feature = "cuda")]
 mod stream_order;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod token_plan;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod top_k_plan;
 #[cfg(feature = "cuda")]
 mod triton;

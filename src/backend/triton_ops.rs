@@ -1,7 +1,8 @@
 //! The CUDA backend's operations on microdit's Triton kernels: FlashAttention-2 forward
 //! and backward (`attention_plan`), expert-choice top-k (`top_k_plan`), and exact GELU and
 //! SwiGLU's gated product each way (`elementwise_plan`), the f32 layer norm without a shift
-//! each way (`layer_norm_plan`). Each returns
+//! each way (`layer_norm_plan`), AdaLN's modulation and the gated residual each way
+//! (`token_plan`). Each returns
 //! `None` where no compiled variant serves the call (or the GPU cannot load it, or
 //! `MICRODIT_TRITON=off`), and the caller keeps burn's operations.
 
@@ -16,6 +17,7 @@ use super::elementwise_plan::{Chain, Elementwise};
 use super::launch_plan::{Arg, TritonKernel};
 use super::layer_norm_plan::{rows_of, LayerNorm};
 use super::stream_order::{self, address};
+use super::token_plan::{TokenChain, Tokens};
 use super::top_k_plan::TopK;
 use super::triton;
 
@@ -274,4 +276,82 @@ pub fn layer_norm_backward(
     unsafe { enqueue(x, &launches) };
     drop((x_rows, grad_rows, part));
     Some([dx, d_gamma])
+}
+
+/// The plan for tokens `x` `[B, N, D]` and per-sample vectors `[B, D]` of one dtype.
+fn tokens_plan(x: &Tensor, vectors: &[&Tensor]) -> Option<Tokens> {
+    let plan = Tokens::new(x.meta.shape(), dtype_name(x.dtype)?)?;
+    let fits = vectors
+        .iter()
+        .all(|v| v.dtype == x.dtype && v.meta.shape()[..] == [plan.batch, plan.dim]);
+    fits.then_some(plan)
+}
+
+/// A token chain's forward from its operands in the kernel's order (modulation: x, shift,
+/// scale; gated residual: x, gate, branch); the result dense in x's shape.
+pub fn token_forward(chain: TokenChain, operands: [&Tensor; 3]) -> Option<Tensor> {
+    let [x, a, b] = operands;
+    let (vectors, tokens) = match chain {
+        TokenChain::ModulateForward => (vec![a, b], vec![]),
+        TokenChain::GatedResidualForward => (vec![a], vec![b]),
+        _ => return None,
+    };
+    let plan = tokens_plan(x, &vectors)?;
+    if tokens
+        .iter()
+        .any(|t| t.dtype != x.dtype || t.meta.shape() != x.meta.shape())
+    {
+        return None;
+    }
+    let [kernel] = kernels(x, [plan.variant(chain)])?;
+    let inputs = operands.map(|t| into_contiguous(t.clone()));
+    let y = empty(x, x.meta.shape(), x.dtype);
+    let pointers: Vec<u64> = inputs.iter().chain([&y]).map(pointer).collect();
+    let args = plan.args(&pointers);
+    // SAFETY: dense allocations of the planned tokens and vectors.
+    unsafe { enqueue(x, &[(kernel, plan.grid(kernel), args)]) };
+    drop(inputs);
+    Some(y)
+}
+
+/// A token chain's backward from `inputs` (modulation: x, scale, grad; gated residual:
+/// gate, branch, grad): the tokens' gradient and the vectors' (`[d_shift, d_scale]`;
+/// `[d_gate]`).
+pub fn token_backward(chain: TokenChain, inputs: [&Tensor; 3]) -> Option<(Tensor, Vec<Tensor>)> {
+    let (tokens, vectors) = match chain {
+        TokenChain::ModulateBackward => (inputs[0], [inputs[1]]),
+        TokenChain::GatedResidualBackward => (inputs[1], [inputs[0]]),
+        _ => return None,
+    };
+    let plan = tokens_plan(tokens, &vectors)?;
+    let grad = inputs[2];
+    if grad.dtype != tokens.dtype || grad.meta.shape() != tokens.meta.shape() {
+        return None;
+    }
+    let [backward, sum] = kernels(tokens, [plan.variant(chain), plan.sum_variant()])?;
+    let inputs = inputs.map(|t| into_contiguous(t.clone()));
+    let d_tokens = empty(tokens, tokens.meta.shape(), tokens.dtype);
+    let partials = plan.partials(chain, backward);
+    let part = empty(tokens, &partials, DType::F32);
+    let d_vectors: Vec<Tensor> = (0..chain.sums())
+        .map(|_| empty(tokens, &[plan.batch, plan.dim], tokens.dtype))
+        .collect();
+    let pointers: Vec<u64> = inputs
+        .iter()
+        .chain([&d_tokens, &part])
+        .map(pointer)
+        .collect();
+    let mut launches = vec![(backward, plan.grid(backward), plan.args(&pointers))];
+    // Each vector's partials are B consecutive groups of the buffer: its own sum.
+    let group_bytes = (plan.batch * partials[1] * plan.dim * 4) as u64;
+    for (k, d_vector) in d_vectors.iter().enumerate() {
+        let part_k = pointer(&part) + k as u64 * group_bytes;
+        let args = plan.sum_args([part_k, pointer(d_vector)], partials[1]);
+        launches.push((sum, plan.sum_grid(sum, plan.batch), args));
+    }
+    // SAFETY: dense allocations of the planned tokens, vectors and partial sums; the
+    // launches run in order on one stream.
+    unsafe { enqueue(tokens, &launches) };
+    drop((inputs, part));
+    Some((d_tokens, d_vectors))
 }
