@@ -8,7 +8,7 @@
 //!   (`triton_ops.rs`) where a compiled variant serves the call, else attention from those
 //!   products and top-k by burn's sort; exact GELU and SwiGLU's product likewise (one
 //!   kernel each way instead of several of burn's), the f32 layer norm, AdaLN's
-//!   modulation and the gated residual;
+//!   modulation, the gated residual and the VAE's group norm (+ SiLU);
 //! - f32 convolutions as shifted products on cuBLAS (`shifted_conv.rs`), exact where
 //!   burn's use TF32;
 //! - AdamW in one kernel per parameter.
@@ -43,8 +43,8 @@ use super::shifted_conv::{self, ShiftedConv};
 use super::token_plan::TokenChain;
 use super::{
     adamw_step_fused_in_f32, attention_backward_unfused, attention_unfused_primitive, cublas, gelu,
-    layer_norm, modulation, swiglu_backward_unfused, swiglu_unfused, top_k_indices_sorted,
-    triton_ops, AdamWStep, AttentionSaved, Backend,
+    group_norm_unfused_primitive, layer_norm, modulation, swiglu_backward_unfused, swiglu_unfused,
+    top_k_indices_sorted, triton_ops, AdamWStep, AttentionSaved, Backend, GroupNormOptions,
 };
 
 /// How half-precision products are computed: a fixed tensor-core strategy, or burn's
@@ -351,6 +351,18 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> Backend
             // dx is the output's gradient itself.
             Some((d_branch, mut d_gate)) => [grad.clone(), d_gate.remove(0), d_branch],
             None => modulation::gated_residual_backward_unfused::<Self>(gate, branch, grad),
+        }
+    }
+
+    fn group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        options: GroupNormOptions,
+    ) -> FloatTensor<Self> {
+        match triton_ops::group_norm(&x, &gamma, &beta, options) {
+            Some(y) => y,
+            None => group_norm_unfused_primitive::<Self>(x, gamma, beta, options),
         }
     }
 

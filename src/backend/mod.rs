@@ -36,6 +36,8 @@ mod attention_plan;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod elementwise_plan;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod group_norm_plan;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod launch_plan;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod layer_norm_plan;

@@ -2,7 +2,7 @@
 //! and backward (`attention_plan`), expert-choice top-k (`top_k_plan`), and exact GELU and
 //! SwiGLU's gated product each way (`elementwise_plan`), the f32 layer norm without a shift
 //! each way (`layer_norm_plan`), AdaLN's modulation and the gated residual each way
-//! (`token_plan`). Each returns
+//! (`token_plan`), the VAE's group norm + SiLU (`group_norm_plan`). Each returns
 //! `None` where no compiled variant serves the call (or the GPU cannot load it, or
 //! `MICRODIT_TRITON=off`), and the caller keeps burn's operations.
 
@@ -14,12 +14,13 @@ use cubecl::cuda::CudaRuntime;
 
 use super::attention_plan::{Attention, Heads, Kind};
 use super::elementwise_plan::{Chain, Elementwise};
+use super::group_norm_plan::GroupNorm;
 use super::launch_plan::{Arg, TritonKernel};
 use super::layer_norm_plan::{rows_of, LayerNorm};
 use super::stream_order::{self, address};
 use super::token_plan::{TokenChain, Tokens};
 use super::top_k_plan::TopK;
-use super::triton;
+use super::{triton, GroupNormOptions};
 
 type Tensor = CubeTensor<CudaRuntime>;
 
@@ -354,4 +355,29 @@ pub fn token_backward(chain: TokenChain, inputs: [&Tensor; 3]) -> Option<(Tensor
     unsafe { enqueue(tokens, &launches) };
     drop((inputs, part));
     Some((d_tokens, d_vectors))
+}
+
+/// The group norm (+ SiLU) of `x` `[B, C, H, W]` with per-channel γ, β, dense in x's shape.
+pub fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    options: GroupNormOptions,
+) -> Option<Tensor> {
+    let plan = GroupNorm::new(x.meta.shape(), options, dtype_name(x.dtype)?)?;
+    let vectors_fit = [gamma, beta]
+        .iter()
+        .all(|v| v.dtype == x.dtype && v.meta.shape()[..] == [plan.channels]);
+    if !vectors_fit {
+        return None;
+    }
+    let [kernel] = kernels(x, [plan.variant()])?;
+    let inputs = [x, gamma, beta].map(|t| into_contiguous(t.clone()));
+    let y = empty(x, x.meta.shape(), x.dtype);
+    let [px, pg, pb] = inputs.each_ref().map(pointer);
+    let args = plan.args([px, pg, pb, pointer(&y)]);
+    // SAFETY: dense allocations of the planned image and per-channel vectors.
+    unsafe { enqueue(x, &[(kernel, plan.grid(kernel), args)]) };
+    drop(inputs);
+    Some(y)
 }
