@@ -106,6 +106,44 @@ pub fn constexpr(kernel: &TritonKernel, name: &str) -> Option<i64> {
         .map(|(_, v)| *v)
 }
 
+/// `sum_partials` of kernels/chains.py: f32 partial sums `[groups, parts, cols]` (one row
+/// per program of a backward) added over `parts` in a fixed order into `[groups, cols]`,
+/// one program per (group, block of columns): reductions without atomics, the same bits
+/// every run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialSums {
+    pub groups: usize,
+    pub parts: usize,
+    pub cols: usize,
+}
+
+impl PartialSums {
+    /// The buffer's dimensions.
+    pub fn dims(&self) -> [usize; 3] {
+        [self.groups, self.parts, self.cols]
+    }
+
+    /// `sum_partials(part, out, parts, cols)`.
+    pub fn args(&self, [part, out]: [u64; 2]) -> Vec<Arg> {
+        let sizes = [self.parts, self.cols].map(|n| Arg::I32(n as i32));
+        [Arg::Pointer(part), Arg::Pointer(out)]
+            .into_iter()
+            .chain(sizes)
+            .collect()
+    }
+
+    pub fn grid(&self, sum: &TritonKernel) -> (u32, u32, u32) {
+        let cols = constexpr(sum, "COLS").expect("the kernel's columns") as usize;
+        (self.groups as u32, blocks(self.cols, cols), 1)
+    }
+
+    /// The same sums over `groups` of the groups only (a buffer holding several vectors'
+    /// partials, one after another).
+    pub fn split(&self, groups: usize) -> Self {
+        Self { groups, ..*self }
+    }
+}
+
 /// `ceil(n / block)`.
 pub fn blocks(n: usize, block: usize) -> u32 {
     n.div_ceil(block.max(1)) as u32

@@ -5,7 +5,7 @@
 //! same bits every run). A pure function, tested on the CPU against the compiled
 //! kernels' parameter lists.
 
-use super::launch_plan::{blocks, constexpr, Arg, TritonKernel};
+use super::launch_plan::{blocks, constexpr, Arg, PartialSums, TritonKernel};
 
 /// `[..., dim]` as `rows` rows `row_stride` elements apart, when its leading dimensions
 /// walk with one stride and each row is dense.
@@ -57,9 +57,13 @@ impl LayerNorm {
         (blocks(self.rows, rows), 1, 1)
     }
 
-    /// `[1, programs, dim]`: the backward's partial sums of `dγ`, one row per program.
-    pub fn partials(&self, backward: &TritonKernel) -> [usize; 3] {
-        [1, self.grid(backward).0 as usize, self.dim]
+    /// The backward's partial sums of `dγ`: one row per program, `[1, programs, dim]`.
+    pub fn partials(&self, backward: &TritonKernel) -> PartialSums {
+        PartialSums {
+            groups: 1,
+            parts: self.grid(backward).0 as usize,
+            cols: self.dim,
+        }
     }
 
     /// `layer_norm_fwd(x, gamma, y, eps, rows, dim, x_stride)`; y dense.
@@ -81,22 +85,6 @@ impl LayerNorm {
         args.push(Arg::F32(self.epsilon));
         args.extend([self.rows, self.dim, x_stride, grad_stride].map(|n| Arg::I32(n as i32)));
         args
-    }
-
-    /// `sum_partials(part, out, parts, cols)` over `[1, parts, dim]`, one program per
-    /// block of columns.
-    pub fn sum_args(&self, [part, out]: [u64; 2], parts: usize) -> Vec<Arg> {
-        vec![
-            Arg::Pointer(part),
-            Arg::Pointer(out),
-            Arg::I32(parts as i32),
-            Arg::I32(self.dim as i32),
-        ]
-    }
-
-    pub fn sum_grid(&self, sum: &TritonKernel) -> (u32, u32, u32) {
-        let cols = constexpr(sum, "COLS").expect("the kernel's columns") as usize;
-        (1, blocks(self.dim, cols), 1)
     }
 }
 
@@ -139,12 +127,12 @@ mod tests {
         );
         pack(forward, &plan.forward_args([1, 2, 3], 3456)).unwrap();
         pack(backward, &plan.backward_args([1, 2, 3, 4, 5], [3456, 1152])).unwrap();
-        let parts = plan.partials(backward)[1];
-        pack(sum, &plan.sum_args([1, 2], parts)).unwrap();
+        let sums = plan.partials(backward);
+        pack(sum, &sums.args([1, 2])).unwrap();
         let rows = constexpr(forward, "ROWS").unwrap() as usize;
         assert_eq!(plan.grid(forward), ((154usize).div_ceil(rows) as u32, 1, 1));
-        assert_eq!(parts, 154usize.div_ceil(rows));
+        assert_eq!(sums.dims(), [1, 154usize.div_ceil(rows), 1152]);
         let cols = constexpr(sum, "COLS").unwrap() as usize;
-        assert_eq!(plan.sum_grid(sum), (1, 1152usize.div_ceil(cols) as u32, 1));
+        assert_eq!(sums.grid(sum), (1, 1152usize.div_ceil(cols) as u32, 1));
     }
 }

@@ -5,7 +5,7 @@
 //! `[K·B, tiles, D]`, which `sum_partials` adds in a fixed order. A pure function, tested
 //! on the CPU against the compiled kernels' parameter lists.
 
-use super::launch_plan::{blocks, constexpr, Arg, TritonKernel};
+use super::launch_plan::{blocks, constexpr, Arg, PartialSums, TritonKernel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenChain {
@@ -80,13 +80,14 @@ impl Tokens {
         )
     }
 
-    /// `[sums·B, tiles, D]`: a backward's partial column sums.
-    pub fn partials(&self, chain: TokenChain, backward: &TritonKernel) -> [usize; 3] {
-        [
-            chain.sums() * self.batch,
-            self.grid(backward).0 as usize,
-            self.dim,
-        ]
+    /// A backward's partial column sums, `[sums·B, tiles, D]`: each vector's B groups one
+    /// after another.
+    pub fn partials(&self, chain: TokenChain, backward: &TritonKernel) -> PartialSums {
+        PartialSums {
+            groups: chain.sums() * self.batch,
+            parts: self.grid(backward).0 as usize,
+            cols: self.dim,
+        }
     }
 
     /// The kernel's pointers in its order, then the token count and width.
@@ -94,22 +95,6 @@ impl Tokens {
         let mut args: Vec<Arg> = pointers.iter().map(|&p| Arg::Pointer(p)).collect();
         args.extend([self.tokens, self.dim].map(|n| Arg::I32(n as i32)));
         args
-    }
-
-    /// `sum_partials(part, out, parts, cols)` over `groups` rows of partials starting at
-    /// `part`, into `[groups, D]` at `out`.
-    pub fn sum_args(&self, [part, out]: [u64; 2], parts: usize) -> Vec<Arg> {
-        vec![
-            Arg::Pointer(part),
-            Arg::Pointer(out),
-            Arg::I32(parts as i32),
-            Arg::I32(self.dim as i32),
-        ]
-    }
-
-    pub fn sum_grid(&self, sum: &TritonKernel, groups: usize) -> (u32, u32, u32) {
-        let cols = constexpr(sum, "COLS").expect("the kernel's columns") as usize;
-        (groups as u32, blocks(self.dim, cols), 1)
     }
 }
 
@@ -146,11 +131,11 @@ mod tests {
                 );
                 assert_eq!(plan.grid(k), grid);
                 if chain.sums() > 0 {
-                    let part = plan.partials(chain, k);
-                    assert_eq!(part, [chain.sums() * 3, grid.0 as usize, 1152]);
+                    let sums = plan.partials(chain, k);
+                    assert_eq!(sums.dims(), [chain.sums() * 3, grid.0 as usize, 1152]);
                     let sum = kernel(&plan.sum_variant());
-                    pack(sum, &plan.sum_args([1, 2], part[1])).unwrap();
-                    assert_eq!(plan.sum_grid(sum, 3).0, 3);
+                    pack(sum, &sums.split(3).args([1, 2])).unwrap();
+                    assert_eq!(sums.split(3).grid(sum).0, 3);
                 }
             }
         }

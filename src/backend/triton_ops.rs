@@ -254,8 +254,8 @@ pub fn layer_norm_backward(
     let (x_rows, _, x_stride) = rows(x.clone());
     let (grad_rows, _, grad_stride) = rows(grad);
     let dx = empty(x, x.meta.shape(), DType::F32);
-    let partials = plan.partials(backward);
-    let part = empty(x, &partials, DType::F32);
+    let sums = plan.partials(backward);
+    let part = empty(x, &sums.dims(), DType::F32);
     let d_gamma = empty(x, &[plan.dim], DType::F32);
     let backward_args = plan.backward_args(
         [
@@ -267,10 +267,10 @@ pub fn layer_norm_backward(
         ],
         [x_stride, grad_stride],
     );
-    let sum_args = plan.sum_args([pointer(&part), pointer(&d_gamma)], partials[1]);
+    let sum_args = sums.args([pointer(&part), pointer(&d_gamma)]);
     let launches = [
         (backward, plan.grid(backward), backward_args),
-        (sum, plan.sum_grid(sum), sum_args),
+        (sum, sums.grid(sum), sum_args),
     ];
     // SAFETY: the pointers are live allocations of the planned rows and partial sums; the
     // two launches run in order on one stream.
@@ -332,8 +332,8 @@ pub fn token_backward(chain: TokenChain, inputs: [&Tensor; 3]) -> Option<(Tensor
     let [backward, sum] = kernels(tokens, [plan.variant(chain), plan.sum_variant()])?;
     let inputs = inputs.map(|t| into_contiguous(t.clone()));
     let d_tokens = empty(tokens, tokens.meta.shape(), tokens.dtype);
-    let partials = plan.partials(chain, backward);
-    let part = empty(tokens, &partials, DType::F32);
+    let sums = plan.partials(chain, backward);
+    let part = empty(tokens, &sums.dims(), DType::F32);
     let d_vectors: Vec<Tensor> = (0..chain.sums())
         .map(|_| empty(tokens, &[plan.batch, plan.dim], tokens.dtype))
         .collect();
@@ -344,11 +344,12 @@ pub fn token_backward(chain: TokenChain, inputs: [&Tensor; 3]) -> Option<(Tensor
         .collect();
     let mut launches = vec![(backward, plan.grid(backward), plan.args(&pointers))];
     // Each vector's partials are B consecutive groups of the buffer: its own sum.
-    let group_bytes = (plan.batch * partials[1] * plan.dim * 4) as u64;
+    let per_vector = sums.split(plan.batch);
+    let vector_bytes = (per_vector.dims().iter().product::<usize>() * 4) as u64;
     for (k, d_vector) in d_vectors.iter().enumerate() {
-        let part_k = pointer(&part) + k as u64 * group_bytes;
-        let args = plan.sum_args([part_k, pointer(d_vector)], partials[1]);
-        launches.push((sum, plan.sum_grid(sum, plan.batch), args));
+        let part_k = pointer(&part) + k as u64 * vector_bytes;
+        let args = per_vector.args([part_k, pointer(d_vector)]);
+        launches.push((sum, per_vector.grid(sum), args));
     }
     // SAFETY: dense allocations of the planned tokens, vectors and partial sums; the
     // launches run in order on one stream.
