@@ -210,15 +210,7 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::launch_plan::pack;
-    use crate::backend::triton_kernels::KERNELS;
-
-    fn kernel(name: &str) -> &'static TritonKernel {
-        KERNELS
-            .iter()
-            .find(|k| k.name == name)
-            .unwrap_or_else(|| panic!("no compiled kernel {name}"))
-    }
+    use crate::backend::launch_plan::{compiled as kernel, pack};
 
     /// q, k and v as the self-attention leaves them: views of one `[B, N, 3·H·d]` projection
     /// split into heads, `[B, H, N, d]` with strides (N·3Hd, d, 3Hd, 1).

@@ -144,6 +144,15 @@ impl PartialSums {
     }
 }
 
+/// The compiled kernel `name` (the launch plans' tests check their calls against it).
+#[cfg(test)]
+pub fn compiled(name: &str) -> &'static TritonKernel {
+    crate::backend::triton_kernels::KERNELS
+        .iter()
+        .find(|k| k.name == name)
+        .unwrap_or_else(|| panic!("no compiled kernel {name}"))
+}
+
 /// `ceil(n / block)`.
 pub fn blocks(n: usize, block: usize) -> u32 {
     n.div_ceil(block.max(1)) as u32

@@ -91,12 +91,7 @@ impl LayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::launch_plan::pack;
-    use crate::backend::triton_kernels::KERNELS;
-
-    fn kernel(name: &str) -> &'static TritonKernel {
-        KERNELS.iter().find(|k| k.name == name).expect("compiled")
-    }
+    use crate::backend::launch_plan::{compiled as kernel, pack};
 
     #[test]
     fn rows_are_read_where_they_lie() {

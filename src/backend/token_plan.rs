@@ -101,12 +101,7 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::launch_plan::pack;
-    use crate::backend::triton_kernels::KERNELS;
-
-    fn kernel(name: &str) -> &'static TritonKernel {
-        KERNELS.iter().find(|k| k.name == name).expect("compiled")
-    }
+    use crate::backend::launch_plan::{compiled as kernel, pack};
 
     #[test]
     fn the_token_chains_take_the_planned_arguments() {

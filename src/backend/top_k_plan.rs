@@ -59,8 +59,7 @@ impl TopK {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::launch_plan::{constexpr, pack};
-    use crate::backend::triton_kernels::KERNELS;
+    use crate::backend::launch_plan::{compiled, constexpr, pack};
 
     #[test]
     fn rows_go_to_the_smallest_block_that_holds_them() {
@@ -69,7 +68,7 @@ mod tests {
             let (n, e) = (3, 8);
             let plan = TopK::new(&[n, e, tokens], &[tokens * e, 1, e], tokens / 4).unwrap();
             let name = plan.variant();
-            let kernel = KERNELS.iter().find(|k| k.name == name).expect("compiled");
+            let kernel = compiled(&name);
             assert_eq!(constexpr(kernel, "BLOCK_T"), Some(block as i64));
             let args = plan.args([1, 2]);
             pack(kernel, &args).unwrap();
