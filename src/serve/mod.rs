@@ -308,25 +308,71 @@ async fn events(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response
         .into_response()
 }
 
-/// The job's current state, then each change, ending after a final state.
+/// Where a job's event stream stands.
+struct Watching {
+    receiver: tokio::sync::watch::Receiver<JobState>,
+    first: bool,
+    /// The last progress sent, `(step, steps)`.
+    progress: Option<(usize, usize)>,
+    /// `done`, held back while the last step is reported first.
+    pending: Option<JobState>,
+}
+
+impl Watching {
+    /// The next state to report, `None` when the job is gone.
+    async fn next(&mut self) -> Option<JobState> {
+        if let Some(done) = self.pending.take() {
+            return Some(done);
+        }
+        if !std::mem::take(&mut self.first) && self.receiver.changed().await.is_err() {
+            return None;
+        }
+        let state = self.receiver.borrow_and_update().clone();
+        // The channel keeps only the newest state, so "done" can overtake the last step's
+        // report: a finished job reports its last step first, whatever the timing.
+        let state = match (&state, self.progress) {
+            (JobState::Done { .. }, Some((step, steps))) if step < steps => {
+                self.pending = Some(state);
+                JobState::Running { step: steps, steps }
+            }
+            _ => state,
+        };
+        if let JobState::Running { step, steps } = state {
+            self.progress = Some((step, steps));
+        }
+        Some(state)
+    }
+}
+
+impl Watching {
+    fn new(receiver: tokio::sync::watch::Receiver<JobState>) -> Self {
+        Self {
+            receiver,
+            first: true,
+            progress: None,
+            pending: None,
+        }
+    }
+}
+
+/// The job's current state, then each change, ending after a final state. Progress
+/// reports may merge (the newest wins), but a job that finishes reports its last step
+/// before `done`.
 fn state_events(
     app: Arc<App>,
     id: String,
     receiver: tokio::sync::watch::Receiver<JobState>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    stream::unfold(Some((receiver, true)), move |next| {
+    stream::unfold(Some(Watching::new(receiver)), move |watching| {
         let (app, id) = (app.clone(), id.clone());
         async move {
-            let (mut receiver, first) = next?;
-            if !first && receiver.changed().await.is_err() {
-                return None;
-            }
-            let state = receiver.borrow_and_update().clone();
+            let mut watching = watching?;
+            let state = watching.next().await?;
             let event = Event::default()
                 .event("state")
                 .json_data(report(&app, &id, &state))
                 .ok()?;
-            let next = (!state.is_final()).then_some((receiver, false));
+            let next = (!state.is_final()).then_some(watching);
             Some((Ok(event), next))
         }
     })
@@ -349,4 +395,42 @@ async fn image(State(app): State<Arc<App>>, Path((id, file)): Path<(String, Stri
         headers.insert(header::CONTENT_DISPOSITION, value);
     }
     (headers, png).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{JobState, Watching};
+
+    /// "done" sent right after the last step (the watch channel keeps only the newest): the
+    /// last step is still reported, then "done"; a cancelled job reports no step it did
+    /// not reach.
+    #[tokio::test]
+    async fn a_finished_job_reports_its_last_step_before_done() {
+        let (sender, receiver) = tokio::sync::watch::channel(JobState::Queued);
+        let mut watching = Watching::new(receiver);
+        assert_eq!(watching.next().await, Some(JobState::Queued));
+        sender.send_replace(JobState::Running { step: 1, steps: 4 });
+        assert_eq!(
+            watching.next().await,
+            Some(JobState::Running { step: 1, steps: 4 })
+        );
+        sender.send_replace(JobState::Running { step: 4, steps: 4 });
+        let done = JobState::Done { images: vec![] };
+        sender.send_replace(done.clone());
+        assert_eq!(
+            watching.next().await,
+            Some(JobState::Running { step: 4, steps: 4 })
+        );
+        assert_eq!(watching.next().await, Some(done));
+
+        let (sender, receiver) =
+            tokio::sync::watch::channel(JobState::Running { step: 2, steps: 4 });
+        let mut watching = Watching::new(receiver);
+        assert_eq!(
+            watching.next().await,
+            Some(JobState::Running { step: 2, steps: 4 })
+        );
+        sender.send_replace(JobState::Cancelled);
+        assert_eq!(watching.next().await, Some(JobState::Cancelled));
+    }
 }
