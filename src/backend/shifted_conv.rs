@@ -16,18 +16,21 @@ use burn::tensor::{s, Tensor};
 
 use super::{matmul, Backend};
 
-/// The sizes of one convolution in the shifted-products plan.
+/// The sizes of one convolution in the shifted-products plan: the one definition of its
+/// geometry, which the CPU kernel (`flex/conv.rs`) lays out in its own buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShiftedConv {
-    batch: usize,
-    c_in: usize,
-    c_out: usize,
-    kernel: [usize; 2],
-    stride: [usize; 2],
-    padding: [usize; 2],
-    output: [usize; 2],
-    /// `[H_q, W_q]` of one phase plane.
-    phase: [usize; 2],
+    pub(super) batch: usize,
+    pub(super) c_in: usize,
+    pub(super) c_out: usize,
+    /// `[H, W]` of the input, before padding.
+    pub(super) input: [usize; 2],
+    pub(super) kernel: [usize; 2],
+    pub(super) stride: [usize; 2],
+    pub(super) padding: [usize; 2],
+    pub(super) output: [usize; 2],
+    /// `[H_q, W_q]` of one phase plane of the padded input.
+    pub(super) phase: [usize; 2],
 }
 
 impl ShiftedConv {
@@ -47,6 +50,7 @@ impl ShiftedConv {
             batch,
             c_in,
             c_out,
+            input: [h, w],
             kernel: [kh, kw],
             stride: [sh, sw],
             padding: [ph, pw],
@@ -56,17 +60,20 @@ impl ShiftedConv {
     }
 
     /// Columns of one phase: every image's `H_q × W_q` plane side by side.
-    fn columns(&self) -> usize {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // CUDA runs the plan
+    fn phase_columns(&self) -> usize {
         self.batch * self.phase[0] * self.phase[1]
     }
 
-    /// Tap (i, j)'s phase and the columns its view starts at.
-    fn tap(&self, i: usize, j: usize) -> (usize, usize) {
+    /// Tap (i, j)'s phase (row phase · s_w + column phase) and how far into the phase's
+    /// planes its view starts (whole phase rows and columns).
+    pub(super) fn tap(&self, i: usize, j: usize) -> (usize, usize) {
         let [sh, sw] = self.stride;
         ((i % sh) * sw + j % sw, (i / sh) * self.phase[1] + j / sw)
     }
 
     /// Zero columns after the phases, so that the last tap's view stays inside.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // CUDA runs the plan
     fn tail(&self) -> usize {
         let [kh, kw] = self.kernel;
         self.tap(kh - 1, kw - 1).1
@@ -74,6 +81,7 @@ impl ShiftedConv {
 }
 
 /// `conv2d(x, weight) + bias` by the plan: one product per tap, summed.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // CUDA runs the plan
 pub fn conv2d<B: Backend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
@@ -87,10 +95,10 @@ pub fn conv2d<B: Backend>(
         kernel: [kh, kw],
         stride: [sh, sw],
         padding: [ph, pw],
+        input: [h, w],
         output: [ho, wo],
         phase: [hq, wq],
     } = *plan;
-    let [h, w] = [x.dims()[2], x.dims()[3]];
     // Zero padding, then up to whole phase planes: [B, C, H_q·s_h, W_q·s_w].
     let pad = [(ph, hq * sh - h - ph), (pw, wq * sw - w - pw)];
     let x = x.pad(pad, PadMode::Constant(0.0));
@@ -98,11 +106,11 @@ pub fn conv2d<B: Backend>(
     let phases = x
         .reshape([b, c_in, hq, sh, wq, sw])
         .permute([3, 5, 1, 0, 2, 4])
-        .reshape([sh * sw, c_in, plan.columns()])
+        .reshape([sh * sw, c_in, plan.phase_columns()])
         .pad([(0, plan.tail())], PadMode::Constant(0.0));
     // Each tap's weights as a dense [C_out, C_in] matrix.
     let taps = weight.permute([2, 3, 0, 1]).reshape([kh * kw, c_out, c_in]);
-    let n = plan.columns();
+    let n = plan.phase_columns();
     let mut sum: Option<Tensor<B, 3>> = None;
     for i in 0..kh {
         for j in 0..kw {

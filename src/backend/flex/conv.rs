@@ -20,6 +20,7 @@ use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
 use super::{f32_tensor, gemm_into, values, Matrix, Shared, Sum};
+use crate::backend::shifted_conv::ShiftedConv;
 
 /// Fewer input channels than this make products too thin for gemm (an image's 3 colour
 /// channels): burn-flex's convolution serves those.
@@ -42,20 +43,17 @@ struct Series {
     columns: usize,
 }
 
-/// The sizes of one convolution and where its products read and write.
+/// One convolution's shifted-products geometry (`backend::shifted_conv`, shared with the
+/// CUDA path) and where this kernel's products read and write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct ConvPlan {
-    batch: usize,
-    c_in: usize,
-    c_out: usize,
-    /// `[H, W]` of the input, before padding.
-    input: [usize; 2],
-    kernel: [usize; 2],
-    stride: [usize; 2],
-    padding: [usize; 2],
-    output: [usize; 2],
-    /// `[H_q, W_q]` of one phase plane of the padded input.
-    phase: [usize; 2],
+pub(super) struct ConvPlan(ShiftedConv);
+
+impl std::ops::Deref for ConvPlan {
+    type Target = ShiftedConv;
+
+    fn deref(&self) -> &ShiftedConv {
+        &self.0
+    }
 }
 
 impl ConvPlan {
@@ -63,28 +61,11 @@ impl ConvPlan {
     /// what this kernel leaves to burn-flex: groups, dilation, fewer than
     /// [`MIN_CHANNELS`] input channels, an empty output.
     pub fn new(x: [usize; 4], weight: [usize; 4], options: &ConvOptions<2>) -> Option<Self> {
-        let [batch, c_in, h, w] = x;
-        let [c_out, per_group, kh, kw] = weight;
-        let served = options.groups == 1
-            && options.dilation == [1, 1]
-            && per_group == c_in
-            && c_in >= MIN_CHANNELS;
-        let padded = [h + 2 * options.padding[0], w + 2 * options.padding[1]];
-        if !served || batch == 0 || c_out == 0 || padded[0] < kh || padded[1] < kw {
-            return None;
-        }
-        let [sh, sw] = options.stride;
-        Some(Self {
-            batch,
-            c_in,
-            c_out,
-            input: [h, w],
-            kernel: [kh, kw],
-            stride: [sh, sw],
-            padding: options.padding,
-            output: [(padded[0] - kh) / sh + 1, (padded[1] - kw) / sw + 1],
-            phase: [padded[0].div_ceil(sh), padded[1].div_ceil(sw)],
-        })
+        let thick = x[1] >= MIN_CHANNELS;
+        thick
+            .then(|| ShiftedConv::new(x, weight, options))
+            .flatten()
+            .map(Self)
     }
 
     fn plane_len(&self) -> usize {
@@ -108,9 +89,8 @@ impl ConvPlan {
 
     /// Where tap (i, j)'s rows start in the phase buffer: its phase's planes, shifted.
     fn tap_start(&self, [i, j]: [usize; 2]) -> usize {
-        let [sh, sw] = self.stride;
-        let phase = (i % sh) * sw + j % sw;
-        phase * self.c_in * self.row_len() + (i / sh) * self.phase[1] + j / sw
+        let (phase, shift) = self.tap(i, j);
+        phase * self.c_in * self.row_len() + shift
     }
 
     fn taps(&self) -> impl Iterator<Item = [usize; 2]> + '_ {
