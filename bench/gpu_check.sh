@@ -10,13 +10,13 @@
 #                                   (default target/gpu-check; it must stay under 64 MiB).
 #   bench/gpu_check.sh run [DIR]    on the GPU machine, from the repository root (PyTorch
 #                                   installed, no network or Rust needed): parity tests on
-#                                   CUDA (attention and expert top-k by the embedded Triton
-#                                   cubins), the Triton kernels' tests on the GPU and
+#                                   CUDA (every embedded Triton kernel loaded; attention,
+#                                   top-k and the chains by the embedded cubins), the Triton kernels' tests on the GPU and
 #                                   attention beside SDPA, NCCL on one GPU (PyTorch's
 #                                   libnccl), cold and warm
 #                                   start of an XL training step and of a sampler step,
 #                                   then microdit beside bench/pytorch_bench.py on the same
-#                                   work; one table at the end, also written to
+#                                   work (with microdit's host synchronisations per step); one table at the end, also written to
 #                                   $OUT/gpu_check.md when OUT is set. About 6 minutes.
 #
 # Environment for `run`: GPU_CHECK_BATCH (32), GPU_CHECK_ITERS (5), GPU_CHECK_SECONDS (400:
@@ -60,7 +60,8 @@ since() { awk -v a="$1" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1
 # The median seconds of a `report` line of `microdit bench` or pytorch_bench.py.
 seconds_of() { grep -m1 "^$2" "$1" | awk '{for (i = NF; i > 0; i--) if ($i == "s") { print $(i - 1); exit }}'; }
 rate_of() { grep -m1 "^$2" "$1" | awk '{print $(NF - 1)}'; }
-mfu_of() { grep -m1 -A1 "^$2" "$1" | tail -1 | grep -o "MFU [0-9.]*%" | cut -d' ' -f2; }
+mfu_of() { grep -m1 -A2 "^$2" "$1" | grep -o "MFU [0-9.]*%" | cut -d' ' -f2; }
+syncs_of() { grep -m1 -A2 "^$2" "$1" | grep -o "[0-9.]* host synchronisations" | cut -d' ' -f1; }
 
 run() {
     local bin=/tmp/microdit-gpu-check
@@ -126,6 +127,9 @@ run() {
         echo "| parity: $test (CUDA, f32) | $passed passed, $failed failed (rc $rc); largest relative L2 error ${worst:-?}; ${took} s |" >>"$rows"
     done
     unset MICRODIT_FIXTURES
+    local loads
+    loads=$(grep -m1 "every_compiled_kernel_loads_on_this_gpu" "$out/parity.log" | grep -o "ok$\|FAILED$")
+    echo "| every embedded Triton kernel loads on this GPU | ${loads:-not run} |" >>"$rows"
 
     # The Triton kernels' own source on this GPU (compiled by this machine's Triton, the
     # same source as the cubins the binaries embed), against the tests' float64 references,
@@ -178,15 +182,15 @@ run() {
         echo "| --- | --- |"
         cat "$rows"
         echo
-        echo "| work | microdit | PyTorch $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null) | microdit / PyTorch time | microdit MFU |"
-        echo "| --- | ---: | ---: | ---: | ---: |"
+        echo "| work | microdit | PyTorch $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null) | microdit / PyTorch time | microdit MFU | microdit host syncs / step |"
+        echo "| --- | ---: | ---: | ---: | ---: | ---: |"
         for row in "train step, mask ratio 0.75 |train step, mask ratio 0.75 " "train step, mask ratio 0 |train step, mask ratio 0.0 " "Heun step|Heun step"; do
             local a=${row%%|*} b=${row##*|}
             local s_ours s_theirs ratio
             s_ours=$(seconds_of "$ours" "$a")
             s_theirs=$(seconds_of "$theirs" "$b")
             ratio=$(awk -v a="$s_ours" -v b="$s_theirs" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "?" }')
-            echo "| ${a% } | ${s_ours:-?} s ($(rate_of "$ours" "$a") img/s) | ${s_theirs:-?} s ($(rate_of "$theirs" "$b") img/s) | ${ratio} | $(mfu_of "$ours" "$a") |"
+            echo "| ${a% } | ${s_ours:-?} s ($(rate_of "$ours" "$a") img/s) | ${s_theirs:-?} s ($(rate_of "$theirs" "$b") img/s) | ${ratio} | $(mfu_of "$ours" "$a") | $(syncs_of "$ours" "$a") |"
         done
     } >"$table"
     echo

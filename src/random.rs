@@ -17,3 +17,8 @@ pub fn standard_normal<B: Backend, const D: usize>(
         .collect();
     Tensor::from_data(TensorData::new(values, shape), device)
 }
+
+/// `n` uniform draws in [0, 1) (per-token noise that masking and routing sort).
+pub fn uniform(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random::<f32>()).collect()
+}

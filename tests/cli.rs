@@ -101,3 +101,33 @@ fn bench_names_each_network_and_keeps_the_old_names_hidden() {
     let (ok, _, err) = microdit(&["plot", "/nonexistent-run"]).split();
     assert!(!ok && err.contains("metrics.jsonl"), "{err}");
 }
+
+#[test]
+fn a_training_step_synchronises_with_the_host_only_for_the_figures_the_trainer_logs() {
+    let set = &common::fixture_sets("dit")[0];
+    let config = set.join("config.json");
+    let (ok, out, err) = microdit(&[
+        "bench",
+        "--config",
+        config.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--caption-len",
+        "6",
+        "--mask-ratios",
+        "0.5",
+        "--warmup",
+        "0",
+        "--iters",
+        "2",
+    ])
+    .split();
+    assert!(ok, "{err}");
+    let syncs: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_suffix(" host synchronisations per step"))
+        .map(str::trim)
+        .collect();
+    // The training step reads its loss and its gradient norm; a sampler step reads nothing.
+    assert_eq!(syncs, ["2.0", "0.0"], "{out}");
+}

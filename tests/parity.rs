@@ -13,8 +13,10 @@ use microdit::backend::{test_device, Backend, TestBackend, Trainable};
 use microdit::edm::{
     denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Sampler,
 };
+use microdit::model::masking::kept_tokens;
+use microdit::model::routing::RouteSpan;
 use microdit::model::weights::{load_state_dict, load_weights, ToGradients};
-use microdit::model::{DitConfig, Init, MicroDit, PatchMask};
+use microdit::model::{DitConfig, Init, MicroDit, PatchMask, Routing, TokenRoute, TrainingTokens};
 use microdit::state_dict::{read_state_dict, reference_tensors, DIT_KEYS};
 use microdit::train::optim::{clip_grad_norm, AdamWSettings};
 use std::collections::BTreeMap;
@@ -30,20 +32,28 @@ struct Set {
     cfg: DitConfig,
     edm: EdmConfig,
     cases: Cases,
+    /// A `dit-routed` set's span (its config's `routing`).
+    route: Option<RouteSpan>,
 }
 
-fn sets() -> Vec<(Set, std::path::PathBuf)> {
-    fixture_sets("dit")
+fn sets_of(kind: &str) -> Vec<(Set, std::path::PathBuf)> {
+    fixture_sets(kind)
         .into_iter()
         .map(|dir| {
             let json: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
                     .unwrap();
+            let cfg = DitConfig::from_file(&dir.join("config.json")).unwrap();
+            let route = json.get("routing").map(|r| {
+                let routing: Routing = serde_json::from_value(r.clone()).unwrap();
+                routing.span(cfg.depth).unwrap()
+            });
             let set = Set {
                 name: dir.file_name().unwrap().to_string_lossy().into_owned(),
-                cfg: DitConfig::from_file(&dir.join("config.json")).unwrap(),
+                cfg,
                 edm: serde_json::from_value(json["edm"].clone()).unwrap(),
                 cases: Cases::open(&dir.join("cases.safetensors")),
+                route,
             };
             (set, dir)
         })
@@ -54,20 +64,24 @@ fn load<Bk: Backend>(cfg: &DitConfig, path: &Path, device: &Bk::Device) -> Micro
     load_weights(MicroDit::new(cfg, &mut Init::empty(device)), path).unwrap()
 }
 
-fn mask_from<Bk: Backend>(cases: &Cases, prefix: &str, device: &Bk::Device) -> PatchMask<Bk> {
-    let noise_name = if prefix == "loss" {
-        "loss.mask_noise"
-    } else {
-        "masked.noise"
-    };
-    let [b, t] = <[usize; 2]>::try_from(cases.shape(noise_name)).unwrap();
-    PatchMask::from_noise(
-        &cases.values(noise_name),
-        b,
-        t,
-        cases.scalar(&format!("{prefix}.mask_ratio")),
-        device,
-    )
+/// The mask the set's `noise` draws chose, at its `ratio`.
+fn mask_from<Bk: Backend>(
+    cases: &Cases,
+    noise: &str,
+    ratio: &str,
+    device: &Bk::Device,
+) -> PatchMask<Bk> {
+    let [b, t] = <[usize; 2]>::try_from(cases.shape(noise)).unwrap();
+    let keep = kept_tokens(t, cases.scalar(ratio));
+    PatchMask::from_noise(&cases.values(noise), b, t, keep, device)
+}
+
+/// The route a routed set's `{prefix}.route_noise` chose.
+fn route_from<Bk: Backend>(s: &Set, prefix: &str, device: &Bk::Device) -> TokenRoute<Bk> {
+    let noise = format!("{prefix}.route_noise");
+    let shape = <[usize; 2]>::try_from(s.cases.shape(&noise)).unwrap();
+    let span = s.route.expect("a dit-routed set");
+    TokenRoute::from_noise(&s.cases.values(&noise), shape, span, device)
 }
 
 /// The unmasked network output on the set's `forward.*` inputs.
@@ -77,14 +91,14 @@ fn forward_case(model: &MicroDit<B>, c: &Cases) -> Tensor<B, 4> {
         c.tensor("forward.x", &dev),
         c.tensor("forward.t", &dev),
         c.captions("forward.y", &dev),
-        None,
+        &TrainingTokens::all(),
     )
 }
 
 #[test]
 fn forward_masked_and_guided_outputs_match_reference() {
     let dev = test_device();
-    for (s, dir) in sets() {
+    for (s, dir) in sets_of("dit") {
         let model: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"), &test_device());
         let c = &s.cases;
 
@@ -96,18 +110,22 @@ fn forward_masked_and_guided_outputs_match_reference() {
             FORWARD_TOL,
         );
 
-        let mask = mask_from::<B>(c, "masked", &dev);
+        let mask = mask_from::<B>(c, "masked.noise", "masked.mask_ratio", &dev);
         assert_eq!(
             to_vec(mask.mask.clone()),
             c.values("masked.mask"),
             "{}: mask",
             s.name
         );
+        let tokens = TrainingTokens {
+            mask: Some(mask),
+            route: None,
+        };
         let out = model.forward(
             c.tensor("masked.x", &dev),
             c.tensor("masked.t", &dev),
             c.captions("masked.y", &dev),
-            Some(&mask),
+            &tokens,
         );
         assert_close(
             &format!("{}: masked forward", s.name),
@@ -134,13 +152,17 @@ fn forward_masked_and_guided_outputs_match_reference() {
 #[test]
 fn loss_gradients_clipping_and_adamw_match_reference() {
     let dev = test_device();
-    for (s, dir) in sets() {
+    for (s, dir) in sets_of("dit") {
         let c = &s.cases;
         let model: MicroDit<AB> = load(&s.cfg, &dir.join("weights.safetensors"), &test_device());
         let draws = LossNoise {
             rnd_normal: c.tensor::<AB, 4>("loss.rnd_normal", &dev).flatten(0, 3),
             noise: c.tensor("loss.noise", &dev),
-            mask: (c.scalar("loss.mask_ratio") > 0.0).then(|| mask_from::<AB>(c, "loss", &dev)),
+            tokens: TrainingTokens {
+                mask: (c.scalar("loss.mask_ratio") > 0.0)
+                    .then(|| mask_from::<AB>(c, "loss.mask_noise", "loss.mask_ratio", &dev)),
+                route: None,
+            },
         };
         let loss = edm_loss(
             &model,
@@ -157,25 +179,7 @@ fn loss_gradients_clipping_and_adamw_match_reference() {
             FORWARD_TOL,
         );
 
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let grad_model = model.valid().map(&mut ToGradients { grads: &grads });
-        let ours = reference_tensors(&grad_model, &DIT_KEYS).unwrap();
-        let names = c.names_under("grad");
-        assert_eq!(
-            ours.keys().cloned().collect::<Vec<_>>(),
-            names,
-            "{}: gradient names",
-            s.name
-        );
-        for name in &names {
-            let g = ours[name].clone().convert::<f32>().to_vec::<f32>().unwrap();
-            assert_close(
-                &format!("{}: grad.{name}", s.name),
-                &g,
-                &c.values(&format!("grad.{name}")),
-                FORWARD_TOL,
-            );
-        }
+        assert_gradients_match(&s, &model, loss);
 
         // Clipping and AdamW from the reference's own gradients, so that what is compared is
         // the update alone (ours differ from them by float noise, which AdamW's epsilon can
@@ -209,6 +213,98 @@ fn loss_gradients_clipping_and_adamw_match_reference() {
                 FORWARD_TOL,
             );
         }
+    }
+}
+
+/// `loss`'s gradients for `model` equal the set's `grad.*`, by reference names.
+fn assert_gradients_match(s: &Set, model: &MicroDit<AB>, loss: Tensor<AB, 1>) {
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    let grad_model = model.valid().map(&mut ToGradients { grads: &grads });
+    let ours = reference_tensors(&grad_model, &DIT_KEYS).unwrap();
+    let names = s.cases.names_under("grad");
+    assert_eq!(
+        ours.keys().cloned().collect::<Vec<_>>(),
+        names,
+        "{}: gradient names",
+        s.name
+    );
+    for name in &names {
+        let g = ours[name].clone().convert::<f32>().to_vec::<f32>().unwrap();
+        assert_close(
+            &format!("{}: grad.{name}", s.name),
+            &g,
+            &s.cases.values(&format!("grad.{name}")),
+            FORWARD_TOL,
+        );
+    }
+}
+
+/// TREAD's router around the reference DiT (`tests/fixtures/routing/make.py`): the routed
+/// forward without and with masking, and the masked, routed loss and its gradients.
+#[test]
+fn routed_forward_and_gradients_match_tread_around_the_reference() {
+    let dev = test_device();
+    for (s, dir) in sets_of("dit-routed") {
+        let c = &s.cases;
+        let model: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"), &dev);
+        let tokens = TrainingTokens {
+            mask: None,
+            route: Some(route_from(&s, "routed", &dev)),
+        };
+        let out = model.forward(
+            c.tensor("routed.x", &dev),
+            c.tensor("routed.t", &dev),
+            c.captions("routed.y", &dev),
+            &tokens,
+        );
+        let name = format!("{}: routed forward", s.name);
+        assert_close(&name, &to_vec(out), &c.values("routed.out"), FORWARD_TOL);
+
+        let (noise, ratio) = ("masked_routed.mask_noise", "masked_routed.mask_ratio");
+        let tokens = TrainingTokens {
+            mask: Some(mask_from(c, noise, ratio, &dev)),
+            route: Some(route_from(&s, "masked_routed", &dev)),
+        };
+        let out = model.forward(
+            c.tensor("masked_routed.x", &dev),
+            c.tensor("masked_routed.t", &dev),
+            c.captions("masked_routed.y", &dev),
+            &tokens,
+        );
+        let name = format!("{}: masked, routed forward", s.name);
+        assert_close(
+            &name,
+            &to_vec(out),
+            &c.values("masked_routed.out"),
+            FORWARD_TOL,
+        );
+
+        let model: MicroDit<AB> = load(&s.cfg, &dir.join("weights.safetensors"), &dev);
+        let draws = LossNoise {
+            rnd_normal: c.tensor::<AB, 4>("loss.rnd_normal", &dev).flatten(0, 3),
+            noise: c.tensor("loss.noise", &dev),
+            tokens: TrainingTokens {
+                mask: Some(mask_from(c, "loss.mask_noise", "loss.mask_ratio", &dev)),
+                route: Some(route_from(&s, "loss", &dev)),
+            },
+        };
+        let x0 = c.tensor("loss.x0", &dev);
+        let loss = edm_loss(
+            &model,
+            &s.edm,
+            x0,
+            c.captions("loss.y", &dev),
+            &draws,
+            s.cfg.patch_size,
+        );
+        let name = format!("{}: masked, routed loss", s.name);
+        assert_close(
+            &name,
+            &to_vec(loss.clone()),
+            &[c.scalar("loss.value") as f32],
+            FORWARD_TOL,
+        );
+        assert_gradients_match(&s, &model, loss);
     }
 }
 
@@ -272,7 +368,7 @@ fn run_sampler(s: &Set, model: &MicroDit<B>, prefix: &str, churn: Churn) -> Vec<
                 x,
                 Tensor::from_floats([sigma as f32], &dev),
                 y.clone(),
-                None,
+                &TrainingTokens::all(),
                 guidance,
             )
         },
@@ -288,7 +384,7 @@ fn run_sampler(s: &Set, model: &MicroDit<B>, prefix: &str, churn: Churn) -> Vec<
 
 #[test]
 fn samplers_match_reference() {
-    for (s, dir) in sets() {
+    for (s, dir) in sets_of("dit") {
         let model: MicroDit<B> = load(&s.cfg, &dir.join("weights.safetensors"), &test_device());
         let c = &s.cases;
         for prefix in ["sample", "sample_cfg"] {
@@ -319,7 +415,7 @@ fn samplers_match_reference() {
 #[test]
 fn torch_save_checkpoints_load_like_safetensors() {
     let mut checked = 0;
-    for (s, dir) in sets() {
+    for (s, dir) in sets_of("dit") {
         let pt = dir.join("weights.pt");
         if !pt.exists() {
             continue;
@@ -348,7 +444,7 @@ fn torch_save_checkpoints_load_like_safetensors() {
 #[test]
 fn half_precision_forward_stays_close_to_reference() {
     use burn::tensor::FloatDType;
-    for (s, dir) in sets() {
+    for (s, dir) in sets_of("dit") {
         let c = &s.cases;
         // bf16 keeps 8 mantissa bits (ε ≈ 4e-3), f16 11 (ε ≈ 5e-4); a few layers deep the
         // output error is a few ε.
@@ -369,4 +465,16 @@ fn half_precision_forward_stays_close_to_reference() {
             );
         }
     }
+}
+
+/// Every kernel the binary embeds loads on this GPU (the model's tests above run only the
+/// variants their shapes pick).
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn every_compiled_kernel_loads_on_this_gpu() {
+    assert_eq!(
+        microdit::backend::unloadable_kernels(0),
+        Vec::<&str>::new(),
+        "kernels this GPU did not load"
+    );
 }

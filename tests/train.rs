@@ -73,6 +73,40 @@ fn a_killed_run_with_ema_and_expert_rate_resumes_exactly() {
     );
 }
 
+/// Routing (TREAD) draws its tokens from the training generator: a killed routed run
+/// resumes bitwise, and the routing changes what is trained.
+#[test]
+fn a_killed_routed_run_resumes_exactly() {
+    let routed = "steps = 20\ncheckpoint_every = 5\n[routing]\nshare = 0.5\nfirst_block = 0\n";
+    resumes_exactly(routed, &["weights.safetensors"]);
+
+    let s = setup(routed);
+    std::fs::write(
+        s.root.join("unrouted.toml"),
+        std::fs::read_to_string(s.root.join("stage.toml"))
+            .unwrap()
+            .replace("[routing]\nshare = 0.5\nfirst_block = 0\n", ""),
+    )
+    .unwrap();
+    for (config, run) in [("stage.toml", "routed"), ("unrouted.toml", "unrouted")] {
+        let (code, log) = train_with(&s, config, run, &[]);
+        assert_eq!(code, Some(0), "{log}");
+    }
+    assert!(
+        latest_weights(&s.root.join("routed")) != latest_weights(&s.root.join("unrouted")),
+        "routing changed nothing"
+    );
+
+    // A span past the backbone is refused before training starts.
+    let bad = setup("steps = 5\n[routing]\nlast_block = 2\n");
+    let (code, log) = train(&bad, "run", &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        log.contains("routing span: blocks 1..=2 do not fit a backbone of 2 blocks"),
+        "{log}"
+    );
+}
+
 #[test]
 fn the_weight_average_is_the_exponential_average_of_the_weights() {
     // The average starts as the weights after step 3 and then follows
@@ -315,7 +349,7 @@ fn the_expert_learning_rate_scale_applies_to_expert_parameters_only() {
         [2, CAPTION_TOKENS, CAPTION_DIM],
         &device,
     );
-    let draws = LossNoise::draw(&mut rng, [2, 4, 8, 8], 2, 0.0, &device);
+    let draws = LossNoise::draw(&mut rng, [2, 4, 8, 8], 2, &Default::default(), &device);
     let loss = edm_loss(&model, &EdmConfig::default(), x0, y, &draws, 2);
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     // Scale 0: the experts must not move, everything else must.

@@ -404,7 +404,11 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> Backend
         let indices = (I::dtype() == DType::I32)
             .then(|| triton_ops::top_k_indices(&values, k))
             .flatten();
-        indices.unwrap_or_else(|| top_k_indices_sorted::<Self>(values, k))
+        indices.unwrap_or_else(|| {
+            // burn-cubecl has no sort of its own: burn's argsort reads the values back.
+            super::host_sync::record();
+            top_k_indices_sorted::<Self>(values, k)
+        })
     }
 
     fn scaled_dot_attention_saving(

@@ -24,6 +24,7 @@ pub mod cublas;
 pub mod cuda_runtime;
 mod flex;
 pub mod gelu;
+pub mod host_sync;
 pub mod layer_norm;
 pub mod modulation;
 // cuBLAS's product plans, a pure function tested on the CPU (used by `cublas.rs`).
@@ -60,6 +61,8 @@ mod triton;
 mod triton_kernels;
 #[cfg(feature = "cuda")]
 mod triton_ops;
+#[cfg(feature = "cuda")]
+pub use triton::unloadable_kernels;
 
 use burn::module::Param;
 use burn::nn::conv::Conv2d;

@@ -272,6 +272,7 @@ pub fn run<T>(
         );
         client.flush().expect("cubecl flush");
     } else {
+        super::host_sync::record();
         cubecl::future::block_on(client.sync()).expect("device sync");
     }
     // SAFETY: the context is live (retained for the process); the flag kernels were
@@ -285,6 +286,7 @@ pub fn run<T>(
                     Err(e) => {
                         // cubecl's side has only signalled: wait for it from the host.
                         handshake_failed(&format!("{e:?}"));
+                        super::host_sync::record();
                         cubecl::future::block_on(client.sync()).expect("device sync");
                         false
                     }
@@ -301,6 +303,7 @@ pub fn run<T>(
             None => false,
         };
     if !signalled {
+        super::host_sync::record();
         // SAFETY: a live stream of the current context.
         unsafe { driver::stream::synchronize(own.stream).expect("own stream sync") };
         if waiting {

@@ -40,6 +40,16 @@ pub fn available(device: usize, kernel: &'static TritonKernel) -> bool {
     load(device, kernel).is_some()
 }
 
+/// Loads every compiled kernel on GPU `device` and names those it cannot run (no image for
+/// its compute capability, or the driver refused one): the GPU check's first question.
+pub fn unloadable_kernels(device: usize) -> Vec<&'static str> {
+    KERNELS
+        .iter()
+        .filter(|kernel| !available(device, kernel))
+        .map(|kernel| kernel.name)
+        .collect()
+}
+
 /// Each kernel on each GPU, once loaded (or found unloadable).
 type LoadedKernels = HashMap<(usize, &'static str), Option<Loaded>>;
 

@@ -19,12 +19,13 @@ use rand_chacha::ChaCha8Rng;
 
 use super::bench_frozen::{self, EncodeBenchArgs, EvalBenchArgs, TextBenchArgs, VaeBenchArgs};
 use super::{DeviceChoice, ModelArgs};
-use crate::backend::{AutodiffBackend, Trainable};
+use crate::backend::{host_sync, AutodiffBackend, Trainable};
 use crate::edm::{
     denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Sampler,
 };
 use crate::model::flops::{forward_flops, train_step_flops};
 use crate::model::masking::kept_tokens;
+use crate::model::routing::{Sparsity, TrainingTokens};
 use crate::model::{DitConfig, Init, MicroDit, Precision};
 use crate::random::standard_normal;
 use crate::train::optim::{clip_grad_norm, AdamWSettings};
@@ -148,6 +149,13 @@ pub fn report(what: &str, seconds: f64, count: usize, unit: &str) {
     );
 }
 
+/// Host synchronisations per run of the timed work since the count stood at `before`
+/// (`backend::host_sync`: the reads microdit itself asks for).
+fn report_host_syncs(before: u64, runs: usize) {
+    let per_run = (host_sync::count() - before) as f64 / runs as f64;
+    println!("{:<40} {per_run:>9.1} host synchronisations per step", "");
+}
+
 /// Achieved model FLOP/s, and on a GPU its share of the bf16 peak.
 fn report_flops(flops: f64, seconds: f64, device: DeviceChoice) {
     let rate = flops / seconds;
@@ -193,9 +201,14 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
     };
     for &ratio in ratios {
         let what = format!("train step, mask ratio {ratio}");
+        let syncs_before = host_sync::count();
         let seconds = time(&what, args.warmup, args.iters, || {
             let m = model.take().expect("model");
-            let draws = LossNoise::draw(&mut rng, shape, cfg.patch_size, ratio, device);
+            let sparsity = Sparsity {
+                mask_ratio: ratio,
+                route: None,
+            };
+            let draws = LossNoise::draw(&mut rng, shape, cfg.patch_size, &sparsity, device);
             // As the trainer does: a low-precision copy inside the graph computes, the
             // gradients land on the f32 master weights.
             let compute =
@@ -208,12 +221,15 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
                 &draws,
                 cfg.patch_size,
             );
+            // The trainer reads each loss and the gradient norm back to log them.
+            host_sync::scalar(loss.clone());
             let mut grads = GradientsParams::from_grads(loss.backward(), &m);
             clip_grad_norm(&m, &mut grads, 0.25);
             model = Some(burn::optim::Optimizer::step(&mut optim, 2.4e-4, m, grads));
             B::sync(device).expect("device sync");
         });
         report(&what, seconds, args.batch, "images");
+        report_host_syncs(syncs_before, args.warmup + args.iters.max(1));
         let kept = kept_tokens(cfg.num_tokens(), ratio);
         report_flops(
             train_step_flops(cfg, args.caption_len, kept, args.batch),
@@ -242,12 +258,13 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
             x,
             Tensor::from_floats([sigma as f32], &dev),
             y.clone(),
-            None,
+            &TrainingTokens::all(),
             guidance,
         )
     };
     let what = format!("Heun step, guidance {}", args.guidance);
     // The sampler's first step (corrected, as every step but the last), then stop.
+    let syncs_before = host_sync::count();
     let seconds = time(&what, args.warmup, args.iters, || {
         let no_noise = |_| unreachable!("deterministic");
         let _ = sample(
@@ -262,6 +279,7 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
         B::InnerBackend::sync(&dev).expect("device sync");
     });
     report(&what, seconds, args.batch, "images");
+    report_host_syncs(syncs_before, args.warmup + args.iters.max(1));
     // Two network evaluations, each of the batch twice (guided and unguided halves).
     let rows = if guidance == Guidance::None { 1 } else { 2 } * args.batch;
     report_flops(

@@ -18,7 +18,8 @@ use super::score::{accuracies, features, frechet_distance, judge, Accuracy, Tall
 use super::shapes::{scene_and_image, Scene};
 use crate::data::sources::ImageCaptionSource;
 use crate::hub::Hub;
-use crate::model::{DitConfig, Precision};
+use crate::model::routing::{RouteSpan, Sparsity};
+use crate::model::{DitConfig, Precision, Routing};
 use crate::pipeline::load::Components;
 use crate::pipeline::{Sampling, TextToImage};
 use crate::precompute::{precompute, Encoders, PrecomputeOptions};
@@ -37,6 +38,41 @@ pub enum Variant {
     Unmasked,
     /// 75% masked without the patch-mixer, then an unmasked finetune.
     MaskedNoMixer,
+    /// No masking; half the backbone's tokens routed past its middle blocks (TREAD).
+    Routed,
+    /// MicroDiT's masked stage and unmasked finetune, both with TREAD's routing.
+    MaskedRouted,
+}
+
+impl Variant {
+    /// Its stages, in order.
+    fn stages(self) -> Vec<StageKind> {
+        let routing =
+            matches!(self, Variant::Routed | Variant::MaskedRouted).then(Routing::default);
+        let stage = |name: &str, mask_ratio, share| StageKind {
+            name: format!("{name}{}", if routing.is_some() { "-routed" } else { "" }),
+            mask_ratio,
+            routing,
+            share,
+        };
+        match self {
+            Variant::Unmasked | Variant::Routed => vec![stage("unmasked", 0.0, 1.0)],
+            Variant::Masked | Variant::MaskedNoMixer | Variant::MaskedRouted => vec![
+                stage("masked", MASK_RATIO, 1.0 - FINETUNE_SHARE),
+                stage("finetune", 0.0, FINETUNE_SHARE),
+            ],
+        }
+    }
+}
+
+/// One stage of a variant: its folder's name, what it masks and routes, and its share of
+/// the training time.
+#[derive(Debug, Clone)]
+struct StageKind {
+    name: String,
+    mask_ratio: f64,
+    routing: Option<Routing>,
+    share: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +130,8 @@ const TEXT_CONTEXT: usize = 16;
 /// followed the captions better than 1e-3 in a measured comparison (docs/DEMO.md).
 const REPLICA_BATCH: usize = 32;
 const LR: f64 = 2e-3;
+/// MicroDiT's share of patches masked in the first stage.
+const MASK_RATIO: f64 = 0.75;
 /// Share of the training time given to the unmasked finetune after a masked stage: 60%
 /// drew shapes better than 40% on each of three seeds, and 40% better than 20%, in
 /// measured comparisons (docs/DEMO.md).
@@ -135,7 +173,20 @@ const EVAL_BATCH: usize = 16;
 /// The steps chosen for the budget, saved so that a resumed run keeps them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Plan {
-    stages: Vec<(String, f64, usize)>,
+    stages: Vec<PlannedStage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PlannedStage {
+    name: String,
+    steps: usize,
+}
+
+/// What a finished stage did, for the report.
+struct TrainedStage {
+    dir: PathBuf,
+    steps: usize,
+    sparsity: Sparsity,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -179,12 +230,15 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
     let mut curve = Curve::load(&curve_path)?;
     let mut trained = Vec::new();
     let mut steps_before = 0;
+    let depth = dit_config(opts)?.depth;
     for (k, stage) in stages.iter().enumerate() {
+        let sparsity = stage.cfg.sparsity(depth)?;
         eprintln!(
-            "stage {}: {} steps planned, mask ratio {}",
+            "stage {}: {} steps planned, mask ratio {}{}",
             k + 1,
             stage.cfg.steps,
-            stage.cfg.mask_ratio
+            stage.cfg.mask_ratio,
+            routing_note(sparsity.route)
         );
         // Re-read at every pause: the final scoring's reserve shrinks once it is timed.
         let deadline = || budget.stage_deadline(&stages, k);
@@ -214,7 +268,11 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
             curve.save(&curve_path)
         })?;
         steps_before += summary.step;
-        trained.push((stage.dir.clone(), summary.step, stage.cfg.mask_ratio));
+        trained.push(TrainedStage {
+            dir: stage.dir.clone(),
+            steps: summary.step,
+            sparsity,
+        });
         crate::train::plot::plot(
             &stage.dir,
             &opts.out.join(format!("loss-stage{}.png", k + 1)),
@@ -548,7 +606,7 @@ fn train_config(
     opts: &DemoOptions,
     model: &Path,
     data: &Path,
-    mask: f64,
+    kind: &StageKind,
     steps: usize,
     replicas: usize,
 ) -> Result<TrainConfig> {
@@ -557,7 +615,8 @@ fn train_config(
         in_channels: Some(CODEC.channels()),
         data: vec![data.to_path_buf()],
         latents_column: Some(format!("latents_{}", opts.image_size)),
-        mask_ratio: mask,
+        mask_ratio: kind.mask_ratio,
+        routing: kind.routing,
         steps,
         global_batch: REPLICA_BATCH * replicas,
         micro_batch: REPLICA_BATCH,
@@ -591,27 +650,24 @@ fn stage_configs<B: AutodiffBackend>(
     crate::io::write_atomic(&model, |f| {
         serde_json::to_writer_pretty(f, &dit).map_err(std::io::Error::other)
     })?;
-    let masks: Vec<(String, f64, f64)> = match opts.variant {
-        Variant::Unmasked => vec![("unmasked".into(), 0.0, 1.0)],
-        _ => vec![
-            ("masked".into(), 0.75, 1.0 - FINETUNE_SHARE),
-            ("finetune".into(), 0.0, FINETUNE_SHARE),
-        ],
-    };
+    let kinds = opts.variant.stages();
     let plan_path = opts.out.join("plan.json");
     let plan: Plan = match std::fs::read(&plan_path) {
         Ok(bytes) => serde_json::from_slice(&bytes).context("reading plan.json")?,
         Err(_) => {
-            let per_step = masks
+            let per_step = kinds
                 .iter()
-                .map(|(_, mask, _)| time_step::<B>(opts, &model, data, *mask, devices))
+                .map(|kind| time_step::<B>(opts, &model, data, kind, devices))
                 .collect::<Result<Vec<f64>>>()?;
             let seconds = budget.training_left();
             let mut stages = Vec::new();
-            for ((name, mask, share), per_step) in masks.iter().zip(per_step) {
-                let steps = ((seconds * share / per_step) as usize).max(20);
-                eprintln!("{name}: {per_step:.3} s per step → {steps} steps");
-                stages.push((name.clone(), *mask, steps));
+            for (kind, per_step) in kinds.iter().zip(per_step) {
+                let steps = ((seconds * kind.share / per_step) as usize).max(20);
+                eprintln!("{}: {per_step:.3} s per step → {steps} steps", kind.name);
+                stages.push(PlannedStage {
+                    name: kind.name.clone(),
+                    steps,
+                });
             }
             let plan = Plan { stages };
             crate::io::write_atomic(&plan_path, |f| {
@@ -620,22 +676,27 @@ fn stage_configs<B: AutodiffBackend>(
             plan
         }
     };
+    anyhow::ensure!(
+        plan.stages
+            .iter()
+            .map(|s| &s.name)
+            .eq(kinds.iter().map(|k| &k.name)),
+        "plan.json was made for other stages (another variant?): remove the folder or pick another"
+    );
     let mut runs = Vec::new();
-    for (k, (name, mask, steps)) in plan.stages.iter().enumerate() {
-        let dir = opts.out.join(format!("stage{}-{name}", k + 1));
-        runs.push((
-            dir,
-            train_config(opts, &model, data, *mask, *steps, devices.len())?,
-        ));
+    for (k, (planned, kind)) in plan.stages.iter().zip(&kinds).enumerate() {
+        let dir = opts.out.join(format!("stage{}-{}", k + 1, planned.name));
+        let cfg = train_config(opts, &model, data, kind, planned.steps, devices.len())?;
+        runs.push((dir, cfg));
     }
     crate::train::stages::chain(&mut runs);
     Ok(runs
         .into_iter()
-        .zip(&masks)
-        .map(|((dir, cfg), (_, _, share))| Stage {
+        .zip(&kinds)
+        .map(|((dir, cfg), kind)| Stage {
             dir,
             cfg,
-            share: *share,
+            share: kind.share,
         })
         .collect())
 }
@@ -645,7 +706,7 @@ fn time_step<B: AutodiffBackend>(
     opts: &DemoOptions,
     model: &Path,
     data: &Path,
-    mask: f64,
+    kind: &StageKind,
     devices: &[B::Device],
 ) -> Result<f64> {
     let dir = opts.out.join("timing");
@@ -657,7 +718,7 @@ fn time_step<B: AutodiffBackend>(
     for steps in [1, 6] {
         let _ = std::fs::remove_dir_all(&dir);
         let t = Instant::now();
-        let cfg = train_config(opts, model, data, mask, steps, devices.len())?;
+        let cfg = train_config(opts, model, data, kind, steps, devices.len())?;
         train_data_parallel::<B>(&cfg, &dir, &quiet, devices)?;
         elapsed.push(t.elapsed().as_secs_f64());
     }
@@ -785,9 +846,21 @@ fn write_grid(
     crate::image::write_grid(path, &refs, size as usize)
 }
 
+/// ", routing 50% past blocks 1..=2", or nothing.
+fn routing_note(route: Option<RouteSpan>) -> String {
+    route.map_or(String::new(), |span| {
+        format!(
+            ", routing {:.0}% past blocks {}..={}",
+            100.0 * span.share,
+            span.first_block,
+            span.last_block
+        )
+    })
+}
+
 fn write_report(
     opts: &DemoOptions,
-    trained: &[(PathBuf, usize, f64)],
+    trained: &[TrainedStage],
     scores: &Scores,
     curve: &Curve,
     seconds: f64,
@@ -802,8 +875,14 @@ fn write_report(
         opts.image_size,
         opts.eval_prompts
     );
-    for (dir, steps, mask) in trained {
-        md += &format!("- {}: {steps} steps, mask ratio {mask}\n", dir.display());
+    for stage in trained {
+        md += &format!(
+            "- {}: {} steps, mask ratio {}{}\n",
+            stage.dir.display(),
+            stage.steps,
+            stage.sparsity.mask_ratio,
+            routing_note(stage.sparsity.route)
+        );
     }
     let s = &opts.sampling;
     md += &format!(

@@ -6,7 +6,7 @@ use rand::Rng;
 
 use super::config::EdmConfig;
 use super::precond::{denoise, Guidance};
-use crate::model::masking::PatchMask;
+use crate::model::routing::{Sparsity, TrainingTokens};
 use crate::model::MicroDit;
 use crate::random::standard_normal;
 
@@ -18,17 +18,19 @@ pub struct LossNoise<B: Backend> {
     pub rnd_normal: Tensor<B, 1>,
     /// [B, C, H, W] standard normal noise, scaled by σ.
     pub noise: Tensor<B, 4>,
-    /// Patches hidden from the backbone, if training sparsely.
-    pub mask: Option<PatchMask<B>>,
+    /// Patches hidden from the backbone and tokens routed past its blocks, if training
+    /// sparsely.
+    pub tokens: TrainingTokens<B>,
 }
 
 impl<B: Backend> LossNoise<B> {
-    /// Fresh draws for latents of `shape`; `mask_ratio` > 0 masks `patch_size`² patches.
+    /// Fresh draws for latents of `shape` cut into `patch_size`² patches, in the
+    /// reference's order (σ, noise, then the forward's masking and routing).
     pub fn draw(
         rng: &mut impl Rng,
         shape: [usize; 4],
         patch_size: usize,
-        mask_ratio: f64,
+        sparsity: &Sparsity,
         device: &B::Device,
     ) -> Self {
         let [b, _, h, w] = shape;
@@ -36,7 +38,7 @@ impl<B: Backend> LossNoise<B> {
         Self {
             rnd_normal: standard_normal(rng, [b], device),
             noise: standard_normal(rng, shape, device),
-            mask: (mask_ratio > 0.0).then(|| PatchMask::random(rng, b, tokens, mask_ratio, device)),
+            tokens: TrainingTokens::draw(rng, [b, tokens], sparsity, device),
         }
     }
 }
@@ -58,17 +60,9 @@ pub fn edm_loss<B: Backend>(
     let sd2 = edm.sigma_data * edm.sigma_data;
     let weight = (s.clone().powi_scalar(2) + sd2) / (s.clone().powi_scalar(2) * sd2);
     let noisy = x0.clone() + draws.noise.clone() * s;
-    let denoised = denoise(
-        model,
-        edm,
-        noisy,
-        sigma,
-        y,
-        draws.mask.as_ref(),
-        Guidance::None,
-    );
+    let denoised = denoise(model, edm, noisy, sigma, y, &draws.tokens, Guidance::None);
     let loss = weight * (denoised - x0).powi_scalar(2);
-    match &draws.mask {
+    match &draws.tokens.mask {
         None => loss.mean(),
         Some(mask) => {
             let p = patch_size;

@@ -5,7 +5,7 @@ use crate::backend::Backend;
 use burn::prelude::*;
 
 use super::config::EdmConfig;
-use crate::model::{MicroDit, PatchMask};
+use crate::model::{MicroDit, TrainingTokens};
 
 /// How the network is asked: plainly, or with classifier-free guidance at some scale.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,14 +26,15 @@ impl Guidance {
 }
 
 /// The denoised estimate `D(x; σ)` for noisy latents `x` [B, C, H, W] at noise levels
-/// `sigma` [B] (or [1] for all), captions `y` [B, L, Cc].
+/// `sigma` [B] (or [1] for all), captions `y` [B, L, Cc]; in training, `tokens` says which
+/// tokens the backbone sees (`TrainingTokens::all()` otherwise).
 pub fn denoise<B: Backend>(
     model: &MicroDit<B>,
     edm: &EdmConfig,
     x: Tensor<B, 4>,
     sigma: Tensor<B, 1>,
     y: Tensor<B, 3>,
-    mask: Option<&PatchMask<B>>,
+    tokens: &TrainingTokens<B>,
     guidance: Guidance,
 ) -> Tensor<B, 4> {
     let n = sigma.dims()[0];
@@ -46,7 +47,7 @@ pub fn denoise<B: Backend>(
     let c_noise = sigma.log() / 4.0;
     let input = x.clone() * c_in;
     let f_x = match guidance {
-        Guidance::None => model.forward(input, c_noise, y, mask),
+        Guidance::None => model.forward(input, c_noise, y, tokens),
         Guidance::Scale(scale) => model.forward_cfg(input, c_noise, y, scale),
     };
     c_skip * x + c_out * f_x

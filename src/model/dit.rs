@@ -1,5 +1,6 @@
 //! The MicroDiT denoiser: patch-mixer over all patches, then (in training) a random 75% of
-//! patches dropped and the deep backbone run on the rest.
+//! patches dropped and the deep backbone run on the rest, optionally with a random share of
+//! those carried past a span of its blocks (TREAD routing).
 
 use burn::prelude::*;
 use burn::tensor::FloatDType;
@@ -9,7 +10,7 @@ use super::config::DitConfig;
 use super::embeddings::{sincos_pos_embed, unpatchify, PatchEmbed, TimestepEmbedder};
 use super::init::Init;
 use super::layers::{cast_like, residual, Mlp, NormLinear};
-use super::masking::PatchMask;
+use super::routing::TrainingTokens;
 use crate::backend::Backend;
 use crate::nn::precision::{cast, to_f32, LowPrecisionCopy};
 
@@ -109,14 +110,14 @@ impl<B: Backend> MicroDit<B> {
 
     /// The raw network output `F_x` [B, C, H, W] for latents `x` [B, C, H, W], noise-level
     /// input `t` [B] or [1] (already `c_noise`) and caption embeddings `y` [B, L, Cc].
-    /// With a `mask`, only kept patches go through the backbone and dropped ones read as the
-    /// mask token.
+    /// In training, `tokens` may mask patches (only kept ones go through the backbone,
+    /// dropped ones read as the mask token) and route some past a span of blocks.
     pub fn forward(
         &self,
         x: Tensor<B, 4>,
         t: Tensor<B, 1>,
         y: Tensor<B, 3>,
-        mask: Option<&PatchMask<B>>,
+        tokens: &TrainingTokens<B>,
     ) -> Tensor<B, 4> {
         let (io_dtype, batch) = (x.dtype(), x.dims()[0]);
         let x = to_f32(self.x_embedder.forward(x)) + self.pos_embed.clone();
@@ -137,16 +138,29 @@ impl<B: Backend> MicroDit<B> {
         for block in &self.patch_mixer {
             x = block.forward(x, y_mixer.clone(), c.clone());
         }
-        if let Some(mask) = mask {
+        if let Some(mask) = &tokens.mask {
             x = mask.keep(x);
         }
         // Project to the backbone width after masking: less work.
         let mut x = map(&self.patch_mixer_map_xout, x);
-        for block in &self.blocks {
+        // The tokens as they entered the routed span; the routed ones rejoin from here.
+        let mut before_span = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let route = tokens.route.as_ref();
+            if let Some(route) = route.filter(|r| r.span.first_block == i) {
+                before_span = Some(x.clone());
+                x = route.through.keep(x);
+            }
             x = block.forward(x, y.clone(), c.clone());
+            if let Some(route) = route.filter(|r| r.span.last_block == i) {
+                let before = before_span
+                    .take()
+                    .expect("the span's first block came first");
+                x = route.through.merge(x, before);
+            }
         }
         let mut x = self.final_layer.forward(x, c);
-        if let Some(mask) = mask {
+        if let Some(mask) = &tokens.mask {
             x = mask.restore(x.clone(), cast_like(self.mask_token.clone(), &x));
         }
         cast(unpatchify(x, self.patch_size, self.channels), io_dtype)
@@ -171,7 +185,7 @@ impl<B: Backend> MicroDit<B> {
             Tensor::cat(vec![x.clone(), x], 0),
             t,
             Tensor::cat(vec![y.clone(), y.zeros_like()], 0),
-            None,
+            &TrainingTokens::all(),
         );
         let cond = out.clone().narrow(0, 0, batch);
         let uncond = out.narrow(0, batch, batch);

@@ -12,6 +12,7 @@ pub mod init;
 pub mod layers;
 pub mod masking;
 pub mod params;
+pub mod routing;
 pub mod weights;
 
 pub use crate::nn::precision::Precision;
@@ -19,3 +20,4 @@ pub use config::DitConfig;
 pub use dit::MicroDit;
 pub use init::Init;
 pub use masking::PatchMask;
+pub use routing::{Routing, TokenRoute, TrainingTokens};

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::Backend;
 use crate::edm::{denoise, karras_sigmas, sample, EdmConfig, Guidance};
 use crate::model::config::ModelChoice;
-use crate::model::{DitConfig, MicroDit};
+use crate::model::{DitConfig, MicroDit, TrainingTokens};
 use crate::random::standard_normal;
 use crate::text::{Embeddings, TextEncoder};
 use crate::vae::LatentCodec;
@@ -78,7 +78,15 @@ pub fn sample_batch<B: Backend>(
                 Guidance::None
             };
             let sigma = Tensor::from_floats([sigma as f32], &device);
-            denoise(denoiser, edm, x, sigma, y.clone(), None, guidance)
+            denoise(
+                denoiser,
+                edm,
+                x,
+                sigma,
+                y.clone(),
+                &TrainingTokens::all(),
+                guidance,
+            )
         },
         |_| draw(&mut rngs),
         on_step,

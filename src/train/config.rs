@@ -6,6 +6,7 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::model::config::ModelChoice;
+use crate::model::routing::{Routing, Sparsity};
 use crate::model::DitConfig;
 use crate::model::Precision;
 
@@ -34,6 +35,10 @@ pub struct TrainConfig {
     pub caption_dropout: f64,
     /// Fraction of patches hidden from the backbone.
     pub mask_ratio: f64,
+    /// Route a share of the backbone's tokens past a span of its blocks (TREAD): a
+    /// `[routing]` table of `share`, `first_block`, `last_block` (0-based, inclusive);
+    /// absent keys take TREAD's recipe (0.5, the second block to the second-to-last).
+    pub routing: Option<Routing>,
     /// Log-normal noise-level distribution of the EDM loss (the 512 px stages use 0 / 0.6).
     pub p_mean: f64,
     pub p_std: f64,
@@ -94,6 +99,7 @@ impl Default for TrainConfig {
             precision: Precision::F32,
             caption_dropout: 0.1,
             mask_ratio: 0.0,
+            routing: None,
             p_mean: -0.6,
             p_std: 1.2,
             steps: 0,
@@ -159,6 +165,15 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// This stage's masking and routing for a backbone of `depth` blocks.
+    pub fn sparsity(&self, depth: usize) -> Result<Sparsity> {
+        let route = self.routing.map(|r| r.span(depth)).transpose();
+        Ok(Sparsity {
+            mask_ratio: self.mask_ratio,
+            route: route.context("in [routing]")?,
+        })
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(
             !self.model.is_empty(),
@@ -187,6 +202,9 @@ impl TrainConfig {
             (0.0..1.0).contains(&self.mask_ratio),
             "mask_ratio must be in [0, 1)"
         );
+        if self.routing.is_some() {
+            self.sparsity(self.dit_config()?.depth)?;
+        }
         ensure!(
             (0.0..=1.0).contains(&self.caption_dropout),
             "caption_dropout must be in [0, 1]"

@@ -193,6 +193,7 @@ fn sum_flat<B: Backend>(
         ));
     }
     let device = flat.device();
+    crate::backend::host_sync::record();
     let mut values = flat
         .into_data()
         .convert::<f32>()

@@ -8,7 +8,7 @@ use burn::optim::{
 use burn::tensor::TensorPrimitive;
 use burn_store::ModuleSnapshot;
 
-use crate::backend::{AdamWStep, AutodiffBackend, Backend};
+use crate::backend::{host_sync, AdamWStep, AutodiffBackend, Backend};
 use crate::model::MicroDit;
 use burn::prelude::*;
 
@@ -24,7 +24,7 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut sum = SquaredNorm::<B> { grads, total: None };
     model.visit(&mut sum);
     let Some(total) = sum.total else { return 0.0 };
-    let norm = total.sqrt().into_scalar().elem::<f64>();
+    let norm = host_sync::scalar(total.sqrt());
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         model.visit(&mut Scale::<B> {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{AutodiffBackend, Backend};
+use crate::backend::{host_sync, AutodiffBackend, Backend};
 use anyhow::ensure;
 use anyhow::{bail, Context, Result};
 use burn::module::{AutodiffModule, ModuleMapper, Param, ParamId};
@@ -25,6 +25,7 @@ use super::preview::Preview;
 use crate::data::batch::BatchReader;
 use crate::data::latents::LatentsDataset;
 use crate::edm::{edm_loss, LossNoise};
+use crate::model::routing::Sparsity;
 use crate::model::weights::load_weights;
 use crate::model::{DitConfig, Init, MicroDit, Precision};
 use crate::run_dir;
@@ -219,6 +220,8 @@ struct Trainer<'a, B: AutodiffBackend> {
     device: &'a B::Device,
     rank: Rank,
     dit: DitConfig,
+    /// The stage's masking and routing, checked against the backbone.
+    sparsity: Sparsity,
     data: LatentsDataset,
     reader: BatchReader,
     /// `None` only while an optimiser step consumes it.
@@ -249,6 +252,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         rank: Rank,
     ) -> Result<Self> {
         let dit = cfg.dit_config()?;
+        let sparsity = cfg.sparsity(dit.depth)?;
         let data = LatentsDataset::open(&cfg.data, &cfg.latents_column()?, &cfg.caption_column)?;
         let reader = BatchReader {
             caption_len: data.caption_tokens(dit.caption_channels)?,
@@ -294,6 +298,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             device,
             rank,
             dit,
+            sparsity,
             data,
             reader,
             model: Some(model),
@@ -501,7 +506,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             if !self.rank.owns(m) || failure.is_some() {
                 // Another rank's micro-batch: draw its randomness all the same.
                 self.reader.skip(indices.len(), &mut self.rng);
-                LossNoise::<B>::draw(&mut self.rng, shape, dit.patch_size, cfg.mask_ratio, device);
+                LossNoise::<B>::draw(&mut self.rng, shape, dit.patch_size, &self.sparsity, device);
                 continue;
             }
             let batch = self.reader.read::<B>(
@@ -519,10 +524,10 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 }
             };
             let draws =
-                LossNoise::draw(&mut self.rng, shape, dit.patch_size, cfg.mask_ratio, device);
+                LossNoise::draw(&mut self.rng, shape, dit.patch_size, &self.sparsity, device);
             let loss =
                 edm_loss(compute, &cfg.edm(), x0, y, &draws, dit.patch_size) / micro_batches as f64;
-            let value = loss.clone().into_scalar().elem::<f64>();
+            let value = host_sync::scalar(loss.clone());
             step_loss += value;
             if !value.is_finite() {
                 continue;
