@@ -45,6 +45,14 @@ pub fn write_atomic(
     result.with_context(|| format!("writing {}", path.display()))
 }
 
+/// Writes `value` as pretty-printed JSON (atomically), ending in a newline.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)
+        .with_context(|| format!("encoding {} as JSON", path.display()))?;
+    text.push('\n');
+    write_atomic(path, |f| f.write_all(text.as_bytes()))
+}
+
 /// Writes f32/i64 tensors as a safetensors file (atomically).
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, TensorData>) -> Result<()> {
     let views: Vec<(String, TensorView<'_>)> = tensors

@@ -130,9 +130,7 @@ pub fn precompute<B: Backend>(
         );
     }
     let report = read_reports(out, parts)?;
-    crate::io::write_atomic(&out.join("report.json"), |f| {
-        serde_json::to_writer_pretty(f, &report).map_err(std::io::Error::other)
-    })?;
+    crate::io::write_json(&out.join("report.json"), &report)?;
     Ok(report)
 }
 
@@ -226,9 +224,7 @@ fn write_part<B: Backend>(
         Ok(())
     })?;
     writer.finish()?;
-    crate::io::write_atomic(&partial.join("report.json"), |f| {
-        serde_json::to_writer(f, &report).map_err(std::io::Error::other)
-    })?;
+    crate::io::write_json(&partial.join("report.json"), &report)?;
     let done = part_dir(out, part);
     std::fs::rename(&partial, &done)
         .with_context(|| format!("renaming {} to {}", partial.display(), done.display()))
@@ -411,9 +407,7 @@ fn merge_index(out: &Path, parts: usize) -> Result<()> {
         }
     }
     let index = serde_json::json!({"shards": shards, "version": 2});
-    crate::io::write_atomic(&out.join("index.json"), |f| {
-        serde_json::to_writer_pretty(f, &index).map_err(std::io::Error::other)
-    })
+    crate::io::write_json(&out.join("index.json"), &index)
 }
 
 /// Skip reasons grouped by their first words, for the summary line.

@@ -33,6 +33,12 @@ fn bad_input_gets_a_clear_error() {
     );
     let (ok, _, err) = microdit(&["bench", "--device", "tpu"]).split();
     assert!(!ok && err.contains("unknown device 'tpu'"), "{err}");
+    // The published model's patch grid is known before any weights are looked for.
+    let (ok, _, err) = microdit(&["generate", "a red circle", "--resolution", "100"]).split();
+    assert!(
+        !ok && err.contains("resolution 100 is not a multiple of 16") && !err.contains("Hub"),
+        "{err}"
+    );
 }
 
 #[test]

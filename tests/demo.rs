@@ -102,7 +102,7 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
     ]);
     assert!(run.ok(), "{}", run.log());
     let settings = microdit::pipeline::GenerationSettings::from_png_text(
-        microdit::image::read_png_text(&png).unwrap(),
+        microdit::png_io::read_png_text(&png).unwrap(),
     )
     .unwrap();
     assert_eq!(

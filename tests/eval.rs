@@ -245,7 +245,7 @@ fn eval_generates_resumes_shares_work_and_reports() {
     assert!(std::fs::read_to_string(shared.join("report.md"))
         .unwrap()
         .contains("FID-3"));
-    let text = microdit::image::read_png_text(&shared.join("images/000002.png")).unwrap();
+    let text = microdit::png_io::read_png_text(&shared.join("images/000002.png")).unwrap();
     assert!(
         text.contains(&("prompt".into(), "two green triangles".into())),
         "{text:?}"

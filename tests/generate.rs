@@ -84,7 +84,7 @@ fn same_seed_same_bytes_other_seed_other_image_and_png_reproduces_itself() {
     let reader = decoder.read_info().unwrap();
     let side = s.model.resolution as u32;
     assert_eq!((reader.info().width, reader.info().height), (side, side));
-    let text = microdit::image::read_png_text(&s.model.root.join("a.png")).unwrap();
+    let text = microdit::png_io::read_png_text(&s.model.root.join("a.png")).unwrap();
     assert!(text.contains(&("prompt".into(), "an owl with the moon behind it".into())));
     assert!(text.contains(&("seed".into(), "7".into())));
 
@@ -123,17 +123,10 @@ fn half_precision_generation_makes_nearly_the_same_image() {
             &path("bf16.png"),
         ],
     );
-    let pixels = |n: &str| {
-        let mut reader = png::Decoder::new(std::io::Cursor::new(
-            std::fs::read(s.model.root.join(n)).unwrap(),
-        ))
-        .read_info()
-        .unwrap();
-        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-        reader.next_frame(&mut buf).unwrap();
-        buf
-    };
-    let (a, b) = (pixels("f32.png"), pixels("bf16.png"));
+    let (a, b) = (
+        pixels(&s.model.root.join("f32.png")),
+        pixels(&s.model.root.join("bf16.png")),
+    );
     assert_ne!(
         a, b,
         "--dtype bf16 made the very image f32 made: is it ignored?"
@@ -152,12 +145,7 @@ fn half_precision_generation_makes_nearly_the_same_image() {
 
 /// The decoded pixels of a PNG file.
 fn pixels(path: &std::path::Path) -> Vec<u8> {
-    let mut reader = png::Decoder::new(std::io::Cursor::new(std::fs::read(path).unwrap()))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    reader.next_frame(&mut buf).unwrap();
-    buf
+    common::png_pixels(&std::fs::read(path).unwrap())
 }
 
 #[test]
@@ -187,7 +175,7 @@ fn several_prompts_make_a_folder_of_seeded_images_and_a_grid() {
         ("001-01-seed13.png", "a blue square", 13),
     ];
     for (name, prompt, seed) in images {
-        let text = microdit::image::read_png_text(&out.join(name))
+        let text = microdit::png_io::read_png_text(&out.join(name))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let settings = microdit::pipeline::GenerationSettings::from_png_text(text).unwrap();
         assert_eq!((settings.prompt.as_str(), settings.seed), (prompt, seed));
@@ -239,7 +227,7 @@ fn dpm_solver_images_record_their_sampler_and_reproduce() {
             ],
         );
         assert!(log.contains(&format!("{steps} steps, {sampler}")), "{log}");
-        let text = microdit::image::read_png_text(&file).unwrap();
+        let text = microdit::png_io::read_png_text(&file).unwrap();
         assert!(
             text.contains(&("sampler".into(), sampler.into())),
             "{text:?}"

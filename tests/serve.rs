@@ -106,16 +106,6 @@ impl Drop for Server {
     }
 }
 
-/// Decoded RGB pixels of a PNG file's bytes.
-fn pixels(png: &[u8]) -> Vec<u8> {
-    let mut reader = png::Decoder::new(std::io::Cursor::new(png))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    reader.next_frame(&mut buf).unwrap();
-    buf
-}
-
 #[test]
 fn a_job_makes_the_image_generate_makes() {
     let model = tiny_model();
@@ -125,10 +115,14 @@ fn a_job_makes_the_image_generate_makes() {
     assert_eq!(job["state"], "done", "{job}");
     let urls = job["images"].as_array().unwrap();
     assert_eq!(urls.len(), 2);
+    // The settings come back with the JSON types a request gives them.
+    let settings = &job["settings"];
+    assert!(settings["seed"] == 7 && settings["steps"].is_u64(), "{job}");
+    assert!(settings["guidance"].is_number(), "{job}");
     let served = server.bytes(urls[1].as_str().unwrap());
     // Image 1 of the job is seed 8, and records it.
     let settings = microdit::pipeline::GenerationSettings::from_png_text(
-        microdit::image::read_png_text_bytes(&served).unwrap(),
+        microdit::png_io::read_png_text_bytes(&served).unwrap(),
     )
     .unwrap();
     assert_eq!((settings.prompt.as_str(), settings.seed), ("an owl", 8));
@@ -140,8 +134,8 @@ fn a_job_makes_the_image_generate_makes() {
     let run = common::microdit_env(&args, &[("HF_HUB_OFFLINE", "1".as_ref())]);
     assert!(run.ok(), "{}", run.log());
     assert_eq!(
-        pixels(&served),
-        pixels(&std::fs::read(&out).unwrap()),
+        common::png_pixels(&served),
+        common::png_pixels(&std::fs::read(&out).unwrap()),
         "the server's image differs from generate's"
     );
 }
@@ -205,8 +199,15 @@ fn bad_requests_get_a_clear_4xx() {
             .0,
         404
     );
-    // The server is still serving.
-    assert_eq!(server.call("GET", "/v1/info", None).0, 200);
+    // The server is still serving, and suggests a prompt (the page's placeholder).
+    let (status, info) = server.call("GET", "/v1/info", None);
+    assert_eq!(status, 200);
+    assert!(
+        info["limits"]["example_prompt"]
+            .as_str()
+            .is_some_and(|p| !p.is_empty()),
+        "{info}"
+    );
 }
 
 #[test]

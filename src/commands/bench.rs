@@ -8,8 +8,6 @@
 //! a cold start), then the median of the timed runs with images/s and, on a GPU, model
 //! FLOPs utilisation against the bf16 tensor-core peak.
 
-use std::time::Instant;
-
 use anyhow::Result;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
@@ -18,6 +16,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::bench_frozen::{self, EncodeBenchArgs, EvalBenchArgs, TextBenchArgs, VaeBenchArgs};
+use super::bench_timing::{report, time};
 use super::{DeviceChoice, ModelArgs};
 use crate::backend::{host_sync, AutodiffBackend, Trainable};
 use crate::edm::{
@@ -27,8 +26,10 @@ use crate::model::flops::{forward_flops, train_step_flops};
 use crate::model::masking::kept_tokens;
 use crate::model::routing::{Sparsity, TrainingTokens};
 use crate::model::{DitConfig, Init, MicroDit, Precision};
+use crate::pipeline::Sampling;
 use crate::random::standard_normal;
-use crate::train::optim::{clip_grad_norm, AdamWSettings};
+use crate::train::config::TrainConfig;
+use crate::train::optim::clip_grad_norm;
 
 /// Dense bf16 tensor-core peak of an H100/H200 SXM (NVIDIA's datasheet), the usual MFU
 /// denominator.
@@ -100,7 +101,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Guidance scale of the timed sampler step.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = Sampling::default().guidance)]
     pub guidance: f64,
     /// Timed repetitions of each measurement (after the warm-up runs).
     #[arg(long, default_value_t = 3)]
@@ -122,31 +123,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     crate::with_backend!(args.device, |Bk, device| bench::<Trainable<Bk>>(
         &cfg, args, &device
     ))
-}
-
-/// Median of `iters` timed runs after `warmup` untimed ones; each run's time goes to stderr
-/// as it finishes, labelled with `what`.
-pub fn time(what: &str, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
-    let mut timed = Vec::new();
-    for i in 0..warmup + iters.max(1) {
-        let start = Instant::now();
-        f();
-        let seconds = start.elapsed().as_secs_f64();
-        let kind = if i < warmup { "warm-up" } else { "timed" };
-        eprintln!("  {what}: run {} ({kind}) {seconds:.3} s", i + 1);
-        if i >= warmup {
-            timed.push(seconds);
-        }
-    }
-    timed.sort_by(f64::total_cmp);
-    timed[timed.len() / 2]
-}
-
-pub fn report(what: &str, seconds: f64, count: usize, unit: &str) {
-    println!(
-        "{what:<40} {seconds:>9.3} s   {:>8.2} {unit}/s",
-        count as f64 / seconds
-    );
 }
 
 /// Host synchronisations per run of the timed work since the count stood at `before`
@@ -182,7 +158,9 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
         device,
     );
     let mut model = Some(MicroDit::<B>::new(cfg, &mut Init::reference(0, device)));
-    let mut optim = AdamWSettings::default().init::<B, MicroDit<B>>();
+    // The reference recipe's optimiser, learning rate and clipping.
+    let recipe = TrainConfig::default();
+    let mut optim = recipe.adamw().init::<B, MicroDit<B>>();
     println!(
         "{} parameters, batch {}, latents {:?}, captions {}x{}, {:?}, {:?}",
         crate::model::params::param_count(cfg),
@@ -211,10 +189,8 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
             let draws = LossNoise::draw(&mut rng, shape, cfg.patch_size, &sparsity, device);
             // As the trainer does: a low-precision copy inside the graph computes, the
             // gradients land on the f32 master weights.
-            let compute =
-                (args.dtype != Precision::F32).then(|| m.clone().cast(args.dtype.dtype()));
             let loss = edm_loss(
-                compute.as_ref().unwrap_or(&m),
+                &m.clone().in_precision(args.dtype),
                 &edm,
                 x0.clone(),
                 y.clone(),
@@ -224,8 +200,10 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
             // The trainer reads each loss and the gradient norm back to log them.
             host_sync::scalar(loss.clone());
             let mut grads = GradientsParams::from_grads(loss.backward(), &m);
-            clip_grad_norm(&m, &mut grads, 0.25);
-            model = Some(burn::optim::Optimizer::step(&mut optim, 2.4e-4, m, grads));
+            clip_grad_norm(&m, &mut grads, recipe.grad_clip);
+            model = Some(burn::optim::Optimizer::step(
+                &mut optim, recipe.lr, m, grads,
+            ));
             B::sync(device).expect("device sync");
         });
         report(&what, seconds, args.batch, "images");
@@ -241,14 +219,15 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
     if args.train_only {
         return Ok(());
     }
-    let inference = model.take().expect("model").valid();
-    let inference = match args.dtype {
-        Precision::F32 => inference,
-        other => inference.cast(other.dtype()),
-    };
+    let inference = model
+        .take()
+        .expect("model")
+        .valid()
+        .in_precision(args.dtype);
     let dev = device.clone();
     let y = y.inner();
-    let sigmas = karras_sigmas(&edm, 30);
+    // The reference sampler's schedule (its first step is what is timed).
+    let sigmas = karras_sigmas(&edm, Sampling::default().steps);
     let x = x0.inner();
     let guidance = Guidance::from_scale(args.guidance);
     let call = |x: Tensor<B::InnerBackend, 4>, sigma: f64| {

@@ -9,7 +9,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::bench::{report, time};
+use super::bench_timing::{report, time};
 use super::DeviceChoice;
 use crate::data::preprocess::{decode_rgb, resize_center_crop, to_model_input};
 use crate::eval::clip::{ClipVisionConfig, ClipVisionEncoder};

@@ -103,7 +103,7 @@ fn jobs(args: &GenerateArgs) -> Result<Vec<Job>> {
 
 /// The image's own settings; written beside it as NAME-again.png unless --out says where.
 fn job_from_png(png: &Path, args: &GenerateArgs) -> Result<Job> {
-    let chunks = crate::image::read_png_text(png)?;
+    let chunks = crate::png_io::read_png_text(png)?;
     let mut settings = GenerationSettings::from_png_text(chunks).with_context(|| {
         format!(
             "{}: its settings cannot be read (not made by microdit generate?)",
@@ -152,7 +152,7 @@ fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -
         bar.finish_and_clear();
         evaluations += sampling.evaluations();
         let image = pipeline.decode(latents)?;
-        crate::image::write_png(
+        crate::png_io::write_png(
             &job.path,
             &image.rgb,
             image.side,
@@ -164,7 +164,7 @@ fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -
     let elapsed = sampling_started.elapsed().as_secs_f64();
     if args.grid && images.len() > 1 {
         let tiles: Vec<&[u8]> = images.iter().map(|i| i.rgb.as_slice()).collect();
-        crate::image::write_grid(&args.out.join("grid.png"), &tiles, images[0].side)?;
+        crate::png_io::write_grid(&args.out.join("grid.png"), &tiles, images[0].side)?;
     }
     let where_to = if jobs.len() == 1 {
         jobs[0].path.display().to_string()

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_frozen;
+mod bench_timing;
 pub mod demo;
 pub mod eval;
 pub mod generate;
@@ -98,6 +99,7 @@ impl PipelineArgs {
             resolution: self.resolution,
             steps: None,
             guidance: None,
+            example_prompt: None,
         };
         let beside = match &self.checkpoint {
             Some(c) if Path::new(c).exists() => {

@@ -68,7 +68,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     crate::with_backend!(pipeline_args.device, |Bk, device| {
         let pipeline = TextToImage::<Bk>::load(&parts, &Hub::from_env(), &device)
             .context("loading the model")?;
-        start::<Bk>(pipeline, &parts, default_sampling, options)
+        let example = components.example_prompt.clone().unwrap_or_default();
+        start::<Bk>(pipeline, &parts, default_sampling, example, options)
     })
 }
 
@@ -76,12 +77,14 @@ fn start<B: Backend>(
     pipeline: TextToImage<B>,
     parts: &crate::pipeline::load::Parts,
     default_sampling: crate::pipeline::Sampling,
+    example_prompt: String,
     options: ServerOptions,
 ) -> Result<()> {
     let unit = pipeline.codec.downscale() * pipeline.dit.patch_size;
     let resolution = pipeline.resolution();
     let limits = Limits {
         default_sampling,
+        example_prompt,
         default_resolution: resolution,
         resolution_multiple: unit,
         max_resolution: 2 * resolution,

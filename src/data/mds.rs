@@ -485,11 +485,8 @@ impl MdsWriter {
     /// Writes the last shard and the index.
     pub fn finish(mut self) -> Result<()> {
         self.flush_shard()?;
-        let index =
-            serde_json::to_vec_pretty(&serde_json::json!({"shards": self.shards, "version": 2}))?;
-        crate::io::write_atomic(&self.dir.join("index.json"), |f| {
-            std::io::Write::write_all(f, &index)
-        })
+        let index = serde_json::json!({"shards": self.shards, "version": 2});
+        crate::io::write_json(&self.dir.join("index.json"), &index)
     }
 }
 

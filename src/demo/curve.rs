@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 use super::score::Accuracy;
 use crate::train::plot::Chart;
 
+/// Files in the demo folder: the adherence curve and its plot.
+pub const CURVE: &str = "curve.json";
+pub const CURVE_PLOT: &str = "adherence.png";
+
 /// One scoring of the model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CurvePoint {
@@ -47,9 +51,7 @@ impl Curve {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::io::write_atomic(path, |f| {
-            serde_json::to_writer_pretty(f, self).map_err(std::io::Error::other)
-        })
+        crate::io::write_json(path, self)
     }
 
     /// Whether the model was scored at `step` already.

@@ -4,24 +4,24 @@
 //! then an unmasked finetune, or an ablation variant) → sampling held-out and seen prompts
 //! → adherence scores, a Fréchet distance, a grid, loss plots and a report.
 
-use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::backend::{AutodiffBackend, Backend};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::curve::{percent, Curve, CurvePoint, LINE_COLOURS};
-use super::score::{accuracies, features, frechet_distance, judge, Accuracy, Tally};
+use super::budget::Budget;
+use super::curve::{Curve, CurvePoint, CURVE, CURVE_PLOT};
+use super::evaluation::{evaluate, Scores};
+use super::options::{DemoOptions, StageKind, Variant, GUIDANCE, SAMPLER_STEPS};
+use super::report::{routing_note, write_report, TrainedStage};
 use super::shapes::{scene_and_image, Scene};
 use crate::data::sources::ImageCaptionSource;
 use crate::hub::Hub;
-use crate::model::routing::{RouteSpan, Sparsity};
-use crate::model::{DitConfig, Precision, Routing};
+use crate::model::DitConfig;
 use crate::pipeline::load::Components;
-use crate::pipeline::{Sampling, TextToImage};
 use crate::precompute::{precompute, Encoders, PrecomputeOptions};
 use crate::state_dict::{reference_tensors, CLIP_TEXT_KEYS};
 use crate::text::{ClipTextConfig, ClipTextEncoder, TextEncoder};
@@ -29,88 +29,6 @@ use crate::train::config::TrainConfig;
 use crate::train::trainer::{train_data_parallel, RunOptions, Summary};
 use crate::vae::{LatentCodec, SpaceToDepth};
 
-/// How the training budget is spent (the paper's central comparison, in miniature).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-pub enum Variant {
-    /// 75% of patches masked, with the patch-mixer, then an unmasked finetune (MicroDiT).
-    Masked,
-    /// No masking at all.
-    Unmasked,
-    /// 75% masked without the patch-mixer, then an unmasked finetune.
-    MaskedNoMixer,
-    /// No masking; half the backbone's tokens routed past its middle blocks (TREAD).
-    Routed,
-    /// MicroDiT's masked stage and unmasked finetune, both with TREAD's routing.
-    MaskedRouted,
-}
-
-impl Variant {
-    /// Its stages, in order.
-    fn stages(self) -> Vec<StageKind> {
-        let routing =
-            matches!(self, Variant::Routed | Variant::MaskedRouted).then(Routing::default);
-        let stage = |name: &str, mask_ratio, share| StageKind {
-            name: format!("{name}{}", if routing.is_some() { "-routed" } else { "" }),
-            mask_ratio,
-            routing,
-            share,
-        };
-        match self {
-            Variant::Unmasked | Variant::Routed => vec![stage("unmasked", 0.0, 1.0)],
-            Variant::Masked | Variant::MaskedNoMixer | Variant::MaskedRouted => vec![
-                stage("masked", MASK_RATIO, 1.0 - FINETUNE_SHARE),
-                stage("finetune", 0.0, FINETUNE_SHARE),
-            ],
-        }
-    }
-}
-
-/// One stage of a variant: its folder's name, what it masks and routes, and its share of
-/// the training time.
-#[derive(Debug, Clone)]
-struct StageKind {
-    name: String,
-    mask_ratio: f64,
-    routing: Option<Routing>,
-    share: f64,
-}
-
-#[derive(Debug, Clone)]
-pub struct DemoOptions {
-    pub out: PathBuf,
-    /// Wall-clock budget for the whole run, data and evaluation included.
-    pub minutes: f64,
-    pub variant: Variant,
-    /// Side of the generated images in pixels ([`DEFAULT_IMAGE_SIZE`] unless told).
-    pub image_size: usize,
-    pub train_images: usize,
-    /// Prompts sampled per group (seen and held-out combinations).
-    pub eval_prompts: usize,
-    pub seed: u64,
-    pub quiet: bool,
-    /// How the scored samples are drawn ([`DemoOptions::default_sampling`] unless told).
-    pub sampling: Sampling,
-    /// The denoiser's architecture, [`default_model`] unless told.
-    pub model: Option<DitConfig>,
-}
-
-impl DemoOptions {
-    /// The demo's sampler: 18 Heun steps at guidance 5.
-    pub fn default_sampling() -> Sampling {
-        Sampling::heun(SAMPLER_STEPS, GUIDANCE)
-    }
-
-    /// Prompts per group for a budget of `minutes`: [`EVAL_PROMPTS`] from ten minutes up,
-    /// fewer in shorter runs so that scoring stays about a twentieth of the budget.
-    pub fn default_eval_prompts(minutes: f64) -> usize {
-        ((minutes * EVAL_PROMPTS as f64 / 10.0).round() as usize)
-            .clamp(MIN_EVAL_PROMPTS, EVAL_PROMPTS)
-    }
-}
-
-/// Images of 16 px: at 32 px the model did not learn shapes in ten minutes (nor in 30), at
-/// 16 px it began to (docs/DEMO.md, "Shapes: the image's size, …").
-pub const DEFAULT_IMAGE_SIZE: usize = 16;
 const MIN_IMAGE_SIZE: usize = 16;
 /// 1,024 patches at 64 px: beyond that a CPU step takes seconds.
 const MAX_IMAGE_SIZE: usize = 64;
@@ -130,46 +48,15 @@ const TEXT_CONTEXT: usize = 16;
 /// followed the captions better than 1e-3 in a measured comparison (docs/DEMO.md).
 const REPLICA_BATCH: usize = 32;
 const LR: f64 = 2e-3;
-/// MicroDiT's share of patches masked in the first stage.
-const MASK_RATIO: f64 = 0.75;
-/// Share of the training time given to the unmasked finetune after a masked stage: 60%
-/// drew shapes better than 40% on each of three seeds, and 40% better than 20%, in
-/// measured comparisons (docs/DEMO.md).
-const FINETUNE_SHARE: f64 = 0.6;
-/// Share of the budget kept for the final sampling and scoring until a part-way scoring has
-/// been timed.
-const EVAL_SHARE: f64 = 0.12;
 /// Where in the first stage (shares of its planned steps) the model is scored part-way,
 /// besides the end of every stage.
 const CURVE_POINTS: [f64; 2] = [1.0 / 3.0, 2.0 / 3.0];
 /// The part-way scorings sample the final scoring's prompts divided by this: enough to
 /// show the curve's trend, in a quarter of the time.
 const PART_WAY_PROMPTS_DIVISOR: usize = 4;
-/// Files in the demo folder: the adherence curve and its plot.
-const CURVE: &str = "curve.json";
-const CURVE_PLOT: &str = "adherence.png";
 /// The weights' exponential average forgets half of itself in this share of a stage's
 /// planned steps (EDM's half-life is a share of training, too); samples use the average.
 const EMA_HALF_LIFE: f64 = 0.1;
-/// The EDM loss's noise levels: ln σ ~ N(P_MEAN, P_STD²), MicroDiT's; EDM's −1.2 for
-/// 32 px images trains the high noise levels too little here (docs/DEMO.md).
-const P_MEAN: f64 = -0.6;
-const P_STD: f64 = 1.2;
-/// The scored samples: 18 Heun steps at guidance 5 (MicroDiT's own default), which drew
-/// shapes better than 3 on the same weights (docs/DEMO.md).
-const SAMPLER_STEPS: usize = 18;
-const GUIDANCE: f64 = 5.0;
-/// Side in pixels of each image in `samples.png` (enlarged without smoothing).
-const GRID_CELL: u32 = 128;
-/// Prompts per group scored at the end of a run of ten minutes or more: with 192 a
-/// group's accuracy is within about ±4 points (a count's, about a quarter of the prompts,
-/// ±7); with 48 the same weights scored up to 13 points apart on another draw of prompts
-/// (docs/DEMO.md). Shorter runs score fewer, at least [`MIN_EVAL_PROMPTS`].
-const EVAL_PROMPTS: usize = 192;
-const MIN_EVAL_PROMPTS: usize = 48;
-/// Prompts sampled together when scoring.
-const EVAL_BATCH: usize = 16;
-
 /// The steps chosen for the budget, saved so that a resumed run keeps them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Plan {
@@ -180,21 +67,6 @@ struct Plan {
 struct PlannedStage {
     name: String,
     steps: usize,
-}
-
-/// What a finished stage did, for the report.
-struct TrainedStage {
-    dir: PathBuf,
-    steps: usize,
-    sparsity: Sparsity,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Scores {
-    pub accuracy: Vec<Accuracy>,
-    pub frechet_distance: f64,
-    pub frechet_distance_between_real_sets: f64,
-    pub scorer_accuracy_on_real_images: f64,
 }
 
 /// The demo on `devices`: one replica of the denoiser each while training (data-parallel,
@@ -231,6 +103,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
     let mut trained = Vec::new();
     let mut steps_before = 0;
     let depth = dit_config(opts)?.depth;
+    let shares: Vec<f64> = stages.iter().map(|s| s.share).collect();
     for (k, stage) in stages.iter().enumerate() {
         let sparsity = stage.cfg.sparsity(depth)?;
         eprintln!(
@@ -241,7 +114,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
             routing_note(sparsity.route)
         );
         // Re-read at every pause: the final scoring's reserve shrinks once it is timed.
-        let deadline = || budget.stage_deadline(&stages, k);
+        let deadline = || budget.stage_deadline(&shares, k);
         let pauses: Vec<usize> = match k {
             0 => CURVE_POINTS
                 .iter()
@@ -364,87 +237,9 @@ fn check_folder(opts: &DemoOptions) -> Result<()> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     if new_folder {
-        crate::io::write_atomic(&file, |f| {
-            serde_json::to_writer_pretty(f, &asked).map_err(std::io::Error::other)
-        })?;
+        crate::io::write_json(&file, &asked)?;
     }
     Ok(())
-}
-
-/// The wall clock of one demo run: when it ends, how long the final sampling and scoring
-/// will take (a share of the budget at first, then timed from the part-way scorings), and
-/// the training time spent so far.
-struct Budget {
-    start: Instant,
-    end: Instant,
-    final_scoring: Cell<f64>,
-    /// When the first stage asked for its deadline.
-    training_began: Cell<Option<Instant>>,
-    /// Seconds of part-way scoring since, which are not training time, and the last one's.
-    part_way_scoring: Cell<f64>,
-    last_part_way_scoring: Cell<f64>,
-}
-
-impl Budget {
-    fn starting_now(minutes: f64) -> Self {
-        let seconds = minutes.max(0.0) * 60.0;
-        let start = Instant::now();
-        Self {
-            start,
-            end: start + Duration::from_secs_f64(seconds),
-            final_scoring: Cell::new(EVAL_SHARE * seconds),
-            training_began: Cell::new(None),
-            part_way_scoring: Cell::new(0.0),
-            last_part_way_scoring: Cell::new(0.0),
-        }
-    }
-
-    fn elapsed(&self) -> f64 {
-        self.start.elapsed().as_secs_f64()
-    }
-
-    /// Seconds left for training.
-    fn training_left(&self) -> f64 {
-        let left = self
-            .end
-            .saturating_duration_since(Instant::now())
-            .as_secs_f64();
-        (left - self.final_scoring.get()).max(0.0)
-    }
-
-    /// When stage `k` should end (asked at its start and again at each pause).
-    fn stage_deadline(&self, stages: &[Stage], k: usize) -> Instant {
-        let now = Instant::now();
-        let began = self.training_began.get().unwrap_or(now);
-        self.training_began.set(Some(began));
-        let spent = (now - began).as_secs_f64() - self.part_way_scoring.get();
-        // Every stage but the last is scored at its end, after its deadline and before the
-        // next stage starts: that time is not the next stage's to train.
-        let scorings_ahead = (stages.len() - 1 - k) as f64 * self.last_part_way_scoring.get();
-        let left = (self.training_left() - scorings_ahead).max(0.0);
-        let shares: Vec<f64> = stages.iter().map(|s| s.share).collect();
-        let seconds = seconds_to_stage_end(spent, left, &shares, k);
-        now + Duration::from_secs_f64(seconds)
-    }
-
-    /// A part-way scoring of `prompts` prompts per group took `seconds`: the final one, of
-    /// `final_prompts`, will take about as much per prompt (a tenth more for safety).
-    fn scored(&self, seconds: f64, prompts: usize, final_prompts: usize) {
-        self.part_way_scoring
-            .set(self.part_way_scoring.get() + seconds);
-        self.last_part_way_scoring.set(seconds);
-        let seconds = 1.1 * seconds * final_prompts as f64 / prompts.max(1) as f64;
-        self.final_scoring.set(seconds);
-    }
-}
-
-/// Seconds from now until stage `k` ends, when training has taken `spent` seconds and has
-/// `left` more: the whole training time is shared out by the stages' `shares`, so a stage
-/// that asks again part-way keeps its share of the whole, not of what is left.
-fn seconds_to_stage_end(spent: f64, left: f64, shares: &[f64], k: usize) -> f64 {
-    let total: f64 = shares.iter().sum();
-    let through_k: f64 = shares[..=k].iter().sum();
-    ((spent + left) * through_k / total.max(1e-9) - spent).max(0.0)
 }
 
 /// One training stage of the demo: its run folder, config, and share of the training time.
@@ -510,7 +305,7 @@ fn write_images(opts: &DemoOptions) -> Result<()> {
         let (scene, image) = scene_and_image(opts.seed, i, opts.image_size, false);
         let path = dir.join(format!("{i:06}.png"));
         let size = opts.image_size;
-        crate::image::write_png(&path, image.as_raw(), size, size, &[])?;
+        crate::png_io::write_png(&path, image.as_raw(), size, size, &[])?;
         std::fs::write(path.with_extension("txt"), scene.caption())?;
         anyhow::Ok(())
     })
@@ -536,9 +331,7 @@ fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<T
         let config = serde_json::json!({"model_cfg": {"quick_gelu": false, "text_cfg": {
             "context_length": TEXT_CONTEXT, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 2,
             "layers": 2}}});
-        crate::io::write_atomic(&dir.join("open_clip_config.json"), |f| {
-            serde_json::to_writer_pretty(f, &config).map_err(std::io::Error::other)
-        })?;
+        crate::io::write_json(&dir.join("open_clip_config.json"), &config)?;
         crate::io::write_safetensors(&weights, &reference_tensors(&tower, &CLIP_TEXT_KEYS)?)?;
     }
     let hub = Hub::new(dir.to_path_buf(), true);
@@ -628,8 +421,8 @@ fn train_config(
         checkpoint_every: 100,
         keep_last: 2,
         ema_decay: Some(0.5f64.powf(1.0 / (EMA_HALF_LIFE * steps as f64).max(1.0))),
-        p_mean: P_MEAN,
-        p_std: P_STD,
+        // The recipe's noise levels, MicroDiT's ln σ ~ N(−0.6, 1.2²): EDM's P_mean −1.2 for
+        // 32 px images trained the high noise levels too little here (docs/DEMO.md).
         ..TrainConfig::default()
     };
     cfg.validate()?;
@@ -647,9 +440,7 @@ fn stage_configs<B: AutodiffBackend>(
 ) -> Result<Vec<Stage>> {
     let model = opts.out.join(MODEL);
     let dit = dit_config(opts)?;
-    crate::io::write_atomic(&model, |f| {
-        serde_json::to_writer_pretty(f, &dit).map_err(std::io::Error::other)
-    })?;
+    crate::io::write_json(&model, &dit)?;
     let kinds = opts.variant.stages();
     let plan_path = opts.out.join("plan.json");
     let plan: Plan = match std::fs::read(&plan_path) {
@@ -670,9 +461,7 @@ fn stage_configs<B: AutodiffBackend>(
                 });
             }
             let plan = Plan { stages };
-            crate::io::write_atomic(&plan_path, |f| {
-                serde_json::to_writer_pretty(f, &plan).map_err(std::io::Error::other)
-            })?;
+            crate::io::write_json(&plan_path, &plan)?;
             plan
         }
     };
@@ -726,20 +515,9 @@ fn time_step<B: AutodiffBackend>(
     Ok(((elapsed[1] - elapsed[0]) / 5.0).max(1e-3))
 }
 
-/// The evaluation prompts: `prompts` with seen (colour, shape) combinations and as many
-/// held out, each with the generator's own image for it (fewer prompts: the first of the
-/// full set's).
-fn eval_scenes(opts: &DemoOptions, prompts: usize) -> Vec<(bool, Scene, image::RgbImage)> {
-    let seed = opts.seed.wrapping_add(1);
-    let mut all = Vec::new();
-    for held_out in [false, true] {
-        for i in 0..prompts {
-            let stream = i + if held_out { opts.eval_prompts } else { 0 };
-            let (scene, image) = scene_and_image(seed, stream, opts.image_size, held_out);
-            all.push((held_out, scene, image));
-        }
-    }
-    all
+fn example_scene() -> Scene {
+    use rand::SeedableRng;
+    Scene::random(&mut rand_chacha::ChaCha8Rng::seed_from_u64(0), false)
 }
 
 /// What `microdit generate` needs to sample a model trained here (`pipeline.json`).
@@ -752,186 +530,9 @@ fn pipeline_components(image_size: usize) -> Components {
         resolution: Some(image_size),
         steps: Some(SAMPLER_STEPS),
         guidance: Some(GUIDANCE),
+        // A caption of the kind the model trains on (a seen colour and shape).
+        example_prompt: Some(example_scene().caption()),
     }
-}
-
-/// Samples `prompts` evaluation prompts per group with a stage's newest weights, through
-/// the same pipeline `microdit generate` builds from `pipeline.json`, scores the images,
-/// and draws them beside real ones into `grid`.
-fn evaluate<B: Backend>(
-    opts: &DemoOptions,
-    stage: &Path,
-    prompts: usize,
-    grid: Option<&Path>,
-    device: &B::Device,
-) -> Result<Scores> {
-    let components = Components {
-        checkpoint: Some(stage.display().to_string()),
-        ..Components::default()
-    }
-    .or(Components::beside(stage)?.context("the demo folder has no pipeline.json")?);
-    let parts = components.parts(Precision::F32)?;
-    let pipeline = TextToImage::<B>::load(&parts, &Hub::new(opts.out.clone(), true), device)?;
-    let sampling = &opts.sampling;
-    let scenes = eval_scenes(opts, prompts);
-    let bar = crate::progress::bar_unless(opts.quiet, scenes.len(), "scoring", "image");
-    let mut generated = Vec::new();
-    for (n, batch) in scenes.chunks(EVAL_BATCH).enumerate() {
-        let captions: Vec<String> = batch.iter().map(|(_, scene, _)| scene.caption()).collect();
-        let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
-        let first = (n * EVAL_BATCH) as u64;
-        let seeds: Vec<u64> = (0..batch.len() as u64)
-            .map(|i| opts.seed + first + i)
-            .collect();
-        for image in pipeline.generate(&prompts, &seeds, sampling, |_| {})? {
-            generated.push(image.to_rgb_image()?);
-        }
-        bar.inc(batch.len() as u64);
-    }
-    bar.finish_and_clear();
-    if let Some(grid) = grid {
-        write_grid(grid, &scenes, &generated)?;
-    }
-    score(opts, &scenes, &generated)
-}
-
-fn score(
-    opts: &DemoOptions,
-    scenes: &[(bool, Scene, image::RgbImage)],
-    generated: &[image::RgbImage],
-) -> Result<Scores> {
-    let (mut seen, mut held, mut real) = (Tally::default(), Tally::default(), Tally::default());
-    for ((held_out, scene, reference), image) in scenes.iter().zip(generated) {
-        let verdict = judge(scene, image);
-        if *held_out {
-            held.add(&verdict)
-        } else {
-            seen.add(&verdict)
-        }
-        real.add(&judge(scene, reference));
-    }
-    let accuracy = accuracies(&seen, &held);
-    let real_features: Vec<Vec<f64>> = scenes.iter().map(|s| features(&s.2)).collect();
-    let generated_features: Vec<Vec<f64>> = generated.iter().map(features).collect();
-    // A second draw of real images for the same prompts: the distance's floor at this size.
-    let other_real: Vec<Vec<f64>> = (0..scenes.len())
-        .map(|i| {
-            features(&scene_and_image(opts.seed.wrapping_add(2), i, opts.image_size, scenes[i].0).1)
-        })
-        .collect();
-    Ok(Scores {
-        accuracy,
-        frechet_distance: frechet_distance(&real_features, &generated_features)?,
-        frechet_distance_between_real_sets: frechet_distance(&real_features, &other_real)?,
-        scorer_accuracy_on_real_images: real.overall(),
-    })
-}
-
-/// Each prompt's generated image beside the generator's own, enlarged to [`GRID_CELL`] px.
-fn write_grid(
-    path: &Path,
-    scenes: &[(bool, Scene, image::RgbImage)],
-    generated: &[image::RgbImage],
-) -> Result<()> {
-    let size = GRID_CELL;
-    let enlarge = |im: &image::RgbImage| {
-        image::imageops::resize(im, size, size, image::imageops::FilterType::Nearest).into_raw()
-    };
-    let tiles: Vec<Vec<u8>> = scenes
-        .iter()
-        .zip(generated)
-        .flat_map(|((_, _, real), fake)| [enlarge(fake), enlarge(real)])
-        .collect();
-    let refs: Vec<&[u8]> = tiles.iter().map(|t| t.as_slice()).collect();
-    crate::image::write_grid(path, &refs, size as usize)
-}
-
-/// ", routing 50% past blocks 1..=2", or nothing.
-fn routing_note(route: Option<RouteSpan>) -> String {
-    route.map_or(String::new(), |span| {
-        format!(
-            ", routing {:.0}% past blocks {}..={}",
-            100.0 * span.share,
-            span.first_block,
-            span.last_block
-        )
-    })
-}
-
-fn write_report(
-    opts: &DemoOptions,
-    trained: &[TrainedStage],
-    scores: &Scores,
-    curve: &Curve,
-    seconds: f64,
-) -> Result<()> {
-    let mut md = format!(
-        "# microdit demo: {:?}\n\nBudget {} min, this run {:.1} min. {} training images ({} px), {} \
-         prompts per group.\n\n",
-        opts.variant,
-        opts.minutes,
-        seconds / 60.0,
-        opts.train_images,
-        opts.image_size,
-        opts.eval_prompts
-    );
-    for stage in trained {
-        md += &format!(
-            "- {}: {} steps, mask ratio {}{}\n",
-            stage.dir.display(),
-            stage.steps,
-            stage.sparsity.mask_ratio,
-            routing_note(stage.sparsity.route)
-        );
-    }
-    let s = &opts.sampling;
-    md += &format!(
-        "- samples: {} {} steps ({} network evaluations), guidance {}\n",
-        s.steps,
-        s.sampler,
-        s.evaluations(),
-        s.guidance
-    );
-    md += "\n| attribute | seen combinations | held-out combinations | chance |\n| --- | ---: | ---: | ---: |\n";
-    for a in &scores.accuracy {
-        md += &format!(
-            "| {} | {} | {} | {} |\n",
-            a.attribute,
-            percent(a.seen),
-            percent(a.held_out),
-            percent(Some(a.chance))
-        );
-    }
-    md += &format!(
-        "\nFréchet distance to the generator's images (scorer features): {:.4} (two draws of \
-         real images: {:.4}). The scorer reads the generator's own images right {:.0}% of the \
-         time.\n\n`samples.png`: each prompt's sample beside a real image for it (seen prompts \
-         first, then held-out); `loss-stage*.png`: training losses.\n",
-        scores.frechet_distance,
-        scores.frechet_distance_between_real_sets,
-        100.0 * scores.scorer_accuracy_on_real_images
-    );
-    let lines: Vec<String> = scores
-        .accuracy
-        .iter()
-        .zip(LINE_COLOURS)
-        .map(|(a, (colour, _))| format!("{} {colour}", a.attribute))
-        .collect();
-    md += &format!(
-        "\n## Learning\n\nHeld-out accuracy as training went (`{CURVE}`; plotted in \
-         `{CURVE_PLOT}`: {}, chance as faint lines; the points before the last are scored on \
-         the first quarter of the prompts):\n\n{}",
-        lines.join(", "),
-        curve.table()
-    );
-    crate::io::write_atomic(&opts.out.join("report.md"), |f| {
-        std::io::Write::write_all(f, md.as_bytes())
-    })?;
-    crate::io::write_atomic(&opts.out.join("report.json"), |f| {
-        serde_json::to_writer_pretty(f, scores).map_err(std::io::Error::other)
-    })?;
-    eprintln!("{md}");
-    Ok(())
 }
 
 #[cfg(test)]
@@ -948,26 +549,5 @@ mod tests {
             let caption = Scene::random(&mut rng, k % 2 == 0).caption();
             assert!(!tokenizer.tokenize(&caption).1, "{caption:?} is cut");
         }
-    }
-
-    #[test]
-    fn short_runs_score_fewer_prompts() {
-        let prompts = DemoOptions::default_eval_prompts;
-        assert_eq!(prompts(10.0), EVAL_PROMPTS);
-        assert_eq!(prompts(30.0), EVAL_PROMPTS);
-        assert_eq!(prompts(3.0), 58);
-        assert_eq!(prompts(1.0), MIN_EVAL_PROMPTS);
-    }
-
-    #[test]
-    fn a_stage_keeps_its_share_of_the_whole_training_time() {
-        let shares = [0.8, 0.2];
-        // At the start: 80% of 300 s.
-        assert_eq!(seconds_to_stage_end(0.0, 300.0, &shares, 0), 240.0);
-        // Asked again after 100 s with 200 s left: it still ends at 240 s, not 100 + 160.
-        assert_eq!(seconds_to_stage_end(100.0, 200.0, &shares, 0), 140.0);
-        // The finetune gets the rest; a stage already past its end gets nothing more.
-        assert_eq!(seconds_to_stage_end(250.0, 50.0, &shares, 1), 50.0);
-        assert_eq!(seconds_to_stage_end(250.0, 50.0, &shares, 0), 0.0);
     }
 }

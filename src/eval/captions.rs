@@ -186,7 +186,7 @@ pub fn prepare_coco(subset: &CocoSubset) -> Result<usize> {
             if !target.exists() {
                 let source = Path::new(pair.image.as_deref().unwrap_or_default());
                 let image = crate::data::preprocess::resize_center_crop(&load_rgb(source)?, size)?;
-                crate::image::write_png(&target, image.as_raw(), size, size, &[])?;
+                crate::png_io::write_png(&target, image.as_raw(), size, size, &[])?;
             }
             bar.inc(1);
             Ok(Caption {

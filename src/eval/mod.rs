@@ -95,10 +95,7 @@ impl Report {
 
     /// `report.json` and `report.md` in `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let json = serde_json::to_string_pretty(self)? + "\n";
-        crate::io::write_atomic(&dir.join("report.json"), |f| {
-            std::io::Write::write_all(f, json.as_bytes())
-        })?;
+        crate::io::write_json(&dir.join("report.json"), self)?;
         let md = self.markdown();
         crate::io::write_atomic(&dir.join("report.md"), |f| {
             std::io::Write::write_all(f, md.as_bytes())

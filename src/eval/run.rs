@@ -85,8 +85,7 @@ impl EvalRun {
                 differs.join(", ")
             );
         } else {
-            let text = serde_json::to_string_pretty(&manifest)?;
-            crate::io::write_atomic(&path, |f| std::io::Write::write_all(f, text.as_bytes()))?;
+            crate::io::write_json(&path, &manifest)?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -146,7 +145,7 @@ impl EvalRun {
                     ..settings.clone()
                 };
                 let (rgb, side) = (&image.rgb, image.side);
-                crate::image::write_png(
+                crate::png_io::write_png(
                     &self.image_path(k),
                     rgb,
                     side,

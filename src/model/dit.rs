@@ -12,7 +12,7 @@ use super::init::Init;
 use super::layers::{cast_like, residual, Mlp, NormLinear};
 use super::routing::TrainingTokens;
 use crate::backend::Backend;
-use crate::nn::precision::{cast, to_f32, LowPrecisionCopy};
+use crate::nn::precision::{cast, to_f32, LowPrecisionCopy, Precision};
 
 /// The fixed 2-D sin-cos positions of `cfg`'s patch grid, [1, T, D], in f32.
 fn positions<B: Backend>(cfg: &DitConfig, device: &B::Device) -> Tensor<B, 3> {
@@ -106,6 +106,16 @@ impl<B: Backend> MicroDit<B> {
         let mut model = self.map(&mut LowPrecisionCopy::new(dtype));
         model.mask_token = model.mask_token.cast(dtype);
         model
+    }
+
+    /// The model computing in `precision`: itself in f32, else [`Self::cast`]. Inside an
+    /// autodiff graph the cast is part of the graph, so a low-precision copy's gradients
+    /// arrive on these f32 master weights (mixed-precision training).
+    pub fn in_precision(self, precision: Precision) -> Self {
+        match precision {
+            Precision::F32 => self,
+            low => self.cast(low.dtype()),
+        }
     }
 
     /// The raw network output `F_x` [B, C, H, W] for latents `x` [B, C, H, W], noise-level

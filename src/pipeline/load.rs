@@ -18,7 +18,7 @@ use crate::model::{Init, MicroDit, Precision};
 use crate::run_dir;
 use crate::state_dict::read_state_dict;
 use crate::text::TextEncoder;
-use crate::vae::LatentCodec;
+use crate::vae::{LatentCodec, SpaceToDepth};
 
 /// The released 512 px model with 4 latent channels.
 pub const DEFAULT_CHECKPOINT: &str =
@@ -47,19 +47,24 @@ pub struct Components {
     pub resolution: Option<usize>,
     pub steps: Option<usize>,
     pub guidance: Option<f64>,
+    /// A prompt of the kind the model was trained on (the web page's placeholder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub example_prompt: Option<String>,
 }
 
 impl Components {
     /// The published MicroDiT_XL_2 and its frozen parts, 30 Heun steps, guidance 5.
     pub fn published() -> Self {
+        let sampling = Sampling::default();
         Self {
             checkpoint: Some(DEFAULT_CHECKPOINT.into()),
             model: Some("MicroDiT_XL_2".into()),
             vae: None,
             text_encoder: Some(known::CLIP_TEXT.into()),
             resolution: Some(512),
-            steps: Some(30),
-            guidance: Some(5.0),
+            steps: Some(sampling.steps),
+            guidance: Some(sampling.guidance),
+            example_prompt: Some("an owl with the moon behind it, pixel art".into()),
         }
     }
 
@@ -73,6 +78,7 @@ impl Components {
             resolution: self.resolution.or(fallback.resolution),
             steps: self.steps.or(fallback.steps),
             guidance: self.guidance.or(fallback.guidance),
+            example_prompt: self.example_prompt.or(fallback.example_prompt),
         }
     }
 
@@ -129,9 +135,7 @@ impl Components {
 
     /// Writes `pipeline.json` into `dir` (paths in it relative to `dir`).
     pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::io::write_atomic(&dir.join(PIPELINE_FILE), |f| {
-            serde_json::to_writer_pretty(f, self).map_err(std::io::Error::other)
-        })
+        crate::io::write_json(&dir.join(PIPELINE_FILE), self)
     }
 }
 
@@ -175,8 +179,35 @@ pub struct Parts {
     pub dtype: Precision,
 }
 
+/// Image pixels per latent pixel of both VAEs a checkpoint's channels choose between (the
+/// SDXL VAE's and the 16-channel one's).
+const KNOWN_VAE_DOWNSCALE: usize = 8;
+
+impl Parts {
+    /// Refuses a resolution the model cannot take, where that is known without loading
+    /// anything (the codec is a known VAE or space-to-depth): before weights are looked
+    /// for on disk or on the Hub.
+    fn check_resolution(&self) -> Result<()> {
+        let downscale = match self.vae.as_deref() {
+            None => KNOWN_VAE_DOWNSCALE,
+            Some(name) => match SpaceToDepth::from_name(name) {
+                Some(codec) => codec?.factor,
+                None => return Ok(()), // a VAE of its own: its config says
+            },
+        };
+        let choice = ModelChoice {
+            source: self.model.clone(),
+            resolution: Some(self.resolution),
+            downscale,
+            in_channels: None,
+        };
+        choice.resolve().map(|_| ())
+    }
+}
+
 impl<B: Backend> TextToImage<B> {
     pub fn load(parts: &Parts, hub: &Hub, device: &B::Device) -> Result<Self> {
+        parts.check_resolution()?;
         let checkpoint = resolve_checkpoint(hub, &parts.checkpoint)?;
         let tensors = denoiser_part(read_state_dict(&checkpoint)?);
         // The checkpoint says how many latent channels it denoises (4: SDXL VAE, 16: ostris).
@@ -218,10 +249,7 @@ impl<B: Backend> TextToImage<B> {
         }
         let denoiser = load_state_dict(MicroDit::<B>::new(&dit, &mut Init::empty(device)), tensors)
             .with_context(|| format!("loading {} as {}", checkpoint.display(), parts.model))?;
-        let denoiser = match parts.dtype {
-            Precision::F32 => denoiser,
-            low => denoiser.cast(low.dtype()),
-        };
+        let denoiser = denoiser.in_precision(parts.dtype);
         let text = TextEncoder::from_source(&parts.text_encoder, hub, device)?;
         ensure!(
             text.config.width == dit.caption_channels,

@@ -106,7 +106,7 @@ impl Image {
         let side = image.dims()[2];
         Ok(Self {
             side,
-            rgb: crate::image::to_rgb8(image)?,
+            rgb: crate::png_io::to_rgb8(image)?,
         })
     }
 

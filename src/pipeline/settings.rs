@@ -21,8 +21,8 @@ pub const MAX_STEPS: usize = 1000;
 pub const MAX_GUIDANCE: f64 = 50.0;
 
 /// How to sample: the solver on the Karras schedule, classifier-free guidance, and the
-/// fresh noise of stochastic sampling. Numbers are stored as text (PNG chunks hold text);
-/// a JSON request may give them as numbers.
+/// fresh noise of stochastic sampling. Numbers are JSON numbers (infinity the text `"inf"`)
+/// and may be given as their text too, as PNG chunks hold them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sampling {
@@ -252,8 +252,9 @@ impl GenerationSettings {
     }
 }
 
-/// A value stored as its `Display` text and parsed back with `FromStr`; a JSON number is
-/// read through its text too (so `20.5` is no `usize`).
+/// A number written as a JSON number where it is one (`20`, `4.5`; infinity, which JSON
+/// lacks, as its text `"inf"`), and read from a number or its text (PNG chunks hold text)
+/// through `FromStr` (so `20.5` is no `usize`).
 mod text {
     use serde::de::{Error, Visitor};
     use serde::{Deserializer, Serializer};
@@ -262,7 +263,14 @@ mod text {
     use std::str::FromStr;
 
     pub fn serialize<T: Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(value)
+        let text = value.to_string();
+        if let Ok(whole) = text.parse::<u64>() {
+            return s.serialize_u64(whole);
+        }
+        match text.parse::<f64>() {
+            Ok(x) if x.is_finite() => s.serialize_f64(x),
+            _ => s.serialize_str(&text),
+        }
     }
 
     pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
@@ -402,6 +410,23 @@ mod tests {
         assert!(text.contains(&("s_max".into(), "inf".into())));
         assert!(text.contains(&("sampler".into(), "euler".into())));
         assert_eq!(GenerationSettings::from_png_text(text).unwrap(), settings);
+    }
+
+    #[test]
+    fn json_gives_numbers_as_numbers() {
+        let json = serde_json::to_value(example()).unwrap();
+        assert_eq!(json["steps"], serde_json::json!(30));
+        assert_eq!(json["seed"], serde_json::json!(3));
+        assert_eq!(json["s_churn"], serde_json::json!(0));
+        assert_eq!(json["s_max"], serde_json::json!("inf"));
+        assert_eq!(json["prompt"], serde_json::json!("7"));
+        let back: GenerationSettings = serde_json::from_value(json).unwrap();
+        assert_eq!(back, example());
+        let half = Sampling {
+            guidance: 4.5,
+            ..Sampling::default()
+        };
+        assert_eq!(serde_json::to_value(half).unwrap()["guidance"], 4.5);
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct ServerOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Limits {
     pub default_sampling: Sampling,
+    /// A prompt of the kind the model knows (the page's placeholder).
+    pub example_prompt: String,
     pub default_resolution: usize,
     /// Resolutions must be multiples of this (latent downscale × patch size).
     pub resolution_multiple: usize,

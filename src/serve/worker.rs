@@ -118,7 +118,7 @@ impl<B: Backend> Worker<B> {
             for k in 0..job.num_images {
                 let image = images.next().context("a decoded image per row")?;
                 let settings = self.settings(job, job.seed + k as u64);
-                pngs.push(crate::image::encode_png(
+                pngs.push(crate::png_io::encode_png(
                     &image.rgb,
                     image.side,
                     image.side,

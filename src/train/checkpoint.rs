@@ -102,10 +102,7 @@ pub fn save<B: AutodiffBackend>(
         if let Some(ema) = ema {
             save_weights(&ema.model, &tmp.join(run_dir::EMA_WEIGHTS))?;
         }
-        let json = serde_json::to_vec_pretty(state)?;
-        crate::io::write_atomic(&tmp.join(run_dir::STATE), |f| {
-            std::io::Write::write_all(f, &json)
-        })?;
+        crate::io::write_json(&tmp.join(run_dir::STATE), state)?;
         Ok(())
     };
     if let Err(e) = write() {

@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::optim::AdamWSettings;
+use crate::edm::EdmConfig;
 use crate::model::config::ModelChoice;
 use crate::model::routing::{Routing, Sparsity};
 use crate::model::DitConfig;
 use crate::model::Precision;
+use crate::pipeline::Sampling;
 
 /// Absent fields take the recipe's values ([`TrainConfig::default`]); `model`, `data`,
 /// `steps` and `global_batch` must be given.
@@ -89,6 +92,9 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     /// The reference recipe's values (`configs/res_256_pretrain.yaml`) where it has them.
     fn default() -> Self {
+        let edm = EdmConfig::default();
+        let adamw = AdamWSettings::default();
+        let sampling = Sampling::default();
         Self {
             model: String::new(),
             resolution: None,
@@ -100,15 +106,15 @@ impl Default for TrainConfig {
             caption_dropout: 0.1,
             mask_ratio: 0.0,
             routing: None,
-            p_mean: -0.6,
-            p_std: 1.2,
+            p_mean: edm.p_mean,
+            p_std: edm.p_std,
             steps: 0,
             global_batch: 0,
             micro_batch: 0,
             lr: 2.4e-4,
-            weight_decay: 0.1,
-            betas: [0.9, 0.999],
-            eps: 1e-8,
+            weight_decay: adamw.weight_decay,
+            betas: [adamw.beta1, adamw.beta2],
+            eps: adamw.eps,
             grad_clip: 0.25,
             warmup_steps: 0,
             alpha_f: 1.0,
@@ -123,8 +129,8 @@ impl Default for TrainConfig {
             sample_every: 0,
             sample_captions: None,
             sample_vae: None,
-            sample_steps: 30,
-            sample_guidance: 5.0,
+            sample_steps: sampling.steps,
+            sample_guidance: sampling.guidance,
             init_from: None,
             carry_optimizer: true,
         }
@@ -261,8 +267,18 @@ impl TrainConfig {
         .resolve()
     }
 
-    pub fn edm(&self) -> crate::edm::EdmConfig {
-        crate::edm::EdmConfig {
+    /// The optimiser's settings.
+    pub fn adamw(&self) -> AdamWSettings {
+        AdamWSettings {
+            beta1: self.betas[0],
+            beta2: self.betas[1],
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    pub fn edm(&self) -> EdmConfig {
+        EdmConfig {
             p_mean: self.p_mean,
             p_std: self.p_std,
             ..Default::default()

@@ -133,7 +133,7 @@ impl Chart {
     }
 
     pub fn write(&self, out: &Path, meta: &[(String, String)]) -> Result<()> {
-        crate::image::write_png(out, &self.canvas, W, H, meta)
+        crate::png_io::write_png(out, &self.canvas, W, H, meta)
     }
 }
 

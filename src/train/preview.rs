@@ -94,7 +94,7 @@ impl<B: Backend> Preview<B> {
         }
         let path = self.dir.join(format!("step-{step:08}.png"));
         let rgb: Vec<&[u8]> = tiles.iter().map(|t| t.rgb.as_slice()).collect();
-        crate::image::write_grid(&path, &rgb, tiles[0].side)?;
+        crate::png_io::write_grid(&path, &rgb, tiles[0].side)?;
         Ok(path)
     }
 }

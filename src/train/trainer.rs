@@ -20,14 +20,14 @@ use rand_chacha::ChaCha8Rng;
 use super::checkpoint::{self, Restored, TrainState};
 use super::config::TrainConfig;
 use super::distributed::{Rank, Threads};
-use super::optim::{clip_grad_norm, AdamWSettings, Ema, GroupedAdamW};
+use super::optim::{clip_grad_norm, Ema, GroupedAdamW};
 use super::preview::Preview;
 use crate::data::batch::BatchReader;
 use crate::data::latents::LatentsDataset;
 use crate::edm::{edm_loss, LossNoise};
 use crate::model::routing::Sparsity;
 use crate::model::weights::load_weights;
-use crate::model::{DitConfig, Init, MicroDit, Precision};
+use crate::model::{DitConfig, Init, MicroDit};
 use crate::run_dir;
 
 #[derive(Debug, Clone, Default)]
@@ -329,13 +329,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     ) -> Result<Restored<B>> {
         let mut model = MicroDit::<B>::new(dit, &mut Init::reference(cfg.seed, device))
             .map(&mut NumberedParams::default());
-        let settings = AdamWSettings {
-            beta1: cfg.betas[0],
-            beta2: cfg.betas[1],
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-        };
-        let mut optim = GroupedAdamW::new(&settings, cfg.expert_lr_scale);
+        let mut optim = GroupedAdamW::new(&cfg.adamw(), cfg.expert_lr_scale);
         let (state, _) = TrainState::new(cfg.seed.wrapping_add(1));
         match run_dir::latest(run) {
             Some(ckpt) if opts.resume => {
@@ -489,11 +483,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         // status exchange below.
         let mut failure: Option<anyhow::Error> = None;
         let skipped_before = self.state.skipped_samples;
-        // Mixed precision: a low-precision copy computes, and since the cast is part of
-        // the graph the gradients arrive on the f32 master weights.
-        let low_precision =
-            (cfg.precision != Precision::F32).then(|| model.clone().cast(cfg.precision.dtype()));
-        let compute = low_precision.as_ref().unwrap_or(&model);
+        // Mixed precision: a low-precision copy computes, the gradients arrive on the f32
+        // master weights.
+        let compute = &model.clone().in_precision(cfg.precision);
         let micro_batches = cfg.global_batch / cfg.micro_batch;
         for m in 0..micro_batches {
             let indices = self.next_indices();

@@ -179,6 +179,16 @@ impl Cases {
 }
 
 /// ‖ours − ref‖ / ‖ref‖ (absolute when the reference is exactly zero); NaN never passes.
+/// Decoded pixels of a PNG file's bytes.
+pub fn png_pixels(png: &[u8]) -> Vec<u8> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    reader.next_frame(&mut buf).unwrap();
+    buf
+}
+
 pub fn rel_l2(ours: &[f32], reference: &[f32]) -> f64 {
     assert_eq!(ours.len(), reference.len(), "length mismatch");
     let diff: f64 = ours
