@@ -200,7 +200,7 @@ mod probe {
     }
 
     fn adamw(dev: &CudaDevice) {
-        use microdit::backend::{adamw_step_unfused, AdamWStep, Backend};
+        use microdit::backend::{adamw_step_unfused, AdamWStep, MicroditBackend};
         let r = |s: usize| Tensor::<B, 1>::random([s], Distribution::Normal(0.0, 1.0), dev);
         let n = 1_000_003;
         let (p, g, m) = (r(n), r(n), r(n) * 0.1);

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use indicatif::ProgressBar;
@@ -62,7 +62,7 @@ impl Default for PrecomputeOptions {
 }
 
 /// The frozen encoders precompute runs.
-pub struct Encoders<B: Backend> {
+pub struct Encoders<B: MicroditBackend> {
     pub text: TextEncoder<B>,
     pub images: LatentCodec<B>,
 }
@@ -88,7 +88,7 @@ struct Prepared {
 
 /// Runs this worker's unfinished parts; writes the merged index when all parts are done.
 /// A killed run loses only its unfinished part, which the next run redoes.
-pub fn precompute<B: Backend>(
+pub fn precompute<B: MicroditBackend>(
     source: &ImageCaptionSource,
     out: &Path,
     encoders: &Encoders<B>,
@@ -151,7 +151,10 @@ impl PrecomputeOptions {
     }
 }
 
-fn validate<B: Backend>(options: &PrecomputeOptions, images: &LatentCodec<B>) -> Result<()> {
+fn validate<B: MicroditBackend>(
+    options: &PrecomputeOptions,
+    images: &LatentCodec<B>,
+) -> Result<()> {
     options.check()?;
     let downscale = images.downscale();
     for r in &options.resolutions {
@@ -175,7 +178,7 @@ fn part_range(part: usize, part_size: usize, len: usize) -> std::ops::Range<usiz
     part * part_size..((part + 1) * part_size).min(len)
 }
 
-fn write_part<B: Backend>(
+fn write_part<B: MicroditBackend>(
     source: &ImageCaptionSource,
     out: &Path,
     part: usize,
@@ -303,7 +306,7 @@ fn stored_jpeg(bytes: Vec<u8>, image: &image::RgbImage, max_side: usize) -> Resu
     Ok(out)
 }
 
-fn encode_batch<B: Backend>(
+fn encode_batch<B: MicroditBackend>(
     batch: &[Prepared],
     encoders: &Encoders<B>,
     options: &PrecomputeOptions,

@@ -13,7 +13,7 @@ use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use common::training::{latest_weights, setup};
 use microdit::backend::nccl::{unique_id, NcclComm};
-use microdit::backend::{test_device, Backend, Cuda, Trainable};
+use microdit::backend::{test_device, Cuda, MicroditBackend, Trainable};
 use microdit::train::config::TrainConfig;
 use microdit::train::distributed::Rank;
 use microdit::train::trainer::{train, train_as, RunOptions};

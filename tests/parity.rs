@@ -9,7 +9,7 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use common::{assert_close, fixture_sets, to_vec, Cases};
-use microdit::backend::{test_device, Backend, TestBackend, Trainable};
+use microdit::backend::{test_device, MicroditBackend, TestBackend, Trainable};
 use microdit::edm::{
     denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Sampler,
 };
@@ -60,12 +60,12 @@ fn sets_of(kind: &str) -> Vec<(Set, std::path::PathBuf)> {
         .collect()
 }
 
-fn load<Bk: Backend>(cfg: &DitConfig, path: &Path, device: &Bk::Device) -> MicroDit<Bk> {
+fn load<Bk: MicroditBackend>(cfg: &DitConfig, path: &Path, device: &Bk::Device) -> MicroDit<Bk> {
     load_weights(MicroDit::new(cfg, &mut Init::empty(device)), path).unwrap()
 }
 
 /// The mask the set's `noise` draws chose, at its `ratio`.
-fn mask_from<Bk: Backend>(
+fn mask_from<Bk: MicroditBackend>(
     cases: &Cases,
     noise: &str,
     ratio: &str,
@@ -77,7 +77,7 @@ fn mask_from<Bk: Backend>(
 }
 
 /// The route a routed set's `{prefix}.route_noise` chose.
-fn route_from<Bk: Backend>(s: &Set, prefix: &str, device: &Bk::Device) -> TokenRoute<Bk> {
+fn route_from<Bk: MicroditBackend>(s: &Set, prefix: &str, device: &Bk::Device) -> TokenRoute<Bk> {
     let noise = format!("{prefix}.route_noise");
     let shape = <[usize; 2]>::try_from(s.cases.shape(&noise)).unwrap();
     let span = s.route.expect("a dit-routed set");

@@ -16,14 +16,14 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Shape, TensorMetadata};
 
-use super::{AttentionSaved, Backend};
+use super::{AttentionSaved, MicroditBackend};
 
-impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
+impl<B: MicroditBackend, C: CheckpointStrategy> MicroditBackend for Autodiff<B, C> {
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct Matmul;
 
-        impl<B: Backend> Backward<B, 2> for Matmul {
+        impl<B: MicroditBackend> Backward<B, 2> for Matmul {
             /// The checkpointed operands (each only when the other one needs a gradient)
             /// and both operands' shapes.
             type State = (Option<NodeId>, Option<NodeId>, Shape, Shape);
@@ -87,7 +87,7 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
         #[derive(Debug)]
         struct Attention;
 
-        impl<B: Backend> Backward<B, 3> for Attention {
+        impl<B: MicroditBackend> Backward<B, 3> for Attention {
             /// The checkpointed q, k, v, whether the attention is causal, and what the
             /// inner backend's forward saved for its backward.
             type State = ([NodeId; 3], bool, Option<AttentionSaved<B>>);
@@ -130,7 +130,7 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
         #[derive(Debug)]
         struct Gelu;
 
-        impl<B: Backend> Backward<B, 1> for Gelu {
+        impl<B: MicroditBackend> Backward<B, 1> for Gelu {
             /// The checkpointed input.
             type State = NodeId;
 
@@ -168,7 +168,7 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
         #[derive(Debug)]
         struct LayerNorm;
 
-        impl<B: Backend> Backward<B, 2> for LayerNorm {
+        impl<B: MicroditBackend> Backward<B, 2> for LayerNorm {
             /// The checkpointed x and γ, and ε (the row statistics are recomputed).
             type State = ([NodeId; 2], f64);
 
@@ -239,22 +239,22 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
 }
 
 /// The backward of a fused element-wise chain: every input's gradient from the two
-/// inputs the chain checkpointed and the output's gradient (`Backend::swiglu_backward`,
+/// inputs the chain checkpointed and the output's gradient (`MicroditBackend::swiglu_backward`,
 /// `modulate_backward`, `gated_residual_backward`).
 type ChainBackward<B, const N: usize> =
     fn(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> [FloatTensor<B>; N];
 
-struct Chain<B: Backend, const N: usize> {
+struct Chain<B: MicroditBackend, const N: usize> {
     backward: ChainBackward<B, N>,
 }
 
-impl<B: Backend, const N: usize> std::fmt::Debug for Chain<B, N> {
+impl<B: MicroditBackend, const N: usize> std::fmt::Debug for Chain<B, N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Chain")
     }
 }
 
-impl<B: Backend, const N: usize> Backward<B, N> for Chain<B, N> {
+impl<B: MicroditBackend, const N: usize> Backward<B, N> for Chain<B, N> {
     /// The two checkpointed inputs the backward reads.
     type State = [NodeId; 2];
 
@@ -276,7 +276,7 @@ impl<B: Backend, const N: usize> Backward<B, N> for Chain<B, N> {
 
 /// One autodiff node for an element-wise chain of `N` inputs: `forward` on the inner
 /// backend, and under tracking the inputs at `saved` checkpointed for `backward`.
-fn fused_chain<B: Backend, C: CheckpointStrategy, const N: usize>(
+fn fused_chain<B: MicroditBackend, C: CheckpointStrategy, const N: usize>(
     inputs: [FloatTensor<Autodiff<B, C>>; N],
     saved: [usize; 2],
     forward: fn([FloatTensor<B>; N]) -> FloatTensor<B>,
@@ -295,7 +295,7 @@ fn fused_chain<B: Backend, C: CheckpointStrategy, const N: usize>(
 
 /// Registers each input's gradient for its parent node (`ops.parents`' ids), if that one
 /// is tracked.
-fn register<B: Backend, const N: usize>(
+fn register<B: MicroditBackend, const N: usize>(
     parents: [Option<NodeId>; N],
     inputs: [FloatTensor<B>; N],
     grads: &mut Gradients,

@@ -44,7 +44,7 @@ use super::token_plan::TokenChain;
 use super::{
     adamw_step_fused_in_f32, attention_backward_unfused, attention_unfused_primitive, cublas, gelu,
     group_norm_unfused_primitive, layer_norm, modulation, swiglu_backward_unfused, swiglu_unfused,
-    top_k_indices_sorted, triton_ops, AdamWStep, AttentionSaved, Backend, GroupNormOptions,
+    top_k_indices_sorted, triton_ops, AdamWStep, AttentionSaved, GroupNormOptions, MicroditBackend,
 };
 
 /// How half-precision products are computed: a fixed tensor-core strategy, or burn's
@@ -225,7 +225,7 @@ fn fused_adamw<R: CubeRuntime>(
     outputs
 }
 
-impl<F: FloatElement, I: IntElement, BT: BoolElement> Backend
+impl<F: FloatElement, I: IntElement, BT: BoolElement> MicroditBackend
     for CubeBackend<CudaRuntime, F, I, BT>
 {
     fn adamw_step(

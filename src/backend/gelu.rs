@@ -1,5 +1,5 @@
 //! GELU with the exact error function (PyTorch's `F.gelu`, `approximate='none'`) and its
-//! backward, as burn's operations: the default of [`Backend::gelu_exact`] and its backward,
+//! backward, as burn's operations: the default of [`MicroditBackend::gelu_exact`] and its backward,
 //! and the reference the CPU kernels are tested against.
 //!
 //! `gelu(x) = x·Φ(x)` with `Φ(x) = ½(1 + erf(x/√2))`; its derivative is `Φ(x) + x·φ(x)`,
@@ -11,19 +11,19 @@ use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 use burn::tensor::activation::gelu;
 use burn::tensor::ops::FloatTensor;
 
-use super::{flat, unflat, Backend};
+use super::{flat, unflat, MicroditBackend};
 
 /// `1/√(2π)`.
 const FRAC_1_SQRT_2PI: f64 = 0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2;
 
 /// burn's exact GELU.
-pub fn gelu_exact_unfused<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+pub fn gelu_exact_unfused<B: MicroditBackend>(x: FloatTensor<B>) -> FloatTensor<B> {
     let (x, shape) = flat::<B>(x);
     unflat(gelu(x), shape)
 }
 
 /// `grad·(Φ(x) + x·φ(x))`.
-pub fn gelu_exact_backward_unfused<B: Backend>(
+pub fn gelu_exact_backward_unfused<B: MicroditBackend>(
     x: FloatTensor<B>,
     grad: FloatTensor<B>,
 ) -> FloatTensor<B> {

@@ -1,6 +1,6 @@
 //! LayerNorm over the last dimension with a learned scale and no shift (`nn.LayerNorm(…,
 //! bias=False)`, and the q/k norms with a scale of ones), and its backward, as burn's
-//! operations: the default of [`Backend::scaled_layer_norm`] and its backward, and the
+//! operations: the default of [`MicroditBackend::scaled_layer_norm`] and its backward, and the
 //! reference the fused kernels are tested against.
 //!
 //! With `r = (var + ε)^-½` (biased variance), `x̂ = (x − mean)·r` and `h = grad·γ`, per row:
@@ -9,10 +9,10 @@
 use burn::tensor::ops::{FloatTensor, ModuleOps};
 use burn::tensor::{Shape, TensorMetadata};
 
-use super::{float, primitive, Backend};
+use super::{float, primitive, MicroditBackend};
 
 /// burn's layer norm without a shift.
-pub fn scaled_layer_norm_unfused<B: Backend>(
+pub fn scaled_layer_norm_unfused<B: MicroditBackend>(
     x: FloatTensor<B>,
     gamma: FloatTensor<B>,
     epsilon: f64,
@@ -21,7 +21,7 @@ pub fn scaled_layer_norm_unfused<B: Backend>(
 }
 
 /// `[dx, dγ]` of [`scaled_layer_norm_unfused`] (see the module documentation).
-pub fn scaled_layer_norm_backward_unfused<B: Backend>(
+pub fn scaled_layer_norm_backward_unfused<B: MicroditBackend>(
     x: FloatTensor<B>,
     gamma: FloatTensor<B>,
     grad: FloatTensor<B>,

@@ -104,7 +104,7 @@ pub struct AttentionSaved<B: burn::tensor::backend::Backend> {
 }
 
 /// burn's backend plus the operations microdit computes its own way.
-pub trait Backend: burn::tensor::backend::Backend {
+pub trait MicroditBackend: burn::tensor::backend::Backend {
     /// `lhs @ rhs` over the last two dimensions (leading dimensions broadcast), in the
     /// operands' precision with f32 accumulation: f32 operands are multiplied in f32,
     /// never rounded to TF32.
@@ -147,7 +147,7 @@ pub trait Backend: burn::tensor::backend::Backend {
         gelu::gelu_exact_unfused::<Self>(x)
     }
 
-    /// The gradient of [`Backend::gelu_exact`], `grad·(Φ(x) + x·φ(x))` (burn's own default
+    /// The gradient of [`MicroditBackend::gelu_exact`], `grad·(Φ(x) + x·φ(x))` (burn's own default
     /// `gelu_backward` is the tanh approximation's; see [`gelu`]). The default is burn's
     /// operations.
     fn gelu_exact_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -165,7 +165,7 @@ pub trait Backend: burn::tensor::backend::Backend {
         layer_norm::scaled_layer_norm_unfused::<Self>(x, gamma, epsilon)
     }
 
-    /// `[dx, d_gamma]` of [`Backend::scaled_layer_norm`] from its output's gradient (the
+    /// `[dx, d_gamma]` of [`MicroditBackend::scaled_layer_norm`] from its output's gradient (the
     /// formulas in [`layer_norm`]). The default is burn's operations.
     fn scaled_layer_norm_backward(
         x: FloatTensor<Self>,
@@ -182,7 +182,7 @@ pub trait Backend: burn::tensor::backend::Backend {
         swiglu_unfused::<Self>(gate, value)
     }
 
-    /// The gradients `[d_gate, d_value]` of [`Backend::swiglu`] given its output's
+    /// The gradients `[d_gate, d_value]` of [`MicroditBackend::swiglu`] given its output's
     /// gradient `grad`: `d_value = grad · silu(gate)` and
     /// `d_gate = grad · value · σ(gate) · (1 + gate · (1 − σ(gate)))`. The default is
     /// burn's operations ([`swiglu_backward_unfused`]).
@@ -205,7 +205,7 @@ pub trait Backend: burn::tensor::backend::Backend {
         modulation::modulate_unfused::<Self>(x, shift, scale)
     }
 
-    /// `[dx, d_shift, d_scale]` of [`Backend::modulate`] from its output's gradient:
+    /// `[dx, d_shift, d_scale]` of [`MicroditBackend::modulate`] from its output's gradient:
     /// `dx = grad · (1 + scale)`, `d_shift = Σ_tokens grad`, `d_scale = Σ_tokens grad · x`.
     fn modulate_backward(
         x: FloatTensor<Self>,
@@ -225,7 +225,7 @@ pub trait Backend: burn::tensor::backend::Backend {
         modulation::gated_residual_unfused::<Self>(x, gate, branch)
     }
 
-    /// `[dx, d_gate, d_branch]` of [`Backend::gated_residual`]: `dx = grad`,
+    /// `[dx, d_gate, d_branch]` of [`MicroditBackend::gated_residual`]: `dx = grad`,
     /// `d_gate = Σ_tokens grad · branch`, `d_branch = grad · gate`.
     fn gated_residual_backward(
         gate: FloatTensor<Self>,
@@ -246,7 +246,7 @@ pub trait Backend: burn::tensor::backend::Backend {
         attention_module::<Self>(q, k, v, causal)
     }
 
-    /// [`Backend::scaled_dot_attention`] under autodiff: the output and what the backward
+    /// [`MicroditBackend::scaled_dot_attention`] under autodiff: the output and what the backward
     /// may reuse instead of recomputing it. The default keeps nothing.
     fn scaled_dot_attention_saving(
         q: FloatTensor<Self>,
@@ -257,7 +257,7 @@ pub trait Backend: burn::tensor::backend::Backend {
         (Self::scaled_dot_attention(q, k, v, causal), None)
     }
 
-    /// The gradients `[dq, dk, dv]` of [`Backend::scaled_dot_attention`] given its
+    /// The gradients `[dq, dk, dv]` of [`MicroditBackend::scaled_dot_attention`] given its
     /// output's gradient `grad` (and what its forward saved); the default recomputes the
     /// probabilities and follows [`attention_unfused`] step by step
     /// ([`attention_backward_unfused`]).
@@ -305,7 +305,7 @@ pub trait Backend: burn::tensor::backend::Backend {
     }
 }
 
-/// [`Backend::top_k_indices`] by burn's sort (burn-cubecl's reads the values back to the
+/// [`MicroditBackend::top_k_indices`] by burn's sort (burn-cubecl's reads the values back to the
 /// host).
 pub fn top_k_indices_sorted<B: burn::tensor::backend::Backend>(
     values: FloatTensor<B>,
@@ -372,7 +372,7 @@ pub fn swiglu_unfused<B: burn::tensor::backend::Backend>(
     unflat(silu(gate) * value, shape)
 }
 
-/// [`Backend::swiglu_backward`]'s formulas as burn's operations.
+/// [`MicroditBackend::swiglu_backward`]'s formulas as burn's operations.
 pub fn swiglu_backward_unfused<B: burn::tensor::backend::Backend>(
     gate: FloatTensor<B>,
     value: FloatTensor<B>,
@@ -486,7 +486,7 @@ pub fn adamw_step_unfused<B: burn::tensor::backend::Backend>(
 
 /// A backend's `fused` AdamW step when the parameter, gradient and both moments are f32,
 /// burn's update operation by operation otherwise.
-pub fn adamw_step_fused_in_f32<B: Backend>(
+pub fn adamw_step_fused_in_f32<B: MicroditBackend>(
     tensors: [FloatTensor<B>; 4],
     step: &AdamWStep,
     fused: impl FnOnce([FloatTensor<B>; 4], &AdamWStep) -> [FloatTensor<B>; 3],
@@ -499,19 +499,19 @@ pub fn adamw_step_fused_in_f32<B: Backend>(
     }
 }
 
-/// A [`Backend`] that records gradients, over a [`Backend`].
+/// A [`MicroditBackend`] that records gradients, over a [`MicroditBackend`].
 pub trait AutodiffBackend:
-    Backend + burn::tensor::backend::AutodiffBackend<InnerBackend: Backend>
+    MicroditBackend + burn::tensor::backend::AutodiffBackend<InnerBackend: MicroditBackend>
 {
 }
 
 impl<B> AutodiffBackend for B where
-    B: Backend + burn::tensor::backend::AutodiffBackend<InnerBackend: Backend>
+    B: MicroditBackend + burn::tensor::backend::AutodiffBackend<InnerBackend: MicroditBackend>
 {
 }
 
 /// A float primitive as a tensor of rank `D`, and [`primitive`] back: the seam between
-/// burn's tensor API and the operations of the [`Backend`] extension.
+/// burn's tensor API and the operations of the [`MicroditBackend`] extension.
 pub(crate) fn float<B: burn::tensor::backend::Backend, const D: usize>(
     t: FloatTensor<B>,
 ) -> Tensor<B, D> {
@@ -524,13 +524,16 @@ pub(crate) fn primitive<B: burn::tensor::backend::Backend, const D: usize>(
     t.into_primitive().tensor()
 }
 
-/// `lhs @ rhs` through [`Backend::matmul`].
-pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+/// `lhs @ rhs` through [`MicroditBackend::matmul`].
+pub fn matmul<B: MicroditBackend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+) -> Tensor<B, D> {
     float(B::matmul(primitive(lhs), primitive(rhs)))
 }
 
-/// A convolution through [`Backend::convolution`].
-pub fn conv2d<B: Backend>(
+/// A convolution through [`MicroditBackend::convolution`].
+pub fn conv2d<B: MicroditBackend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
     bias: Option<Tensor<B, 1>>,
@@ -547,7 +550,7 @@ pub fn conv2d<B: Backend>(
 
 /// burn's `Conv2d` module applied through [`conv2d`] (through its own forward when its
 /// padding differs between sides, which [`ConvOptions`] cannot say).
-pub fn conv2d_module<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn conv2d_module<B: MicroditBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     let padding = match conv.padding {
         PaddingConfig2d::Valid => [0, 0],
         PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
@@ -560,8 +563,12 @@ pub fn conv2d_module<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B,
     conv2d(x, conv.weight.val(), bias, options)
 }
 
-/// burn's affine `GroupNorm` module through [`Backend::group_norm`], then SiLU if `silu`.
-pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) -> Tensor<B, 4> {
+/// burn's affine `GroupNorm` module through [`MicroditBackend::group_norm`], then SiLU if `silu`.
+pub fn group_norm<B: MicroditBackend>(
+    norm: &GroupNorm<B>,
+    x: Tensor<B, 4>,
+    silu: bool,
+) -> Tensor<B, 4> {
     let param = |p: &Option<Param<Tensor<B, 1>>>| {
         let p = p.as_ref().expect("microdit's group norms are affine");
         primitive(p.val())
@@ -579,18 +586,18 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
     ))
 }
 
-/// Pooling through [`Backend::pool2d`].
-pub fn pool2d<B: Backend>(x: Tensor<B, 4>, options: PoolOptions) -> Tensor<B, 4> {
+/// Pooling through [`MicroditBackend::pool2d`].
+pub fn pool2d<B: MicroditBackend>(x: Tensor<B, 4>, options: PoolOptions) -> Tensor<B, 4> {
     float(B::pool2d(primitive(x), options))
 }
 
-/// Exact GELU through [`Backend::gelu_exact`].
-pub fn gelu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+/// Exact GELU through [`MicroditBackend::gelu_exact`].
+pub fn gelu_exact<B: MicroditBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     float(B::gelu_exact(primitive(x)))
 }
 
-/// LayerNorm with a scale and no shift through [`Backend::scaled_layer_norm`].
-pub fn scaled_layer_norm<B: Backend, const D: usize>(
+/// LayerNorm with a scale and no shift through [`MicroditBackend::scaled_layer_norm`].
+pub fn scaled_layer_norm<B: MicroditBackend, const D: usize>(
     x: Tensor<B, D>,
     gamma: Tensor<B, 1>,
     epsilon: f64,
@@ -602,13 +609,16 @@ pub fn scaled_layer_norm<B: Backend, const D: usize>(
     ))
 }
 
-/// `silu(gate) · value` through [`Backend::swiglu`].
-pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, value: Tensor<B, D>) -> Tensor<B, D> {
+/// `silu(gate) · value` through [`MicroditBackend::swiglu`].
+pub fn swiglu<B: MicroditBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    value: Tensor<B, D>,
+) -> Tensor<B, D> {
     float(B::swiglu(primitive(gate), primitive(value)))
 }
 
-/// AdaLN's `x · (1 + scale) + shift` through [`Backend::modulate`] (one float type).
-pub fn modulate<B: Backend>(
+/// AdaLN's `x · (1 + scale) + shift` through [`MicroditBackend::modulate`] (one float type).
+pub fn modulate<B: MicroditBackend>(
     x: Tensor<B, 3>,
     shift: Tensor<B, 2>,
     scale: Tensor<B, 2>,
@@ -620,8 +630,8 @@ pub fn modulate<B: Backend>(
     ))
 }
 
-/// `x + gate · branch` through [`Backend::gated_residual`] (one float type).
-pub fn gated_residual<B: Backend>(
+/// `x + gate · branch` through [`MicroditBackend::gated_residual`] (one float type).
+pub fn gated_residual<B: MicroditBackend>(
     x: Tensor<B, 3>,
     gate: Tensor<B, 2>,
     branch: Tensor<B, 3>,
@@ -633,13 +643,13 @@ pub fn gated_residual<B: Backend>(
     ))
 }
 
-/// [`Backend::top_k_indices`] (not differentiable: the values are only compared).
-pub fn top_k_indices<B: Backend>(values: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
+/// [`MicroditBackend::top_k_indices`] (not differentiable: the values are only compared).
+pub fn top_k_indices<B: MicroditBackend>(values: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
     Tensor::from_primitive(B::top_k_indices(values.into_primitive().tensor(), k))
 }
 
-/// Attention through [`Backend::scaled_dot_attention`].
-pub fn attention<B: Backend>(
+/// Attention through [`MicroditBackend::scaled_dot_attention`].
+pub fn attention<B: MicroditBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -654,7 +664,7 @@ pub fn attention<B: Backend>(
 }
 
 /// [`attention_unfused`] on primitives, for backends' implementations.
-pub fn attention_unfused_primitive<B: Backend>(
+pub fn attention_unfused_primitive<B: MicroditBackend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -682,7 +692,7 @@ pub fn attention_module<B: burn::tensor::backend::Backend>(
 
 /// Attention as three steps, scores and softmax in f32 whatever the operands' precision
 /// (autocast's rule): CUDA's default.
-pub fn attention_unfused<B: Backend>(
+pub fn attention_unfused<B: MicroditBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -693,7 +703,7 @@ pub fn attention_unfused<B: Backend>(
 }
 
 /// `softmax((q kᵀ)·d^-½)` in f32, future keys masked when causal.
-fn attention_probabilities<B: Backend>(
+fn attention_probabilities<B: MicroditBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     causal: bool,
@@ -714,7 +724,7 @@ fn attention_probabilities<B: Backend>(
 /// The gradients of [`attention_unfused`] as autodiff computes them, the probabilities
 /// recomputed: `dv = pᵀ g`, `ds = p ∘ (g vᵀ − rowsum(p ∘ g vᵀ))` in f32,
 /// `dq = (d^-½ ds) k`, `dk = (d^-½ ds)ᵀ q`, the products in the operands' type.
-pub fn attention_backward_unfused<B: Backend>(
+pub fn attention_backward_unfused<B: MicroditBackend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,

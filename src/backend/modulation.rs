@@ -1,12 +1,12 @@
 //! AdaLN's per-sample modulation and gated residual of image tokens `[B, N, D]`, and
-//! their backwards, as burn's operations: the default of [`Backend::modulate`] and
-//! [`Backend::gated_residual`], and the reference their fused versions are tested against.
+//! their backwards, as burn's operations: the default of [`MicroditBackend::modulate`] and
+//! [`MicroditBackend::gated_residual`], and the reference their fused versions are tested against.
 //! Each takes tensors of one float type (the model promotes them first).
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::Tensor;
 
-use super::{float, primitive, Backend};
+use super::{float, primitive, MicroditBackend};
 
 /// A per-sample `t` [B, D] repeated for each of `n` tokens, [B, n, D] in memory.
 /// Broadcasting it instead is slow on the CPU: burn-flex vectorises only broadcasts
@@ -17,7 +17,7 @@ fn per_token<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>, n: usize) -> Te
 }
 
 /// `x · (1 + scale) + shift`.
-pub fn modulate_unfused<B: Backend>(
+pub fn modulate_unfused<B: MicroditBackend>(
     x: FloatTensor<B>,
     shift: FloatTensor<B>,
     scale: FloatTensor<B>,
@@ -27,8 +27,8 @@ pub fn modulate_unfused<B: Backend>(
     primitive(x * per_token(float(scale) + 1.0, n) + per_token(float(shift), n))
 }
 
-/// [`Backend::modulate_backward`]'s formulas.
-pub fn modulate_backward_unfused<B: Backend>(
+/// [`MicroditBackend::modulate_backward`]'s formulas.
+pub fn modulate_backward_unfused<B: MicroditBackend>(
     x: FloatTensor<B>,
     scale: FloatTensor<B>,
     grad: FloatTensor<B>,
@@ -42,7 +42,7 @@ pub fn modulate_backward_unfused<B: Backend>(
 }
 
 /// `x + gate · branch`.
-pub fn gated_residual_unfused<B: Backend>(
+pub fn gated_residual_unfused<B: MicroditBackend>(
     x: FloatTensor<B>,
     gate: FloatTensor<B>,
     branch: FloatTensor<B>,
@@ -52,8 +52,8 @@ pub fn gated_residual_unfused<B: Backend>(
     primitive(float::<B, 3>(x) + branch * per_token(float(gate), n))
 }
 
-/// [`Backend::gated_residual_backward`]'s formulas.
-pub fn gated_residual_backward_unfused<B: Backend>(
+/// [`MicroditBackend::gated_residual_backward`]'s formulas.
+pub fn gated_residual_backward_unfused<B: MicroditBackend>(
     gate: FloatTensor<B>,
     branch: FloatTensor<B>,
     grad: FloatTensor<B>,

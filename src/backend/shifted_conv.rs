@@ -14,7 +14,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::ops::PadMode;
 use burn::tensor::{s, Tensor};
 
-use super::{matmul, Backend};
+use super::{matmul, MicroditBackend};
 
 /// The sizes of one convolution in the shifted-products plan: the one definition of its
 /// geometry, which the CPU kernel (`flex/conv.rs`) lays out in its own buffers.
@@ -82,7 +82,7 @@ impl ShiftedConv {
 
 /// `conv2d(x, weight) + bias` by the plan: one product per tap, summed.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // CUDA runs the plan
-pub fn conv2d<B: Backend>(
+pub fn conv2d<B: MicroditBackend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
     bias: Option<Tensor<B, 1>>,

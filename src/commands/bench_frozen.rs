@@ -2,7 +2,7 @@
 //! (ViT-H text tower, SDXL VAE, FID Inception, CLIP vision tower) with random weights, timed. `bench/pytorch_frozen.py` does the same work
 //! with open_clip, torchvision and diffusers.
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use anyhow::Result;
 use burn::prelude::*;
 use rand::{RngExt, SeedableRng};
@@ -95,7 +95,7 @@ pub fn run_encode(args: &EncodeBenchArgs) -> Result<()> {
     crate::with_backend!(args.device, |Bk, device| encode::<Bk>(args, &device))
 }
 
-fn text<B: Backend>(args: &TextBenchArgs, device: &B::Device) -> Result<()> {
+fn text<B: MicroditBackend>(args: &TextBenchArgs, device: &B::Device) -> Result<()> {
     let cfg = ClipTextConfig::dfn5b_vit_h_14();
     let encoder = ClipTextEncoder::<B>::new(&cfg, device);
     let tokenizer = ClipTokenizer::new().with_context_length(cfg.context_length);
@@ -122,7 +122,7 @@ fn text<B: Backend>(args: &TextBenchArgs, device: &B::Device) -> Result<()> {
     Ok(())
 }
 
-fn vae<B: Backend>(args: &VaeBenchArgs, device: &B::Device) -> Result<()> {
+fn vae<B: MicroditBackend>(args: &VaeBenchArgs, device: &B::Device) -> Result<()> {
     let cfg = VaeConfig::sdxl();
     let vae = AutoencoderKl::<B>::new(&cfg, device);
     let s = args.latent_size;
@@ -145,7 +145,7 @@ fn vae<B: Backend>(args: &VaeBenchArgs, device: &B::Device) -> Result<()> {
 
 /// The evaluation's networks: FID Inception features, the CLIP vision tower, and the
 /// Fréchet distance of 2048-d statistics.
-fn eval<B: Backend>(args: &EvalBenchArgs, device: &B::Device) -> Result<()> {
+fn eval<B: MicroditBackend>(args: &EvalBenchArgs, device: &B::Device) -> Result<()> {
     let n = args.batch;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let inception = FidInception::<B>::random(0, device);
@@ -191,7 +191,7 @@ fn eval<B: Backend>(args: &EvalBenchArgs, device: &B::Device) -> Result<()> {
 
 /// Precompute's image path: read, decode, resize + crop (in parallel), then the SDXL VAE's
 /// encoder and a latent sample, batch by batch; the first batch is a warm-up.
-fn encode<B: Backend>(args: &EncodeBenchArgs, device: &B::Device) -> Result<()> {
+fn encode<B: MicroditBackend>(args: &EncodeBenchArgs, device: &B::Device) -> Result<()> {
     let mut files: Vec<_> = std::fs::read_dir(&args.images)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "jpg" || e == "png"))

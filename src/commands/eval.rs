@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 
 use super::{DeviceChoice, PipelineArgs};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::eval::captions::{self, prepare_coco, CocoSubset};
 use crate::eval::run::{fid_statistics, EvalRun, Manifest, Metrics, Shard};
 use crate::eval::stats::frechet_distance;
@@ -244,7 +244,7 @@ fn check_metric_sources(metrics: &Metrics) -> Result<()> {
     Ok(())
 }
 
-fn score<B: Backend>(run: &EvalRun, metrics: &Metrics, device: &B::Device) -> Result<()> {
+fn score<B: MicroditBackend>(run: &EvalRun, metrics: &Metrics, device: &B::Device) -> Result<()> {
     let report = run.score::<B>(metrics, device)?;
     print!("{}", report.markdown());
     println!("report: {}", run.dir.join("report.json").display());

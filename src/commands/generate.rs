@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 
 use super::PipelineArgs;
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::hub::Hub;
 use crate::pipeline::{GenerationSettings, SamplingArgs, TextToImage};
 
@@ -122,7 +122,11 @@ fn job_from_png(png: &Path, args: &GenerateArgs) -> Result<Job> {
     Ok(Job { settings, path })
 }
 
-fn generate<B: Backend>(jobs: &[Job], args: &GenerateArgs, device: &B::Device) -> Result<()> {
+fn generate<B: MicroditBackend>(
+    jobs: &[Job],
+    args: &GenerateArgs,
+    device: &B::Device,
+) -> Result<()> {
     let first = &jobs.first().context("nothing to generate")?.settings;
     let start = Instant::now();
     let pipeline = TextToImage::<B>::load(&first.parts(), &Hub::from_env(), device)?;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use anyhow::{Context, Result};
 
 use super::DeviceChoice;
@@ -63,7 +63,7 @@ pub fn run(args: &PrecomputeArgs) -> Result<()> {
     crate::with_backend!(args.device, |Bk, device| run_on::<Bk>(args, &device))
 }
 
-fn run_on<B: Backend>(args: &PrecomputeArgs, device: &B::Device) -> Result<()> {
+fn run_on<B: MicroditBackend>(args: &PrecomputeArgs, device: &B::Device) -> Result<()> {
     let options = PrecomputeOptions {
         resolutions: args.resolutions.clone(),
         min_size: args.min_size,

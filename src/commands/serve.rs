@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use super::PipelineArgs;
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::hub::Hub;
 use crate::pipeline::SamplingArgs;
 use crate::pipeline::TextToImage;
@@ -73,7 +73,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     })
 }
 
-fn start<B: Backend>(
+fn start<B: MicroditBackend>(
     pipeline: TextToImage<B>,
     parts: &crate::pipeline::load::Parts,
     default_sampling: crate::pipeline::Sampling,

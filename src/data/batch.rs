@@ -7,7 +7,7 @@ use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
 use super::latents::LatentsDataset;
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 
 /// Turns sample indices into a batch: caption embeddings (with caption dropout) and latents.
 pub struct BatchReader {
@@ -32,7 +32,7 @@ impl BatchReader {
 
     /// (caption embeddings [N, L, Cc], latents [N, C, H, W]) of `indices`, each caption
     /// dropped with its own coin from `rng`; skipped samples are counted in `skipped`.
-    pub fn read<B: Backend>(
+    pub fn read<B: MicroditBackend>(
         &self,
         data: &LatentsDataset,
         indices: &[usize],

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::options::DemoOptions;
 use super::score::{accuracies, features, frechet_distance, judge, Accuracy, Tally};
 use super::shapes::{scene_and_image, Scene};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::hub::Hub;
 use crate::model::Precision;
 use crate::pipeline::load::Components;
@@ -61,7 +61,7 @@ pub(super) fn eval_prompts(opts: &DemoOptions, prompts: usize) -> Vec<EvalPrompt
 /// Samples `prompts` evaluation prompts per group with a stage's newest weights, through
 /// the same pipeline `microdit generate` builds from `pipeline.json`, scores the images,
 /// and draws them beside real ones into `grid`.
-pub(super) fn evaluate<B: Backend>(
+pub(super) fn evaluate<B: MicroditBackend>(
     opts: &DemoOptions,
     stage: &Path,
     prompts: usize,

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::backend::{AutodiffBackend, Backend};
+use crate::backend::{AutodiffBackend, MicroditBackend};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -314,7 +314,11 @@ fn write_images(opts: &DemoOptions) -> Result<()> {
 /// A small CLIP-architecture text tower with random, frozen weights (the real tokenizer),
 /// saved as an open_clip directory the first time so that every later step encodes with
 /// the same weights.
-fn text_tower<B: Backend>(dir: &Path, seed: u64, device: &B::Device) -> Result<TextEncoder<B>> {
+fn text_tower<B: MicroditBackend>(
+    dir: &Path,
+    seed: u64,
+    device: &B::Device,
+) -> Result<TextEncoder<B>> {
     let weights = dir.join("open_clip_model.safetensors");
     if !weights.exists() {
         B::seed(device, seed);

@@ -1,6 +1,6 @@
 //! The EDM training loss (NVlabs `EDMLoss`), with MicroDiT's patch masking.
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use burn::prelude::*;
 use rand::Rng;
 
@@ -13,7 +13,7 @@ use crate::random::standard_normal;
 /// The random draws one loss evaluation uses, kept apart so that a caller (a test, a
 /// resumed run) can supply exactly the same ones.
 #[derive(Debug, Clone)]
-pub struct LossNoise<B: Backend> {
+pub struct LossNoise<B: MicroditBackend> {
     /// [B] standard normals; `ln σ = rnd_normal * P_std + P_mean`.
     pub rnd_normal: Tensor<B, 1>,
     /// [B, C, H, W] standard normal noise, scaled by σ.
@@ -23,7 +23,7 @@ pub struct LossNoise<B: Backend> {
     pub tokens: TrainingTokens<B>,
 }
 
-impl<B: Backend> LossNoise<B> {
+impl<B: MicroditBackend> LossNoise<B> {
     /// Fresh draws for latents of `shape` cut into `patch_size`² patches, in the
     /// reference's order (σ, noise, then the forward's masking and routing).
     pub fn draw(
@@ -46,7 +46,7 @@ impl<B: Backend> LossNoise<B> {
 /// Weighted denoising error `λ(σ) ‖D(x0 + n; σ) − x0‖²` with `λ = (σ² + σd²)/(σ σd)²`,
 /// averaged over everything, or — when masking — per patch, then over the kept patches
 /// of each sample, then over the batch.
-pub fn edm_loss<B: Backend>(
+pub fn edm_loss<B: MicroditBackend>(
     model: &MicroDit<B>,
     edm: &EdmConfig,
     x0: Tensor<B, 4>,

@@ -1,7 +1,7 @@
 //! EDM preconditioning (Karras et al. 2022, Table 1; NVlabs `EDMPrecond`):
 //! `D(x; σ) = c_skip(σ) x + c_out(σ) F(c_in(σ) x; c_noise(σ))`.
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use burn::prelude::*;
 
 use super::config::EdmConfig;
@@ -28,7 +28,7 @@ impl Guidance {
 /// The denoised estimate `D(x; σ)` for noisy latents `x` [B, C, H, W] at noise levels
 /// `sigma` [B] (or [1] for all), captions `y` [B, L, Cc]; in training, `tokens` says which
 /// tokens the backbone sees (`TrainingTokens::all()` otherwise).
-pub fn denoise<B: Backend>(
+pub fn denoise<B: MicroditBackend>(
     model: &MicroDit<B>,
     edm: &EdmConfig,
     x: Tensor<B, 4>,

@@ -19,7 +19,7 @@ use burn::prelude::*;
 use image::RgbImage;
 use serde::Deserialize;
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::data::preprocess::{resize_bicubic, resize_center_crop};
 use crate::hub::Hub;
 use crate::state_dict::{apply_state_dict, read_state_dict, CLIP_VISION_KEYS};
@@ -217,7 +217,7 @@ impl Preprocess {
 
 /// open_clip's `VisionTransformer` (plain ViT, class-token pooling).
 #[derive(Module, Debug)]
-pub struct ClipVisionEncoder<B: Backend> {
+pub struct ClipVisionEncoder<B: MicroditBackend> {
     pub conv1: Conv2d<B>,
     pub class_embedding: Param<Tensor<B, 1>>,
     pub positional_embedding: Param<Tensor<B, 2>>,
@@ -227,7 +227,7 @@ pub struct ClipVisionEncoder<B: Backend> {
     pub proj: Param<Tensor<B, 2>>,
 }
 
-impl<B: Backend> ClipVisionEncoder<B> {
+impl<B: MicroditBackend> ClipVisionEncoder<B> {
     /// Zero-initialised structure, for weights that are about to be loaded.
     pub fn new(cfg: &ClipVisionConfig, device: &B::Device) -> Self {
         let (w, p) = (cfg.width, cfg.patch_size);
@@ -282,7 +282,7 @@ impl<B: Backend> ClipVisionEncoder<B> {
 }
 
 /// An OpenCLIP model as a CLIP-score judge: both towers, both projections, the transform.
-pub struct ClipScorer<B: Backend> {
+pub struct ClipScorer<B: MicroditBackend> {
     pub text: TextEncoder<B>,
     pub text_projection: Tensor<B, 2>,
     pub vision: ClipVisionEncoder<B>,
@@ -290,7 +290,7 @@ pub struct ClipScorer<B: Backend> {
     device: B::Device,
 }
 
-impl<B: Backend> ClipScorer<B> {
+impl<B: MicroditBackend> ClipScorer<B> {
     /// From a local directory or Hub repository holding `open_clip_config.json` and the
     /// weights (`open_clip_model.safetensors` or `open_clip_pytorch_model.bin`).
     pub fn from_source(source: &str, hub: &Hub, device: &B::Device) -> Result<Self> {

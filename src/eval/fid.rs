@@ -11,15 +11,15 @@ use super::captions::{image_files, load_rgb};
 use super::inception::FidInception;
 use super::progress;
 use super::stats::{Statistics, StatisticsAccumulator};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 
-pub struct FidStatistics<B: Backend> {
+pub struct FidStatistics<B: MicroditBackend> {
     pub inception: FidInception<B>,
     /// Images per Inception batch.
     pub batch: usize,
 }
 
-impl<B: Backend> FidStatistics<B> {
+impl<B: MicroditBackend> FidStatistics<B> {
     /// A `.npz` read as it is, or a folder's images through the Inception.
     pub fn of_path(&self, path: &Path) -> Result<Statistics> {
         if path.is_dir() {

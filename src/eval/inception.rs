@@ -21,7 +21,7 @@ use image::RgbImage;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::{conv2d, pool2d, Backend, Pool, PoolOptions};
+use crate::backend::{conv2d, pool2d, MicroditBackend, Pool, PoolOptions};
 use crate::hub::Hub;
 use crate::state_dict::read_state_dict;
 
@@ -102,7 +102,7 @@ impl Weights {
             .collect()
     }
 
-    fn block<'a, B: Backend>(
+    fn block<'a, B: MicroditBackend>(
         &'a mut self,
         name: &'a str,
         device: &'a B::Device,
@@ -133,13 +133,13 @@ impl Weights {
 
 /// `BasicConv2d` with its BatchNorm folded in.
 #[derive(Debug)]
-struct BasicConv<B: Backend> {
+struct BasicConv<B: MicroditBackend> {
     weight: Tensor<B, 4>,
     bias: Tensor<B, 1>,
     options: ConvOptions<2>,
 }
 
-impl<B: Backend> BasicConv<B> {
+impl<B: MicroditBackend> BasicConv<B> {
     /// `name.conv.weight` [out, in, kh, kw] and `name.bn.{weight,bias,running_mean,running_var}`.
     fn load(
         w: &mut Weights,
@@ -182,13 +182,13 @@ impl<B: Backend> BasicConv<B> {
 }
 
 /// Loads the convolutions of one block: `conv(name, [in, out], kernel, stride, padding)`.
-struct BlockLoader<'a, B: Backend> {
+struct BlockLoader<'a, B: MicroditBackend> {
     weights: &'a mut Weights,
     block: &'a str,
     device: &'a B::Device,
 }
 
-impl<B: Backend> BlockLoader<'_, B> {
+impl<B: MicroditBackend> BlockLoader<'_, B> {
     fn conv(
         &mut self,
         name: &str,
@@ -235,7 +235,7 @@ impl<B: Backend> BlockLoader<'_, B> {
 }
 
 /// A 3×3 pool at stride 1 keeping the size (padding 1).
-fn pool_3x3<B: Backend>(x: Tensor<B, 4>, kind: Pool) -> Tensor<B, 4> {
+fn pool_3x3<B: MicroditBackend>(x: Tensor<B, 4>, kind: Pool) -> Tensor<B, 4> {
     let options = PoolOptions {
         kernel: [3, 3],
         stride: [1, 1],
@@ -246,7 +246,7 @@ fn pool_3x3<B: Backend>(x: Tensor<B, 4>, kind: Pool) -> Tensor<B, 4> {
 }
 
 /// pytorch-fid's average pools exclude the padding.
-fn avg_pool_3x3<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+fn avg_pool_3x3<B: MicroditBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     pool_3x3(
         x,
         Pool::Average {
@@ -255,7 +255,7 @@ fn avg_pool_3x3<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     )
 }
 
-fn max_pool_3x3_stride_2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+fn max_pool_3x3_stride_2<B: MicroditBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let options = PoolOptions {
         kernel: [3, 3],
         stride: [2, 2],
@@ -267,14 +267,14 @@ fn max_pool_3x3_stride_2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 /// `FIDInceptionA` (Mixed_5b/c/d).
 #[derive(Debug)]
-struct InceptionA<B: Backend> {
+struct InceptionA<B: MicroditBackend> {
     branch1x1: BasicConv<B>,
     branch5x5: [BasicConv<B>; 2],
     branch3x3dbl: [BasicConv<B>; 3],
     branch_pool: BasicConv<B>,
 }
 
-impl<B: Backend> InceptionA<B> {
+impl<B: MicroditBackend> InceptionA<B> {
     fn load(l: &mut BlockLoader<B>, c: usize, pool_features: usize) -> Result<Self> {
         Ok(Self {
             branch1x1: l.square("branch1x1", [c, 64], 1)?,
@@ -304,18 +304,18 @@ impl<B: Backend> InceptionA<B> {
     }
 }
 
-fn chain<B: Backend>(convs: &[BasicConv<B>], x: Tensor<B, 4>) -> Tensor<B, 4> {
+fn chain<B: MicroditBackend>(convs: &[BasicConv<B>], x: Tensor<B, 4>) -> Tensor<B, 4> {
     convs.iter().fold(x, |x, c| c.forward(x))
 }
 
 /// `InceptionB` (Mixed_6a): the grid shrinks to 17×17.
 #[derive(Debug)]
-struct InceptionB<B: Backend> {
+struct InceptionB<B: MicroditBackend> {
     branch3x3: BasicConv<B>,
     branch3x3dbl: [BasicConv<B>; 3],
 }
 
-impl<B: Backend> InceptionB<B> {
+impl<B: MicroditBackend> InceptionB<B> {
     fn load(l: &mut BlockLoader<B>, c: usize) -> Result<Self> {
         Ok(Self {
             branch3x3: l.conv("branch3x3", [c, 384], [3, 3], 2, [0, 0])?,
@@ -341,14 +341,14 @@ impl<B: Backend> InceptionB<B> {
 
 /// `FIDInceptionC` (Mixed_6b–e): factorised 7×7 convolutions (1×7 then 7×1).
 #[derive(Debug)]
-struct InceptionC<B: Backend> {
+struct InceptionC<B: MicroditBackend> {
     branch1x1: BasicConv<B>,
     branch7x7: [BasicConv<B>; 3],
     branch7x7dbl: [BasicConv<B>; 5],
     branch_pool: BasicConv<B>,
 }
 
-impl<B: Backend> InceptionC<B> {
+impl<B: MicroditBackend> InceptionC<B> {
     fn load(l: &mut BlockLoader<B>, c: usize, c7: usize) -> Result<Self> {
         let (row, col) = (([1, 7], [0, 3]), ([7, 1], [3, 0]));
         Ok(Self {
@@ -384,12 +384,12 @@ impl<B: Backend> InceptionC<B> {
 
 /// `InceptionD` (Mixed_7a): the grid shrinks to 8×8.
 #[derive(Debug)]
-struct InceptionD<B: Backend> {
+struct InceptionD<B: MicroditBackend> {
     branch3x3: [BasicConv<B>; 2],
     branch7x7x3: [BasicConv<B>; 4],
 }
 
-impl<B: Backend> InceptionD<B> {
+impl<B: MicroditBackend> InceptionD<B> {
     fn load(l: &mut BlockLoader<B>, c: usize) -> Result<Self> {
         Ok(Self {
             branch3x3: [
@@ -419,7 +419,7 @@ impl<B: Backend> InceptionD<B> {
 
 /// `FIDInceptionE_1` (Mixed_7b, average pool) and `FIDInceptionE_2` (Mixed_7c, max pool).
 #[derive(Debug)]
-struct InceptionE<B: Backend> {
+struct InceptionE<B: MicroditBackend> {
     branch1x1: BasicConv<B>,
     branch3x3_1: BasicConv<B>,
     branch3x3_2: [BasicConv<B>; 2],
@@ -429,7 +429,7 @@ struct InceptionE<B: Backend> {
     max_pool: bool,
 }
 
-impl<B: Backend> InceptionE<B> {
+impl<B: MicroditBackend> InceptionE<B> {
     fn load(l: &mut BlockLoader<B>, c: usize, max_pool: bool) -> Result<Self> {
         let split = |l: &mut BlockLoader<B>, name: &str, c: usize| -> Result<[BasicConv<B>; 2]> {
             Ok([
@@ -473,7 +473,7 @@ impl<B: Backend> InceptionE<B> {
 }
 
 #[derive(Debug)]
-pub struct FidInception<B: Backend> {
+pub struct FidInception<B: MicroditBackend> {
     stem: [BasicConv<B>; 5],
     mixed_5: [InceptionA<B>; 3],
     mixed_6a: InceptionB<B>,
@@ -483,7 +483,7 @@ pub struct FidInception<B: Backend> {
     device: B::Device,
 }
 
-impl<B: Backend> FidInception<B> {
+impl<B: MicroditBackend> FidInception<B> {
     /// From pytorch-fid's state dict (`.pth`, or `.safetensors` with the same names).
     pub fn load(path: &Path, device: &B::Device) -> Result<Self> {
         let mut w = Weights {

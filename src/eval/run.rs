@@ -21,7 +21,7 @@ use super::fid::FidStatistics;
 use super::inception::FidInception;
 use super::stats::frechet_distance;
 use super::{progress, Report};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::hub::Hub;
 use crate::pipeline::{GenerationSettings, TextToImage};
 
@@ -106,7 +106,7 @@ impl EvalRun {
 
     /// Makes the shard's missing images, `batch` at a time; each PNG is written atomically,
     /// so an interrupted run loses at most the batch in flight.
-    pub fn generate<B: Backend>(
+    pub fn generate<B: MicroditBackend>(
         &self,
         shard: Shard,
         batch: usize,
@@ -160,7 +160,11 @@ impl EvalRun {
     }
 
     /// FID and CLIP score of the finished folder; writes `generated.npz` and the reports.
-    pub fn score<B: Backend>(&self, metrics: &Metrics, device: &B::Device) -> Result<Report> {
+    pub fn score<B: MicroditBackend>(
+        &self,
+        metrics: &Metrics,
+        device: &B::Device,
+    ) -> Result<Report> {
         let missing = self.pending(Shard::ALL);
         if !missing.is_empty() {
             bail!(
@@ -191,7 +195,7 @@ impl EvalRun {
         Ok(report)
     }
 
-    fn clip_score<B: Backend>(
+    fn clip_score<B: MicroditBackend>(
         &self,
         scorer: &ClipScorer<B>,
         files: &[PathBuf],
@@ -217,7 +221,7 @@ impl EvalRun {
 }
 
 /// The Inception, loaded from where `metrics` says.
-pub fn fid_statistics<B: Backend>(
+pub fn fid_statistics<B: MicroditBackend>(
     metrics: &Metrics,
     device: &B::Device,
 ) -> Result<FidStatistics<B>> {

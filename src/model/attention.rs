@@ -5,13 +5,13 @@ use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::init::{Dist, Init};
-use crate::backend::{attention, Backend};
+use crate::backend::{attention, MicroditBackend};
 use crate::nn::precision::{cast, linear, normalize};
 use crate::nn::split_last;
 
 /// Scaled dot-product attention of `q` [B, N, H] over `k`, `v` [B, L, H] with `heads` heads,
 /// after normalising q and k (in f32); attention itself in v's type; returns [B, N, H].
-fn attend<B: Backend>(
+fn attend<B: MicroditBackend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
@@ -34,14 +34,14 @@ fn attend<B: Backend>(
 }
 
 #[derive(Module, Debug)]
-pub struct SelfAttention<B: Backend> {
+pub struct SelfAttention<B: MicroditBackend> {
     pub qkv: Linear<B>,
     pub proj: Linear<B>,
     num_heads: usize,
     eps: f64,
 }
 
-impl<B: Backend> SelfAttention<B> {
+impl<B: MicroditBackend> SelfAttention<B> {
     /// `dim` in and out, attention over `qkv_dim = heads * head_dim`; q/k/v start from a
     /// truncated N(0, 0.02) and the output projection from `proj`.
     pub fn new(
@@ -68,7 +68,7 @@ impl<B: Backend> SelfAttention<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct CrossAttention<B: Backend> {
+pub struct CrossAttention<B: MicroditBackend> {
     pub q_linear: Linear<B>,
     pub kv_linear: Linear<B>,
     pub proj: Linear<B>,
@@ -76,7 +76,7 @@ pub struct CrossAttention<B: Backend> {
     eps: f64,
 }
 
-impl<B: Backend> CrossAttention<B> {
+impl<B: MicroditBackend> CrossAttention<B> {
     pub fn new(
         dim: usize,
         head_dim: usize,

@@ -11,7 +11,7 @@ use super::expert_choice::ExpertChoiceFeedForward;
 use super::feed_forward::FeedForward;
 use super::init::{Dist, Init};
 use super::layers::{gated_residual, layer_norm, modulate, residual, LayerNorm};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::nn::precision::linear;
 use crate::nn::split_last;
 
@@ -19,12 +19,12 @@ use crate::nn::split_last;
 // Built once per model; boxing would only add an indirection.
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
-pub enum BlockFeedForward<B: Backend> {
+pub enum BlockFeedForward<B: MicroditBackend> {
     Dense(FeedForward<B>),
     Experts(ExpertChoiceFeedForward<B>),
 }
 
-impl<B: Backend> BlockFeedForward<B> {
+impl<B: MicroditBackend> BlockFeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             Self::Dense(ff) => ff.forward(x),
@@ -36,7 +36,7 @@ impl<B: Backend> BlockFeedForward<B> {
 /// `x += gate * attn(modulate(norm(x)))`, `x += cross_attn(norm(x), y)`,
 /// `x += gate * ffn(modulate(norm(x)))`; shift/scale/gate from the conditioning vector.
 #[derive(Module, Debug)]
-pub struct DitBlock<B: Backend> {
+pub struct DitBlock<B: MicroditBackend> {
     pub norm1: LayerNorm<B>,
     pub attn: SelfAttention<B>,
     pub cross_attn: CrossAttention<B>,
@@ -55,7 +55,7 @@ pub struct BlockOptions {
     pub expert_capacity: f64,
 }
 
-impl<B: Backend> DitBlock<B> {
+impl<B: MicroditBackend> DitBlock<B> {
     pub fn new(shape: &BlockShape, opts: &BlockOptions, init: &mut Init<B>) -> Self {
         let BlockShape {
             dim,
@@ -118,14 +118,14 @@ impl<B: Backend> DitBlock<B> {
 /// Pre-norm self-attention + SwiGLU over the caption tokens (`AttentionBlockPromptEmbedding`);
 /// both residual branches start at zero.
 #[derive(Module, Debug)]
-pub struct CaptionBlock<B: Backend> {
+pub struct CaptionBlock<B: MicroditBackend> {
     pub norm1: LayerNorm<B>,
     pub attn: SelfAttention<B>,
     pub norm2: LayerNorm<B>,
     pub mlp: FeedForward<B>,
 }
 
-impl<B: Backend> CaptionBlock<B> {
+impl<B: MicroditBackend> CaptionBlock<B> {
     pub fn new(shape: &BlockShape, bias: bool, eps: f64, init: &mut Init<B>) -> Self {
         let dim = shape.dim;
         Self {
@@ -144,13 +144,13 @@ impl<B: Backend> CaptionBlock<B> {
 
 /// Modulated LayerNorm and a linear map to `p * p * C` values per token; zero at init.
 #[derive(Module, Debug)]
-pub struct FinalLayer<B: Backend> {
+pub struct FinalLayer<B: MicroditBackend> {
     pub norm_final: LayerNorm<B>,
     pub linear: Linear<B>,
     pub ada_ln_modulation: Linear<B>,
 }
 
-impl<B: Backend> FinalLayer<B> {
+impl<B: MicroditBackend> FinalLayer<B> {
     pub fn new(dim: usize, out: usize, eps: f64, init: &mut Init<B>) -> Self {
         Self {
             norm_final: layer_norm(dim, eps, init),

@@ -11,18 +11,18 @@ use super::embeddings::{sincos_pos_embed, unpatchify, PatchEmbed, TimestepEmbedd
 use super::init::Init;
 use super::layers::{cast_like, residual, Mlp, NormLinear};
 use super::routing::TrainingTokens;
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::nn::precision::{cast, to_f32, LowPrecisionCopy, Precision};
 
 /// The fixed 2-D sin-cos positions of `cfg`'s patch grid, [1, T, D], in f32.
-fn positions<B: Backend>(cfg: &DitConfig, device: &B::Device) -> Tensor<B, 3> {
+fn positions<B: MicroditBackend>(cfg: &DitConfig, device: &B::Device) -> Tensor<B, 3> {
     let grid = cfg.grid_size();
     let pos = sincos_pos_embed(cfg.dim, grid, grid, cfg.pos_interp_scale);
     Tensor::from_data(TensorData::new(pos, [1, grid * grid, cfg.dim]), device)
 }
 
 #[derive(Module, Debug)]
-pub struct MicroDit<B: Backend> {
+pub struct MicroDit<B: MicroditBackend> {
     pub x_embedder: PatchEmbed<B>,
     pub t_embedder: TimestepEmbedder<B>,
     /// Caption projection Cc -> D (`y_embedder.y_proj`).
@@ -45,7 +45,7 @@ pub struct MicroDit<B: Backend> {
     channels: usize,
 }
 
-impl<B: Backend> MicroDit<B> {
+impl<B: MicroditBackend> MicroDit<B> {
     pub fn new(cfg: &DitConfig, init: &mut Init<B>) -> Self {
         let (dim, eps) = (cfg.dim, cfg.norm_eps);
         let opts = BlockOptions {

@@ -7,19 +7,19 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use super::init::{Dist, Init};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::nn::precision::{linear, matmul_in_weight_type};
 
 /// A `p x p`, stride-`p` convolution from C latent channels to D, computed as one matmul over
 /// patchified latents. The weight keeps the convolution's [D, C, p, p] layout.
 #[derive(Module, Debug)]
-pub struct PatchEmbed<B: Backend> {
+pub struct PatchEmbed<B: MicroditBackend> {
     pub weight: Param<Tensor<B, 4>>,
     pub bias: Param<Tensor<B, 1>>,
     patch_size: usize,
 }
 
-impl<B: Backend> PatchEmbed<B> {
+impl<B: MicroditBackend> PatchEmbed<B> {
     pub fn new(in_channels: usize, dim: usize, patch_size: usize, init: &mut Init<B>) -> Self {
         let fan_in = in_channels * patch_size * patch_size;
         // xavier_uniform_ on the weight viewed as [D, C*p*p].
@@ -52,7 +52,11 @@ impl<B: Backend> PatchEmbed<B> {
 
 /// [B, T, p*p*C] -> [B, C, H, W]: the inverse patch order of the final layer
 /// (`nhwpqc -> nchpwq` in the reference).
-pub fn unpatchify<B: Backend>(x: Tensor<B, 3>, patch_size: usize, channels: usize) -> Tensor<B, 4> {
+pub fn unpatchify<B: MicroditBackend>(
+    x: Tensor<B, 3>,
+    patch_size: usize,
+    channels: usize,
+) -> Tensor<B, 4> {
     let [b, t, _] = x.dims();
     let g = (t as f64).sqrt() as usize;
     let p = patch_size;
@@ -93,7 +97,7 @@ pub fn sincos_pos_embed(
 
 /// Sinusoidal embedding of the noise level (512 frequencies) followed by a 2-layer MLP.
 #[derive(Module, Debug)]
-pub struct TimestepEmbedder<B: Backend> {
+pub struct TimestepEmbedder<B: MicroditBackend> {
     pub mlp_in: Linear<B>,
     pub mlp_out: Linear<B>,
     frequencies: usize,
@@ -101,7 +105,7 @@ pub struct TimestepEmbedder<B: Backend> {
 
 pub const TIMESTEP_FREQUENCIES: usize = 512;
 
-impl<B: Backend> TimestepEmbedder<B> {
+impl<B: MicroditBackend> TimestepEmbedder<B> {
     pub fn new(dim: usize, init: &mut Init<B>) -> Self {
         Self {
             mlp_in: init.linear(TIMESTEP_FREQUENCIES, dim, true, Dist::Normal(0.02)),

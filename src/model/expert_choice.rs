@@ -7,11 +7,11 @@ use burn::prelude::*;
 use burn::tensor::{BasicOps, IndexingUpdateOp};
 
 use super::init::{Dist, Init};
-use crate::backend::{gelu_exact, top_k_indices, Backend};
+use crate::backend::{gelu_exact, top_k_indices, MicroditBackend};
 use crate::nn::precision::{linear, matmul_in_weight_type, promote, softmax_f32};
 
 #[derive(Module, Debug)]
-pub struct ExpertChoiceFeedForward<B: Backend> {
+pub struct ExpertChoiceFeedForward<B: MicroditBackend> {
     /// [E, D, F]: the experts' first layers.
     pub w1: Param<Tensor<B, 3>>,
     /// [E, F, D]: the experts' second layers.
@@ -22,7 +22,7 @@ pub struct ExpertChoiceFeedForward<B: Backend> {
     capacity: f64,
 }
 
-impl<B: Backend> ExpertChoiceFeedForward<B> {
+impl<B: MicroditBackend> ExpertChoiceFeedForward<B> {
     pub fn new(
         num_experts: usize,
         capacity: f64,
@@ -81,7 +81,7 @@ impl<B: Backend> ExpertChoiceFeedForward<B> {
 }
 
 /// `[N, E, K]` values as one column in expert-major order, `[E·N·K, 1]`.
-fn expert_major<B: Backend, K: BasicOps<B>>(t: Tensor<B, 3, K>) -> Tensor<B, 2, K> {
+fn expert_major<B: MicroditBackend, K: BasicOps<B>>(t: Tensor<B, 3, K>) -> Tensor<B, 2, K> {
     let [n, e, k] = t.dims();
     t.swap_dims(0, 1).reshape([e * n * k, 1])
 }

@@ -4,18 +4,18 @@ use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::init::{Dist, Init};
-use crate::backend::{swiglu, Backend};
+use crate::backend::{swiglu, MicroditBackend};
 use crate::nn::precision::linear;
 
 /// `w3(silu(w1 x) * w2 x)`, hidden width from [`super::config::BlockShape::swiglu_hidden`].
 #[derive(Module, Debug)]
-pub struct FeedForward<B: Backend> {
+pub struct FeedForward<B: MicroditBackend> {
     pub w1: Linear<B>,
     pub w2: Linear<B>,
     pub w3: Linear<B>,
 }
 
-impl<B: Backend> FeedForward<B> {
+impl<B: MicroditBackend> FeedForward<B> {
     /// w1 starts from a truncated N(0, 0.02); w2 from a truncated N(0, init_std); w3 from `out`.
     pub fn new(
         dim: usize,

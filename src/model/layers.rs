@@ -6,7 +6,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use super::init::{Dist, Init};
-use crate::backend::{self, Backend};
+use crate::backend::{self, MicroditBackend};
 use crate::nn::precision::{cast, linear, promote, to_f32, widest};
 
 /// `nn.LayerNorm(dim, eps, bias=False)`: a learned scale and no shift, in f32 (the scale
@@ -15,19 +15,19 @@ use crate::nn::precision::{cast, linear, promote, to_f32, widest};
 /// operations and their backwards. Named and laid out as burn's (`Struct:LayerNorm` with a
 /// `gamma`), so checkpoints and burn-store's PyTorch adapters read it as one.
 #[derive(Module, Debug)]
-pub struct LayerNorm<B: Backend> {
+pub struct LayerNorm<B: MicroditBackend> {
     pub gamma: Param<Tensor<B, 1>>,
     epsilon: f64,
 }
 
-impl<B: Backend> LayerNorm<B> {
+impl<B: MicroditBackend> LayerNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         backend::scaled_layer_norm(to_f32(x), self.gamma.val(), self.epsilon)
     }
 }
 
 /// A [`LayerNorm`] of width `dim`, its scale at one.
-pub fn layer_norm<B: Backend>(dim: usize, eps: f64, init: &Init<B>) -> LayerNorm<B> {
+pub fn layer_norm<B: MicroditBackend>(dim: usize, eps: f64, init: &Init<B>) -> LayerNorm<B> {
     LayerNorm {
         gamma: Param::from_tensor(Tensor::ones([dim], init.device())),
         epsilon: eps,
@@ -35,7 +35,7 @@ pub fn layer_norm<B: Backend>(dim: usize, eps: f64, init: &Init<B>) -> LayerNorm
 }
 
 /// AdaLN modulation `x * (1 + scale) + shift`, with per-sample `shift`, `scale` of shape [B, D].
-pub fn modulate<B: Backend>(
+pub fn modulate<B: MicroditBackend>(
     x: Tensor<B, 3>,
     shift: Tensor<B, 2>,
     scale: Tensor<B, 2>,
@@ -46,7 +46,7 @@ pub fn modulate<B: Backend>(
 }
 
 /// The residual update `x + gate * branch` (gate [B, D] per sample), in the wider type.
-pub fn gated_residual<B: Backend>(
+pub fn gated_residual<B: MicroditBackend>(
     x: Tensor<B, 3>,
     gate: Tensor<B, 2>,
     branch: Tensor<B, 3>,
@@ -57,13 +57,16 @@ pub fn gated_residual<B: Backend>(
 }
 
 /// `x + branch` in the wider type.
-pub fn residual<B: Backend, const D: usize>(x: Tensor<B, D>, branch: Tensor<B, D>) -> Tensor<B, D> {
+pub fn residual<B: MicroditBackend, const D: usize>(
+    x: Tensor<B, D>,
+    branch: Tensor<B, D>,
+) -> Tensor<B, D> {
     let (x, branch) = promote(x, branch);
     x + branch
 }
 
 /// `x` in `like`'s type.
-pub fn cast_like<B: Backend, const D: usize, const E: usize>(
+pub fn cast_like<B: MicroditBackend, const D: usize, const E: usize>(
     x: Tensor<B, D>,
     like: &Tensor<B, E>,
 ) -> Tensor<B, D> {
@@ -73,13 +76,13 @@ pub fn cast_like<B: Backend, const D: usize, const E: usize>(
 /// timm's `Mlp` with a LayerNorm between the activation and the second layer, as the
 /// reference uses it for the caption projection and the pooled-caption embedding.
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
+pub struct Mlp<B: MicroditBackend> {
     pub fc1: Linear<B>,
     pub norm: LayerNorm<B>,
     pub fc2: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: MicroditBackend> Mlp<B> {
     /// Weights drawn from N(0, 0.02) as `initialize_weights` sets them for both users.
     pub fn new(d_in: usize, d_hidden: usize, d_out: usize, eps: f64, init: &mut Init<B>) -> Self {
         Self {
@@ -97,12 +100,12 @@ impl<B: Backend> Mlp<B> {
 
 /// `nn.Sequential(LayerNorm, Linear)`: the patch-mixer's width adapters.
 #[derive(Module, Debug)]
-pub struct NormLinear<B: Backend> {
+pub struct NormLinear<B: MicroditBackend> {
     pub norm: LayerNorm<B>,
     pub linear: Linear<B>,
 }
 
-impl<B: Backend> NormLinear<B> {
+impl<B: MicroditBackend> NormLinear<B> {
     pub fn new(d_in: usize, d_out: usize, bias: bool, eps: f64, init: &mut Init<B>) -> Self {
         Self {
             norm: layer_norm(d_in, eps, init),

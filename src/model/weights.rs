@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use anyhow::{bail, Context, Result};
 use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
@@ -19,7 +19,7 @@ use crate::state_dict::{
 const POS_EMBED: &str = "pos_embed";
 const MASK_TOKEN: &str = "mask_token";
 
-pub fn load_weights<B: Backend>(model: MicroDit<B>, path: &Path) -> Result<MicroDit<B>> {
+pub fn load_weights<B: MicroditBackend>(model: MicroDit<B>, path: &Path) -> Result<MicroDit<B>> {
     let tensors = read_state_dict(path)?;
     load_state_dict(model, tensors)
         .with_context(|| format!("loading weights from {}", path.display()))
@@ -28,7 +28,7 @@ pub fn load_weights<B: Backend>(model: MicroDit<B>, path: &Path) -> Result<Micro
 /// Whether the weights at `path` were saved from a model of `model`'s architecture (names
 /// and shapes only; nothing is loaded). A checkpoint's own record format cannot say so
 /// itself: burn panics on a mismatch.
-pub fn check_weights_fit<B: Backend>(model: &MicroDit<B>, path: &Path) -> Result<()> {
+pub fn check_weights_fit<B: MicroditBackend>(model: &MicroDit<B>, path: &Path) -> Result<()> {
     let mut tensors = denoiser_part(read_state_dict(path)?);
     tensors.remove(POS_EMBED);
     tensors.remove(MASK_TOKEN);
@@ -36,7 +36,7 @@ pub fn check_weights_fit<B: Backend>(model: &MicroDit<B>, path: &Path) -> Result
         .with_context(|| format!("{} was saved from another architecture", path.display()))
 }
 
-pub fn load_state_dict<B: Backend>(
+pub fn load_state_dict<B: MicroditBackend>(
     model: MicroDit<B>,
     tensors: BTreeMap<String, TensorSnapshot>,
 ) -> Result<MicroDit<B>> {
@@ -67,7 +67,7 @@ pub fn denoiser_part(
 /// positions were made with another `pos_interp_scale` would silently shift every patch,
 /// so that is an error; a checkpoint from another resolution (a new shape) is fine, since
 /// moving from 256 to 512 px is how the recipe's later stages start.
-fn check_buffers<B: Backend>(
+fn check_buffers<B: MicroditBackend>(
     model: &MicroDit<B>,
     tensors: &mut BTreeMap<String, TensorSnapshot>,
 ) -> Result<()> {
@@ -101,7 +101,7 @@ fn check_buffers<B: Backend>(
 
 /// Writes the model as a reference-named safetensors state dict (buffers included, so the
 /// reference `load_state_dict` takes it as is), atomically.
-pub fn save_weights<B: Backend>(model: &MicroDit<B>, path: &Path) -> Result<()> {
+pub fn save_weights<B: MicroditBackend>(model: &MicroDit<B>, path: &Path) -> Result<()> {
     let mut tensors = reference_tensors(model, &DIT_KEYS)?;
     tensors.insert(
         POS_EMBED.into(),
@@ -121,7 +121,7 @@ pub struct ToGradients<'a> {
     pub grads: &'a burn::optim::GradientsParams,
 }
 
-impl<B: Backend> ModuleMapper<B> for ToGradients<'_> {
+impl<B: MicroditBackend> ModuleMapper<B> for ToGradients<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let grad = self

@@ -10,7 +10,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{DType, FloatDType};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{matmul, scaled_layer_norm, Backend};
+use crate::backend::{matmul, scaled_layer_norm, MicroditBackend};
 
 /// The float type a model computes its products in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -33,7 +33,7 @@ impl Precision {
 }
 
 /// `x` in `dtype`; no operation (and no autodiff node) when it already is.
-pub fn cast<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+pub fn cast<B: MicroditBackend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if x.dtype() == dtype {
         x
     } else {
@@ -41,7 +41,7 @@ pub fn cast<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor
     }
 }
 
-pub fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub fn to_f32<B: MicroditBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     cast(x, DType::F32)
 }
 
@@ -60,7 +60,7 @@ pub fn widest(types: &[DType]) -> DType {
 }
 
 /// Both operands in the wider of their types.
-pub fn promote<B: Backend, const D: usize, const E: usize>(
+pub fn promote<B: MicroditBackend, const D: usize, const E: usize>(
     a: Tensor<B, D>,
     b: Tensor<B, E>,
 ) -> (Tensor<B, D>, Tensor<B, E>) {
@@ -69,7 +69,7 @@ pub fn promote<B: Backend, const D: usize, const E: usize>(
 }
 
 /// `x @ w` in `w`'s type (autocast casts a product's operands to the low precision).
-pub fn matmul_in_weight_type<B: Backend, const D: usize>(
+pub fn matmul_in_weight_type<B: MicroditBackend, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, D>,
 ) -> Tensor<B, D> {
@@ -77,7 +77,10 @@ pub fn matmul_in_weight_type<B: Backend, const D: usize>(
 }
 
 /// `Linear::forward` in the weight's type, leading dimensions folded into one matrix.
-pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+pub fn linear<B: MicroditBackend, const D: usize>(
+    layer: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
     let w = layer.weight.val();
     let [d_in, d_out] = w.dims();
     let mut dims = x.dims();
@@ -93,14 +96,17 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) ->
 
 /// LayerNorm without parameters over the last dimension (the q/k norms), in f32: the
 /// layer norm with a scale of ones (exact: x·1 = x).
-pub fn normalize<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+pub fn normalize<B: MicroditBackend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
     let x = to_f32(x);
     let ones = Tensor::<B, 1>::ones([x.dims()[D - 1]], (&x.device(), DType::F32));
     scaled_layer_norm(x, ones, eps)
 }
 
 /// Softmax in f32.
-pub fn softmax_f32<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+pub fn softmax_f32<B: MicroditBackend, const D: usize>(
+    x: Tensor<B, D>,
+    dim: usize,
+) -> Tensor<B, D> {
     softmax(to_f32(x), dim)
 }
 
@@ -120,7 +126,7 @@ impl LowPrecisionCopy {
     }
 }
 
-impl<B: Backend> ModuleMapper<B> for LowPrecisionCopy {
+impl<B: MicroditBackend> ModuleMapper<B> for LowPrecisionCopy {
     fn enter_module(&mut self, _name: &str, container_type: &str) {
         self.containers.push(container_type.to_string());
     }

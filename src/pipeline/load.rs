@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Sampling, TextToImage};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::edm::EdmConfig;
 use crate::hub::{known, Hub};
 use crate::model::config::ModelChoice;
@@ -205,7 +205,7 @@ impl Parts {
     }
 }
 
-impl<B: Backend> TextToImage<B> {
+impl<B: MicroditBackend> TextToImage<B> {
     pub fn load(parts: &Parts, hub: &Hub, device: &B::Device) -> Result<Self> {
         parts.check_resolution()?;
         let checkpoint = resolve_checkpoint(hub, &parts.checkpoint)?;

@@ -14,7 +14,7 @@ use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::edm::{denoise, karras_sigmas, sample, EdmConfig, Guidance};
 use crate::model::config::ModelChoice;
 use crate::model::{DitConfig, MicroDit, TrainingTokens};
@@ -25,7 +25,7 @@ pub use settings::{GenerationSettings, Sampling, SamplingArgs};
 
 /// Latents `shape` = [1, C, S, S] for caption embedding `y` [1, L, Cc], from ChaCha8(`seed`)
 /// noise (the starting latents, then the fresh noise of any stochastic steps); `on_step(i)` after each step.
-pub fn sample_latents<B: Backend>(
+pub fn sample_latents<B: MicroditBackend>(
     denoiser: &MicroDit<B>,
     edm: &EdmConfig,
     y: Tensor<B, 3>,
@@ -44,7 +44,7 @@ pub fn sample_latents<B: Backend>(
 /// Latents [N, C, H, W] for caption embeddings `y` [N, L, Cc], row i from ChaCha8(`seeds[i]`)
 /// exactly as [`sample_latents`] draws it alone (one image's noise does not depend on the
 /// others'); `on_step(i)` after each step returns whether to go on.
-pub fn sample_batch<B: Backend>(
+pub fn sample_batch<B: MicroditBackend>(
     denoiser: &MicroDit<B>,
     edm: &EdmConfig,
     y: Tensor<B, 3>,
@@ -102,7 +102,7 @@ pub struct Image {
 
 impl Image {
     /// From [1, 3, S, S] in nominal [−1, 1].
-    pub fn from_tensor<B: Backend>(image: Tensor<B, 4>) -> Result<Self> {
+    pub fn from_tensor<B: MicroditBackend>(image: Tensor<B, 4>) -> Result<Self> {
         let side = image.dims()[2];
         Ok(Self {
             side,
@@ -111,7 +111,7 @@ impl Image {
     }
 
     /// One image per row of [N, 3, S, S].
-    pub fn batch_from_tensor<B: Backend>(images: Tensor<B, 4>) -> Result<Vec<Self>> {
+    pub fn batch_from_tensor<B: MicroditBackend>(images: Tensor<B, 4>) -> Result<Vec<Self>> {
         (0..images.dims()[0])
             .map(|i| Self::from_tensor(images.clone().narrow(0, i, 1)))
             .collect()
@@ -123,7 +123,7 @@ impl Image {
     }
 }
 
-pub struct TextToImage<B: Backend> {
+pub struct TextToImage<B: MicroditBackend> {
     pub text: TextEncoder<B>,
     pub denoiser: MicroDit<B>,
     /// The architecture at the loaded resolution, and how it was chosen (for other sizes).
@@ -134,7 +134,7 @@ pub struct TextToImage<B: Backend> {
     pub device: B::Device,
 }
 
-impl<B: Backend> TextToImage<B> {
+impl<B: MicroditBackend> TextToImage<B> {
     /// The caption embedding of one prompt [1, context, width].
     pub fn encode_prompt(&self, prompt: &str) -> Embeddings<B> {
         self.text.encode(&[prompt], &self.device)

@@ -33,7 +33,7 @@ use futures_util::stream::{self, Stream};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::pipeline::{Sampling, TextToImage};
 use crate::text::ClipTokenizer;
 use jobs::{JobRequest, JobSpec, JobState, Refusal, Store};
@@ -78,7 +78,7 @@ struct App {
 }
 
 /// Serves until Ctrl-C.
-pub fn serve<B: Backend>(
+pub fn serve<B: MicroditBackend>(
     pipeline: TextToImage<B>,
     record: ModelRecord,
     limits: Limits,

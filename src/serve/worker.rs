@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::jobs::{JobId, JobSpec, Store};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::model::{DitConfig, MicroDit};
 use crate::pipeline::{sample_batch, GenerationSettings, Image, TextToImage};
 
@@ -22,7 +22,7 @@ pub struct ModelRecord {
     pub dtype: crate::model::Precision,
 }
 
-pub struct Worker<B: Backend> {
+pub struct Worker<B: MicroditBackend> {
     pub pipeline: TextToImage<B>,
     pub record: ModelRecord,
     pub store: Arc<Store>,
@@ -32,7 +32,7 @@ pub struct Worker<B: Backend> {
     sizes: HashMap<usize, (DitConfig, MicroDit<B>)>,
 }
 
-impl<B: Backend> Worker<B> {
+impl<B: MicroditBackend> Worker<B> {
     pub fn new(
         pipeline: TextToImage<B>,
         record: ModelRecord,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use anyhow::{Context, Result};
 use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -113,14 +113,14 @@ impl ClipTextConfig {
 const LN_EPS: f64 = 1e-5;
 
 #[derive(Module, Debug)]
-pub struct ClipAttention<B: Backend> {
+pub struct ClipAttention<B: MicroditBackend> {
     /// PyTorch's packed `in_proj_weight`/`in_proj_bias` (q, k, v stacked).
     pub in_proj: Linear<B>,
     pub out_proj: Linear<B>,
     heads: usize,
 }
 
-impl<B: Backend> ClipAttention<B> {
+impl<B: MicroditBackend> ClipAttention<B> {
     fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let [b, n, w] = x.dims();
         let split = |t: Tensor<B, 3>| {
@@ -134,13 +134,13 @@ impl<B: Backend> ClipAttention<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct ClipMlp<B: Backend> {
+pub struct ClipMlp<B: MicroditBackend> {
     pub c_fc: Linear<B>,
     pub c_proj: Linear<B>,
     quick_gelu: bool,
 }
 
-impl<B: Backend> ClipMlp<B> {
+impl<B: MicroditBackend> ClipMlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = linear(&self.c_fc, x);
         let h = if self.quick_gelu {
@@ -153,14 +153,14 @@ impl<B: Backend> ClipMlp<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct ResidualAttentionBlock<B: Backend> {
+pub struct ResidualAttentionBlock<B: MicroditBackend> {
     pub ln_1: LayerNorm<B>,
     pub attn: ClipAttention<B>,
     pub ln_2: LayerNorm<B>,
     pub mlp: ClipMlp<B>,
 }
 
-impl<B: Backend> ResidualAttentionBlock<B> {
+impl<B: MicroditBackend> ResidualAttentionBlock<B> {
     pub fn new(
         width: usize,
         heads: usize,
@@ -193,11 +193,11 @@ impl<B: Backend> ResidualAttentionBlock<B> {
 
 /// open_clip's `Transformer`, shared by the text tower (causal) and the vision tower.
 #[derive(Module, Debug)]
-pub struct ClipTransformer<B: Backend> {
+pub struct ClipTransformer<B: MicroditBackend> {
     pub resblocks: Vec<ResidualAttentionBlock<B>>,
 }
 
-impl<B: Backend> ClipTransformer<B> {
+impl<B: MicroditBackend> ClipTransformer<B> {
     pub fn new(
         width: usize,
         heads: usize,
@@ -223,21 +223,21 @@ impl<B: Backend> ClipTransformer<B> {
 }
 
 /// open_clip's `LayerNorm` (ε = 1e-5).
-pub fn clip_layer_norm<B: Backend>(width: usize, device: &B::Device) -> LayerNorm<B> {
+pub fn clip_layer_norm<B: MicroditBackend>(width: usize, device: &B::Device) -> LayerNorm<B> {
     LayerNormConfig::new(width)
         .with_epsilon(LN_EPS)
         .init(device)
 }
 
 #[derive(Module, Debug)]
-pub struct ClipTextEncoder<B: Backend> {
+pub struct ClipTextEncoder<B: MicroditBackend> {
     pub token_embedding: Embedding<B>,
     pub positional_embedding: Param<Tensor<B, 2>>,
     pub transformer: ClipTransformer<B>,
     pub ln_final: LayerNorm<B>,
 }
 
-impl<B: Backend> ClipTextEncoder<B> {
+impl<B: MicroditBackend> ClipTextEncoder<B> {
     /// Zero-initialised structure, for weights that are about to be loaded.
     pub fn new(cfg: &ClipTextConfig, device: &B::Device) -> Self {
         let w = cfg.width;

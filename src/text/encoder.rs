@@ -6,10 +6,10 @@ use anyhow::Result;
 use burn::prelude::*;
 
 use super::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::hub::Hub;
 
-pub struct TextEncoder<B: Backend> {
+pub struct TextEncoder<B: MicroditBackend> {
     pub tokenizer: ClipTokenizer,
     pub tower: ClipTextEncoder<B>,
     pub config: ClipTextConfig,
@@ -18,13 +18,13 @@ pub struct TextEncoder<B: Backend> {
 /// Caption embeddings [N, context, width], and how many captions were longer than the
 /// context
 /// (cut, keeping the end token, as the reference does).
-pub struct Embeddings<B: Backend> {
+pub struct Embeddings<B: MicroditBackend> {
     pub states: Tensor<B, 3>,
     pub truncated: usize,
 }
 
 /// Token ids [N, context], where each caption's end token is, and how many were cut.
-pub struct Tokens<B: Backend> {
+pub struct Tokens<B: MicroditBackend> {
     pub ids: Tensor<B, 2, Int>,
     pub ends: Vec<usize>,
     pub truncated: usize,
@@ -37,7 +37,7 @@ fn end_position(ids: &[u32]) -> usize {
     ids.iter().position(|&t| t == largest).unwrap_or(0)
 }
 
-impl<B: Backend> TextEncoder<B> {
+impl<B: MicroditBackend> TextEncoder<B> {
     /// The tower of a local open_clip directory or Hub repository, with the bundled tokenizer.
     pub fn from_source(source: &str, hub: &Hub, device: &B::Device) -> Result<Self> {
         let (tower, config) = ClipTextEncoder::from_source(source, hub, device)?;

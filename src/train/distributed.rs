@@ -21,7 +21,7 @@ use burn::prelude::*;
 
 #[cfg(feature = "cuda")]
 use crate::backend::nccl::NcclComm;
-use crate::backend::{AutodiffBackend, Backend};
+use crate::backend::{AutodiffBackend, MicroditBackend};
 
 /// Sums buffers elementwise over all ranks; every rank gets the sum.
 pub trait Collective {
@@ -180,7 +180,7 @@ pub fn buckets(sizes: &[usize], capacity: usize) -> Vec<std::ops::Range<usize>> 
 
 /// `flat` summed over the ranks: by NCCL on the GPU where the engine is NCCL, otherwise
 /// read to host memory, summed by the engine and written back.
-fn sum_flat<B: Backend>(
+fn sum_flat<B: MicroditBackend>(
     collective: &dyn Collective,
     rank: usize,
     flat: Tensor<B, 1>,

@@ -8,7 +8,7 @@ use burn::optim::{
 use burn::tensor::TensorPrimitive;
 use burn_store::ModuleSnapshot;
 
-use crate::backend::{host_sync, AdamWStep, AutodiffBackend, Backend};
+use crate::backend::{host_sync, AdamWStep, AutodiffBackend, MicroditBackend};
 use crate::model::MicroDit;
 use burn::prelude::*;
 
@@ -96,12 +96,12 @@ impl AdamWSettings {
 }
 
 /// burn's AdamW update (decoupled decay `p *= 1 - lr·wd`, then `p -= lr · m̂ / (√v̂ + eps)`,
-/// PyTorch's update) through [`Backend::adamw_step`], which the CUDA backend runs as one
+/// PyTorch's update) through [`MicroditBackend::adamw_step`], which the CUDA backend runs as one
 /// kernel per parameter. Its state is burn's `AdamWState`, so checkpoints are the same.
 #[derive(Debug, Clone, Copy)]
 pub struct FusedAdamW(pub AdamWSettings);
 
-impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
+impl<B: MicroditBackend> SimpleOptimizer<B> for FusedAdamW {
     type State<const D: usize> = AdamWState<B, D>;
 
     fn step<const D: usize>(
@@ -220,12 +220,12 @@ fn move_grad<B: AutodiffBackend, const D: usize>(
 }
 
 /// An exponential moving average of the weights, `ema ← d·ema + (1 − d)·w` after each step.
-pub struct Ema<B: Backend> {
+pub struct Ema<B: MicroditBackend> {
     pub decay: f64,
     pub model: MicroDit<B>,
 }
 
-impl<B: Backend> Ema<B> {
+impl<B: MicroditBackend> Ema<B> {
     pub fn update<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &MicroDit<AB>) {
         let mut current = CollectParams::<AB> {
             params: GradientsParams::new(),
@@ -256,7 +256,7 @@ struct Blend {
     decay: f64,
 }
 
-impl<B: Backend> ModuleMapper<B> for Blend {
+impl<B: MicroditBackend> ModuleMapper<B> for Blend {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, ema, mapper) = param.consume();
         let blended = match self.current.remove::<B, D>(id) {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use burn::prelude::*;
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::edm::EdmConfig;
 use crate::hub::Hub;
 use crate::model::MicroDit;
@@ -14,7 +14,7 @@ use crate::pipeline::{sample_latents, Image, Sampling};
 use crate::state_dict::read_state_dict;
 use crate::vae::LatentCodec;
 
-pub struct Preview<B: Backend> {
+pub struct Preview<B: MicroditBackend> {
     /// [N, L, Cc] caption embeddings.
     captions: Tensor<B, 3>,
     /// Without one, the grid shows the first three latent channels.
@@ -23,7 +23,7 @@ pub struct Preview<B: Backend> {
     dir: PathBuf,
 }
 
-impl<B: Backend> Preview<B> {
+impl<B: MicroditBackend> Preview<B> {
     /// `captions`: a safetensors file whose `caption_latents` tensor is [N, L, Cc] or
     /// [N, 1, L, Cc]; `vae`: a directory or Hub repo to decode with (without one the grid
     /// shows the first three latent channels).

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{host_sync, AutodiffBackend, Backend};
+use crate::backend::{host_sync, AutodiffBackend, MicroditBackend};
 use anyhow::ensure;
 use anyhow::{bail, Context, Result};
 use burn::module::{AutodiffModule, ModuleMapper, Param, ParamId};
@@ -158,7 +158,7 @@ struct NumberedParams {
     next: u64,
 }
 
-impl<B: Backend> ModuleMapper<B> for NumberedParams {
+impl<B: MicroditBackend> ModuleMapper<B> for NumberedParams {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (_, tensor, mapper) = param.consume();
         self.next += 1;

@@ -8,11 +8,11 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::config::VaeConfig;
-use crate::backend::{conv2d_module as apply, group_norm as normalize, Backend};
+use crate::backend::{conv2d_module as apply, group_norm as normalize, MicroditBackend};
 
 const EPS: f64 = 1e-6;
 
-fn conv<B: Backend>(
+fn conv<B: MicroditBackend>(
     c_in: usize,
     c_out: usize,
     kernel: usize,
@@ -28,7 +28,11 @@ fn conv<B: Backend>(
         .init(device)
 }
 
-fn group_norm<B: Backend>(groups: usize, channels: usize, device: &B::Device) -> GroupNorm<B> {
+fn group_norm<B: MicroditBackend>(
+    groups: usize,
+    channels: usize,
+    device: &B::Device,
+) -> GroupNorm<B> {
     GroupNormConfig::new(groups, channels)
         .with_epsilon(EPS)
         .init(device)
@@ -37,7 +41,7 @@ fn group_norm<B: Backend>(groups: usize, channels: usize, device: &B::Device) ->
 /// `ResnetBlock2D` without a time embedding: two (GroupNorm, SiLU, 3×3 conv) stages and a
 /// 1×1 shortcut when the width changes.
 #[derive(Module, Debug)]
-pub struct ResnetBlock<B: Backend> {
+pub struct ResnetBlock<B: MicroditBackend> {
     pub norm1: GroupNorm<B>,
     pub conv1: Conv2d<B>,
     pub norm2: GroupNorm<B>,
@@ -45,7 +49,7 @@ pub struct ResnetBlock<B: Backend> {
     pub conv_shortcut: Option<Conv2d<B>>,
 }
 
-impl<B: Backend> ResnetBlock<B> {
+impl<B: MicroditBackend> ResnetBlock<B> {
     fn new(c_in: usize, c_out: usize, groups: usize, device: &B::Device) -> Self {
         Self {
             norm1: group_norm(groups, c_in, device),
@@ -69,7 +73,7 @@ impl<B: Backend> ResnetBlock<B> {
 
 /// Single-head self-attention over all pixels (the mid block's `Attention`).
 #[derive(Module, Debug)]
-pub struct SpatialAttention<B: Backend> {
+pub struct SpatialAttention<B: MicroditBackend> {
     pub group_norm: GroupNorm<B>,
     pub to_q: Linear<B>,
     pub to_k: Linear<B>,
@@ -77,7 +81,7 @@ pub struct SpatialAttention<B: Backend> {
     pub to_out: Linear<B>,
 }
 
-impl<B: Backend> SpatialAttention<B> {
+impl<B: MicroditBackend> SpatialAttention<B> {
     fn new(c: usize, groups: usize, device: &B::Device) -> Self {
         let linear = || LinearConfig::new(c, c).init(device);
         Self {
@@ -109,12 +113,12 @@ impl<B: Backend> SpatialAttention<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct MidBlock<B: Backend> {
+pub struct MidBlock<B: MicroditBackend> {
     pub resnets: Vec<ResnetBlock<B>>,
     pub attentions: Vec<SpatialAttention<B>>,
 }
 
-impl<B: Backend> MidBlock<B> {
+impl<B: MicroditBackend> MidBlock<B> {
     fn new(c: usize, groups: usize, with_attention: bool, device: &B::Device) -> Self {
         Self {
             resnets: vec![
@@ -141,11 +145,11 @@ impl<B: Backend> MidBlock<B> {
 /// A stride-2 3×3 convolution after padding one zero row/column at the bottom/right
 /// (diffusers' `Downsample2D` with `padding=0`).
 #[derive(Module, Debug)]
-pub struct Downsample<B: Backend> {
+pub struct Downsample<B: MicroditBackend> {
     pub conv: Conv2d<B>,
 }
 
-impl<B: Backend> Downsample<B> {
+impl<B: MicroditBackend> Downsample<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let device = x.device();
@@ -157,11 +161,11 @@ impl<B: Backend> Downsample<B> {
 
 /// Nearest-neighbour ×2 then a 3×3 convolution (`Upsample2D`).
 #[derive(Module, Debug)]
-pub struct Upsample<B: Backend> {
+pub struct Upsample<B: MicroditBackend> {
     pub conv: Conv2d<B>,
 }
 
-impl<B: Backend> Upsample<B> {
+impl<B: MicroditBackend> Upsample<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let x = x
@@ -173,7 +177,7 @@ impl<B: Backend> Upsample<B> {
 }
 
 /// `count` ResNet blocks, the first changing the width from `c_in` to `c_out`.
-fn resnet_stack<B: Backend>(
+fn resnet_stack<B: MicroditBackend>(
     c_in: usize,
     c_out: usize,
     count: usize,
@@ -186,19 +190,19 @@ fn resnet_stack<B: Backend>(
 }
 
 #[derive(Module, Debug)]
-pub struct DownBlock<B: Backend> {
+pub struct DownBlock<B: MicroditBackend> {
     pub resnets: Vec<ResnetBlock<B>>,
     pub downsamplers: Vec<Downsample<B>>,
 }
 
 #[derive(Module, Debug)]
-pub struct UpBlock<B: Backend> {
+pub struct UpBlock<B: MicroditBackend> {
     pub resnets: Vec<ResnetBlock<B>>,
     pub upsamplers: Vec<Upsample<B>>,
 }
 
 #[derive(Module, Debug)]
-pub struct Encoder<B: Backend> {
+pub struct Encoder<B: MicroditBackend> {
     pub conv_in: Conv2d<B>,
     pub down_blocks: Vec<DownBlock<B>>,
     pub mid_block: MidBlock<B>,
@@ -206,7 +210,7 @@ pub struct Encoder<B: Backend> {
     pub conv_out: Conv2d<B>,
 }
 
-impl<B: Backend> Encoder<B> {
+impl<B: MicroditBackend> Encoder<B> {
     fn new(cfg: &VaeConfig, device: &B::Device) -> Self {
         let (ch, g) = (&cfg.block_out_channels, cfg.norm_num_groups);
         let last = *ch.last().unwrap();
@@ -249,7 +253,7 @@ impl<B: Backend> Encoder<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct Decoder<B: Backend> {
+pub struct Decoder<B: MicroditBackend> {
     pub conv_in: Conv2d<B>,
     pub mid_block: MidBlock<B>,
     pub up_blocks: Vec<UpBlock<B>>,
@@ -257,7 +261,7 @@ pub struct Decoder<B: Backend> {
     pub conv_out: Conv2d<B>,
 }
 
-impl<B: Backend> Decoder<B> {
+impl<B: MicroditBackend> Decoder<B> {
     fn new(cfg: &VaeConfig, device: &B::Device) -> Self {
         let g = cfg.norm_num_groups;
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
@@ -301,13 +305,13 @@ impl<B: Backend> Decoder<B> {
 
 /// The encoder's output distribution over latents (diffusers' `DiagonalGaussianDistribution`).
 #[derive(Debug, Clone)]
-pub struct LatentDistribution<B: Backend> {
+pub struct LatentDistribution<B: MicroditBackend> {
     pub mean: Tensor<B, 4>,
     /// Clamped to [-30, 20] as diffusers does.
     pub logvar: Tensor<B, 4>,
 }
 
-impl<B: Backend> LatentDistribution<B> {
+impl<B: MicroditBackend> LatentDistribution<B> {
     pub fn std(&self) -> Tensor<B, 4> {
         (self.logvar.clone() * 0.5).exp()
     }
@@ -319,14 +323,14 @@ impl<B: Backend> LatentDistribution<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct AutoencoderKl<B: Backend> {
+pub struct AutoencoderKl<B: MicroditBackend> {
     pub encoder: Encoder<B>,
     pub quant_conv: Option<Conv2d<B>>,
     pub post_quant_conv: Option<Conv2d<B>>,
     pub decoder: Decoder<B>,
 }
 
-impl<B: Backend> AutoencoderKl<B> {
+impl<B: MicroditBackend> AutoencoderKl<B> {
     /// Structure only (weights to be loaded).
     pub fn new(cfg: &VaeConfig, device: &B::Device) -> Self {
         let z2 = 2 * cfg.latent_channels;
@@ -364,7 +368,7 @@ impl<B: Backend> AutoencoderKl<B> {
 }
 
 /// `torch.chunk(moments, 2, dim=1)`.
-fn split_channels<B: Backend>(x: Tensor<B, 4>) -> [Tensor<B, 4>; 2] {
+fn split_channels<B: MicroditBackend>(x: Tensor<B, 4>) -> [Tensor<B, 4>; 2] {
     let c = x.dims()[1] / 2;
     [x.clone().narrow(1, 0, c), x.narrow(1, c, c)]
 }

@@ -7,10 +7,10 @@ use anyhow::Result;
 use burn::prelude::*;
 
 use super::{vae_subfolder, AutoencoderKl, SpaceToDepth, VaeConfig};
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::hub::Hub;
 
-pub enum LatentCodec<B: Backend> {
+pub enum LatentCodec<B: MicroditBackend> {
     Vae {
         model: Box<AutoencoderKl<B>>,
         config: VaeConfig,
@@ -20,7 +20,7 @@ pub enum LatentCodec<B: Backend> {
     SpaceToDepth(SpaceToDepth),
 }
 
-impl<B: Backend> LatentCodec<B> {
+impl<B: MicroditBackend> LatentCodec<B> {
     /// `space-to-depth:F`, or a VAE directory / Hub repository.
     pub fn load(name: &str, hub: &Hub, device: &B::Device) -> Result<Self> {
         if let Some(codec) = SpaceToDepth::from_name(name) {

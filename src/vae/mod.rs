@@ -15,13 +15,13 @@ pub use codec::LatentCodec;
 pub use config::VaeConfig;
 pub use space_to_depth::SpaceToDepth;
 
-use crate::backend::Backend;
+use crate::backend::MicroditBackend;
 use crate::hub::Hub;
 use crate::state_dict::{
     apply_state_dict, read_state_dict, upgrade_keys, VAE_KEYS, VAE_LEGACY_KEYS,
 };
 
-impl<B: Backend> AutoencoderKl<B> {
+impl<B: MicroditBackend> AutoencoderKl<B> {
     /// From a diffusers-layout directory or Hub repository: `config.json` and
     /// `diffusion_pytorch_model.safetensors` (or `.bin`), under `subfolder` if given
     /// (`vae` in the SDXL base repository; see [`vae_subfolder`]).
@@ -56,12 +56,12 @@ pub fn vae_subfolder(source: &str) -> Option<&'static str> {
 
 impl VaeConfig {
     /// What the denoiser sees: `(z - shift) * scaling_factor`.
-    pub fn to_model_latents<B: Backend>(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn to_model_latents<B: MicroditBackend>(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         (z - self.shift_factor.unwrap_or(0.0)) * self.scaling_factor
     }
 
     /// The inverse of [`Self::to_model_latents`], before decoding.
-    pub fn from_model_latents<B: Backend>(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn from_model_latents<B: MicroditBackend>(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         z / self.scaling_factor + self.shift_factor.unwrap_or(0.0)
     }
 }

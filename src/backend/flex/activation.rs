@@ -80,7 +80,7 @@ mod tests {
     use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
     use crate::backend::gelu::{gelu_exact_backward_unfused, gelu_exact_unfused};
-    use crate::backend::{gelu_exact, Backend, Cpu, Trainable};
+    use crate::backend::{gelu_exact, Cpu, MicroditBackend, Trainable};
 
     fn line(n: usize, from: f32, step: f32) -> Tensor<Cpu, 2> {
         let data = (0..n).map(|i| from + i as f32 * step).collect::<Vec<_>>();

@@ -66,7 +66,7 @@ mod tests {
     use burn::backend::Flex;
     use burn::tensor::{Tensor, TensorData};
 
-    use crate::backend::{adamw_step_unfused, AdamWStep, Backend};
+    use crate::backend::{adamw_step_unfused, AdamWStep, MicroditBackend};
 
     #[test]
     fn one_pass_update_equals_the_unfused_operations_bit_for_bit() {

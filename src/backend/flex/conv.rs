@@ -315,7 +315,7 @@ mod tests {
     use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
     use super::*;
-    use crate::backend::Backend;
+    use crate::backend::MicroditBackend;
 
     fn options(stride: usize, padding: [usize; 2]) -> ConvOptions<2> {
         ConvOptions::new([stride, stride], padding, [1, 1], 1)

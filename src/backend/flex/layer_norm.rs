@@ -149,7 +149,7 @@ mod tests {
 
     use super::row_starts;
     use crate::backend::layer_norm::scaled_layer_norm_backward_unfused;
-    use crate::backend::{scaled_layer_norm, Backend, Cpu, Trainable};
+    use crate::backend::{scaled_layer_norm, Cpu, MicroditBackend, Trainable};
 
     type Ad = Trainable<Cpu>;
 

@@ -35,12 +35,12 @@ use super::modulation::{
 use super::{
     adamw_step_fused_in_f32, attention_backward_unfused, attention_module,
     group_norm_unfused_primitive, pool2d_unfused, swiglu_backward_unfused, swiglu_unfused,
-    AdamWStep, AttentionSaved, Backend, GroupNormOptions, PoolOptions,
+    AdamWStep, AttentionSaved, GroupNormOptions, MicroditBackend, PoolOptions,
 };
 use modulation::Sizes;
 use rows::{group_norm_row, softmax_backward_row, softmax_row};
 
-impl Backend for Flex {
+impl MicroditBackend for Flex {
     fn convolution(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -217,7 +217,7 @@ impl Backend for Flex {
     }
 }
 
-/// [`Backend::group_norm`] of f32 tensors, one (image, group) per task.
+/// [`MicroditBackend::group_norm`] of f32 tensors, one (image, group) per task.
 fn group_norm_rows(
     x: FlexTensor,
     gamma: FlexTensor,
@@ -557,7 +557,7 @@ mod tests {
 
     use crate::backend::{
         attention, attention_backward_unfused, attention_unfused, group_norm_unfused, swiglu,
-        swiglu_backward_unfused, Backend, Cpu, GroupNormOptions, Trainable,
+        swiglu_backward_unfused, Cpu, GroupNormOptions, MicroditBackend, Trainable,
     };
 
     type Ad = Trainable<Cpu>;

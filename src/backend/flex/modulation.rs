@@ -182,7 +182,7 @@ mod tests {
         gated_residual_backward_unfused, gated_residual_unfused, modulate_backward_unfused,
         modulate_unfused,
     };
-    use crate::backend::{Backend, Cpu, Trainable};
+    use crate::backend::{Cpu, MicroditBackend, Trainable};
 
     type Ad = Trainable<Cpu>;
 
