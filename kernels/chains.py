@@ -9,28 +9,28 @@ model for order and precision. Every tensor is read in its own type and computed
 Chains (``r = (var + ε)^-½`` with the biased variance, two passes: mean, then
 ``Σ(x − mean)²``; ``σ(v) = 1/(1 + e^-v)``):
 
-1. Layer norm with a scale and no shift (``Backend::scaled_layer_norm``), rows of ``dim``,
+1. Layer norm with a scale and no shift (``MicroditBackend::scaled_layer_norm``), rows of ``dim``,
    γ ``[dim]``: ``x̂ = (x − mean)·r``, ``y = x̂·γ``. Backward, with ``h = grad·γ``:
    ``dx = r·(h − mean(h) − x̂·mean(h·x̂))`` and ``dγ = Σ_rows grad·x̂``. The statistics are
    recomputed from x (the trait's backward gets x, γ, grad and ε). Rows may be strided
    (the q/k norms read a slice of the qkv projection). The modulation is its own chain:
-   the Rust side does not fuse it into the norm (``Backend::modulate``; fusing it on the
+   the Rust side does not fuse it into the norm (``MicroditBackend::modulate``; fusing it on the
    CPU was tried and not kept, docs/BENCHMARKS.md).
-2. SwiGLU's product (``Backend::swiglu``): ``out = silu(gate)·value = gate·σ(gate)·value``;
+2. SwiGLU's product (``MicroditBackend::swiglu``): ``out = silu(gate)·value = gate·σ(gate)·value``;
    backward ``dvalue = grad·gate·σ(gate)``,
    ``dgate = grad·value·σ(gate)·(1 + gate·(1 − σ(gate)))``.
-3. Exact GELU (``Backend::gelu_exact``): ``y = x·Φ(x)``; backward ``dx = grad·(Φ(x) + x·φ(x))``,
+3. Exact GELU (``MicroditBackend::gelu_exact``): ``y = x·Φ(x)``; backward ``dx = grad·(Φ(x) + x·φ(x))``,
    ``φ(x) = e^(−x²/2)/√(2π)``. Φ as the CPU kernel computes it, ``½·erfc(−x/√2)`` by
    Numerical Recipes' Chebyshev fit (relative error ~1e-7), so the lower tail keeps its
    precision where ``½(1 + erf(x/√2))`` cancels.
 4. AdaLN modulation of tokens ``[B, N, D]`` by per-sample ``[B, D]`` vectors
-   (``Backend::modulate``): ``y = x·(1 + scale) + shift``; backward ``dx = grad·(1 + scale)``,
+   (``MicroditBackend::modulate``): ``y = x·(1 + scale) + shift``; backward ``dx = grad·(1 + scale)``,
    ``dshift = Σ_tokens grad``, ``dscale = Σ_tokens grad·x``.
-5. Gated residual (``Backend::gated_residual``): ``y = x + gate·branch``, gate ``[B, D]``;
+5. Gated residual (``MicroditBackend::gated_residual``): ``y = x + gate·branch``, gate ``[B, D]``;
    backward ``dx = grad`` (returned as is), ``dbranch = grad·gate``,
    ``dgate = Σ_tokens grad·branch``.
 6. Group norm of ``[B, C, H, W]`` with ``G`` groups, per-channel γ, β, then SiLU if asked
-   (``Backend::group_norm``, PyTorch's ``group_norm``): per (sample, group),
+   (``MicroditBackend::group_norm``, PyTorch's ``group_norm``): per (sample, group),
    ``z = x̂·γ_c + β_c``, ``y = silu(z)`` or ``z``. Backward (the Rust side has none yet: it is
    autograd's of that forward): ``dz = grad·σ(z)·(1 + z·(1 − σ(z)))`` or ``grad``,
    ``h = dz·γ_c``, ``dx = r·(h − mean_g(h) − x̂·mean_g(h·x̂))``, ``dγ_c = Σ dz·x̂``,
@@ -670,7 +670,7 @@ def swiglu(gate, value):
 
 
 def swiglu_backward(gate, value, grad):
-    """``(dgate, dvalue)``, as ``Backend::swiglu_backward``."""
+    """``(dgate, dvalue)``, as ``MicroditBackend::swiglu_backward``."""
     return tuple(_elementwise("swiglu_bwd", 2, gate, value, grad))
 
 
@@ -695,7 +695,7 @@ def modulate(x, shift, scale):
 
 
 def modulate_backward(x, scale, grad):
-    """``(dx, dshift, dscale)``, as ``Backend::modulate_backward``."""
+    """``(dx, dshift, dscale)``, as ``MicroditBackend::modulate_backward``."""
     x, scale, grad = (t.contiguous() for t in (x, scale, grad))
     sizes, dx = _token_sizes(x), torch.empty_like(x)
     part = torch.empty(scratch("modulate_bwd", sizes), dtype=torch.float32, device=x.device)
@@ -712,7 +712,7 @@ def gated_residual(x, gate, branch):
 
 
 def gated_residual_backward(gate, branch, grad):
-    """``(dx, dgate, dbranch)``, as ``Backend::gated_residual_backward``: dx is grad."""
+    """``(dx, dgate, dbranch)``, as ``MicroditBackend::gated_residual_backward``: dx is grad."""
     gate, branch, grad = (t.contiguous() for t in (gate, branch, grad))
     sizes, d_branch = _token_sizes(branch), torch.empty_like(branch)
     shape = scratch("gated_residual_bwd", sizes)
