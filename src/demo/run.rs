@@ -20,6 +20,7 @@ use super::report::{routing_note, write_report, TrainedStage};
 use super::shapes::{scene_and_image, Scene};
 use crate::data::sources::ImageCaptionSource;
 use crate::hub::Hub;
+use crate::model::routing::Sparsity;
 use crate::model::DitConfig;
 use crate::pipeline::load::Components;
 use crate::precompute::{precompute, Encoders, PrecomputeOptions};
@@ -102,16 +103,14 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
     let mut curve = Curve::load(&curve_path)?;
     let mut trained = Vec::new();
     let mut steps_before = 0;
-    let depth = dit_config(opts)?.depth;
     let shares: Vec<f64> = stages.iter().map(|s| s.share).collect();
     for (k, stage) in stages.iter().enumerate() {
-        let sparsity = stage.cfg.sparsity(depth)?;
         eprintln!(
             "stage {}: {} steps planned, mask ratio {}{}",
             k + 1,
             stage.cfg.steps,
             stage.cfg.mask_ratio,
-            routing_note(sparsity.route)
+            routing_note(stage.sparsity.route)
         );
         // Re-read at every pause: the final scoring's reserve shrinks once it is timed.
         let deadline = || budget.stage_deadline(&shares, k);
@@ -144,7 +143,7 @@ pub fn run<B: AutodiffBackend>(opts: &DemoOptions, devices: &[B::Device]) -> Res
         trained.push(TrainedStage {
             dir: stage.dir.clone(),
             steps: summary.step,
-            sparsity,
+            sparsity: stage.sparsity,
         });
         crate::train::plot::plot(
             &stage.dir,
@@ -247,6 +246,8 @@ struct Stage {
     dir: PathBuf,
     cfg: TrainConfig,
     share: f64,
+    /// The config's masking and routing, checked against the model.
+    sparsity: Sparsity,
 }
 
 /// Trains a stage to its deadline (asked again after each pause), pausing at `pauses`
@@ -483,15 +484,17 @@ fn stage_configs<B: AutodiffBackend>(
         runs.push((dir, cfg));
     }
     crate::train::stages::chain(&mut runs);
-    Ok(runs
-        .into_iter()
+    runs.into_iter()
         .zip(&kinds)
-        .map(|((dir, cfg), kind)| Stage {
-            dir,
-            cfg,
-            share: kind.share,
+        .map(|((dir, cfg), kind)| {
+            Ok(Stage {
+                sparsity: cfg.sparsity(dit.depth)?,
+                dir,
+                cfg,
+                share: kind.share,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Seconds per training step, from a short throw-away run (the first step is not counted).
