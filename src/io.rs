@@ -63,6 +63,7 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, TensorData>) ->
                 DType::F16 => Dtype::F16,
                 DType::BF16 => Dtype::BF16,
                 DType::I64 => Dtype::I64,
+                DType::I8 => Dtype::I8,
                 other => anyhow::bail!("cannot store {name} of dtype {other:?}"),
             };
             let view = TensorView::new(dtype, data.shape.to_vec(), data.as_bytes())

@@ -2,7 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use microdit::commands::{
-    bench, bench_frozen, demo, eval, generate, info, plot, precompute, serve, train, ModelArgs,
+    bench, bench_frozen, demo, eval, generate, info, plot, precompute, quantize, serve, train,
+    ModelArgs,
 };
 
 /// MicroDiT: train and sample the Sparse Elucidated Latent Diffusion Transformer.
@@ -17,6 +18,9 @@ struct Cli {
 enum Command {
     /// Generate images from prompts with a MicroDiT checkpoint (PNG files with their settings).
     Generate(Box<generate::GenerateArgs>),
+    /// Write a checkpoint's denoiser with its transformer blocks' weights in int8, for
+    /// `--dtype int8` generation in a quarter of the memory.
+    Quantize(quantize::QuantizeArgs),
     /// Serve a model to a web page and a JSON API on this machine (loaded once).
     Serve(Box<serve::ServeArgs>),
     /// Measure a model: FID and CLIP score of images generated from captions (COCO-30K), and
@@ -65,6 +69,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Info(args) => info::run(args),

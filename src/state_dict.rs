@@ -235,9 +235,10 @@ pub fn check_fits<B: Backend, M: ModuleSnapshot<B>>(
     Ok(())
 }
 
-/// Checkpoints may be stored in half precision; the model computes in f32.
+/// Checkpoints may be stored in half precision; the model computes in f32. Integer tensors
+/// (a quantised model's int8 weights) stay as they are.
 fn as_f32(snapshot: TensorSnapshot) -> TensorSnapshot {
-    if snapshot.dtype == DType::F32 {
+    if snapshot.dtype == DType::F32 || !snapshot.dtype.is_float() {
         return snapshot;
     }
     let source = snapshot.clone_data_fn();

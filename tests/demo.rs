@@ -6,6 +6,7 @@ mod common;
 use microdit::backend::Cpu;
 use microdit::backend::{CpuDevice, Trainable};
 use microdit::demo::{run, DemoOptions, Variant, DEFAULT_IMAGE_SIZE};
+use microdit::model::Precision;
 
 #[test]
 fn a_tiny_demo_writes_its_outputs_and_resumes() {
@@ -20,6 +21,7 @@ fn a_tiny_demo_writes_its_outputs_and_resumes() {
         seed: 5,
         quiet: true,
         sampling: DemoOptions::default_sampling(),
+        dtype: Precision::F32,
         model: None,
     };
     // Two replicas, as `microdit demo` trains on a 2-core machine.

@@ -25,6 +25,7 @@ pub mod cuda_runtime;
 mod flex;
 pub mod gelu;
 pub mod host_sync;
+pub mod int8;
 pub mod layer_norm;
 pub mod modulation;
 // cuBLAS's product plans, a pure function tested on the CPU (used by `cublas.rs`).
@@ -110,6 +111,22 @@ pub trait MicroditBackend: burn::tensor::backend::Backend {
     /// never rounded to TF32.
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
+    }
+
+    /// `x · wᵀ` for an int8 weight (see [`int8`]): `x` [batch, m, k] f32 quantised per row
+    /// at run time, `values` [batch·n, k] int8 with `scales` [batch·n] f32 as `batch`
+    /// matrices of n rows; [batch, m, n] f32. The default is the same arithmetic in burn's
+    /// operations.
+    fn int8_matmul(
+        x: FloatTensor<Self>,
+        values: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        primitive(int8_matmul_unfused::<Self>(
+            float(x),
+            Tensor::from_primitive(values),
+            float(scales),
+        ))
     }
 
     /// PyTorch's `conv2d`: x `[B, C_in, H, W]`, weight `[C_out, C_in / groups, kh, kw]`.
@@ -530,6 +547,37 @@ pub fn matmul<B: MicroditBackend, const D: usize>(
     rhs: Tensor<B, D>,
 ) -> Tensor<B, D> {
     float(B::matmul(primitive(lhs), primitive(rhs)))
+}
+
+/// `x · wᵀ` for an int8 weight through [`MicroditBackend::int8_matmul`].
+pub fn int8_matmul<B: MicroditBackend>(
+    x: Tensor<B, 3>,
+    values: Tensor<B, 2, Int>,
+    scales: Tensor<B, 1>,
+) -> Tensor<B, 3> {
+    float(B::int8_matmul(
+        primitive(x),
+        values.into_primitive(),
+        primitive(scales),
+    ))
+}
+
+/// [`MicroditBackend::int8_matmul`] in burn's operations: each row of `x` quantised to
+/// round(x · 127 / max|x|) (ties to even, as [`int8::quantize_rows`]), the integer sums
+/// taken in f32 (exact while below 2²⁴), then scaled back.
+pub fn int8_matmul_unfused<B: MicroditBackend>(
+    x: Tensor<B, 3>,
+    values: Tensor<B, 2, Int>,
+    scales: Tensor<B, 1>,
+) -> Tensor<B, 3> {
+    let [batch, _, k] = x.dims();
+    let n = values.dims()[0] / batch;
+    let max = x.clone().abs().max_dim(2); // [batch, m, 1]
+    let inverse = max.clone().clamp_min(f32::MIN_POSITIVE).recip() * 127.0;
+    let xq = (x * inverse).round().clamp(-127.0, 127.0);
+    let w = values.float().reshape([batch, n, k]).swap_dims(1, 2);
+    let sums = matmul(xq, w);
+    sums * (max / 127.0) * scales.reshape([batch, 1, n])
 }
 
 /// A convolution through [`MicroditBackend::convolution`].

@@ -16,15 +16,18 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::bench_frozen::{self, EncodeBenchArgs, EvalBenchArgs, TextBenchArgs, VaeBenchArgs};
+use super::bench_image::{self, ImageBenchArgs};
 use super::bench_timing::{report, time};
 use super::{DeviceChoice, ModelArgs};
-use crate::backend::{host_sync, AutodiffBackend, Trainable};
+use crate::backend::{host_sync, AutodiffBackend, MicroditBackend, Trainable};
 use crate::edm::{
     denoise, edm_loss, karras_sigmas, sample, Churn, EdmConfig, Guidance, LossNoise, Sampler,
 };
 use crate::model::flops::{forward_flops, train_step_flops};
+use crate::model::init::{Perturb, RANDOM_WEIGHTS_NOISE};
 use crate::model::masking::kept_tokens;
 use crate::model::routing::{Sparsity, TrainingTokens};
+use crate::model::weights::quantize;
 use crate::model::{DitConfig, Init, MicroDit, Precision};
 use crate::pipeline::Sampling;
 use crate::random::standard_normal;
@@ -57,6 +60,9 @@ pub enum Bench {
     Encode(EncodeBenchArgs),
     /// The evaluation's networks: FID Inception, CLIP vision tower, Fréchet distance.
     Eval(EvalBenchArgs),
+    /// One whole image: text tower, DPM-Solver++(2M) 20 steps with guidance 5, VAE decode
+    /// (512 px MicroDiT_XL_2 unless told), each part timed.
+    Image(ImageBenchArgs),
 }
 
 impl Bench {
@@ -67,6 +73,7 @@ impl Bench {
             Self::Vae(args) => bench_frozen::run_vae(args),
             Self::Encode(args) => bench_frozen::run_encode(args),
             Self::Eval(args) => bench_frozen::run_eval(args),
+            Self::Image(args) => bench_image::run(args),
         }
     }
 }
@@ -119,10 +126,38 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.batch > 0 && args.iters > 0 && args.caption_len > 0,
         "--batch, --iters and --caption-len must be at least 1"
     );
+    anyhow::ensure!(
+        args.dtype != Precision::Int8 || args.sampler_only,
+        "--dtype int8 is for generation: add --sampler-only"
+    );
     let cfg = args.model.config()?;
     crate::with_backend!(args.device, |Bk, device| bench::<Trainable<Bk>>(
         &cfg, args, &device
     ))
+}
+
+/// `model` with every weight perturbed ([`Perturb`]: the reference's zero-initialised
+/// layers would hide every other layer's error) and quantised; prints how far one
+/// evaluation of the raw network output on `x`, `y` moves from the float model's.
+fn quantized_beside_float<B: MicroditBackend>(
+    model: MicroDit<B>,
+    cfg: &DitConfig,
+    x: Tensor<B, 4>,
+    y: Tensor<B, 3>,
+) -> Result<MicroDit<B>> {
+    let float = model.map(&mut Perturb::new(1, RANDOM_WEIGHTS_NOISE));
+    let int8 = quantize(&float, cfg)?;
+    let t = Tensor::from_floats([0.25], &x.device());
+    let output =
+        |m: &MicroDit<B>| m.forward(x.clone(), t.clone(), y.clone(), &TrainingTokens::all());
+    let (reference, quantized) = (output(&float), output(&int8));
+    let error = (quantized - reference.clone()).powi_scalar(2).sum().sqrt()
+        / reference.powi_scalar(2).sum().sqrt();
+    println!(
+        "int8 against f32, one evaluation, random weights: relative L2 {:.4}%",
+        100.0 * error.into_scalar().elem::<f64>()
+    );
+    Ok(int8)
 }
 
 /// Host synchronisations per run of the timed work since the count stood at `before`
@@ -219,16 +254,16 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
     if args.train_only {
         return Ok(());
     }
-    let inference = model
-        .take()
-        .expect("model")
-        .valid()
-        .in_precision(args.dtype);
-    let dev = device.clone();
+    let inference = model.take().expect("model").valid();
     let y = y.inner();
+    let x = x0.inner();
+    let inference = match args.dtype {
+        Precision::Int8 => quantized_beside_float(inference, cfg, x.clone(), y.clone())?,
+        float => inference.in_precision(float),
+    };
+    let dev = device.clone();
     // The reference sampler's schedule (its first step is what is timed).
     let sigmas = karras_sigmas(&edm, Sampling::default().steps);
-    let x = x0.inner();
     let guidance = Guidance::from_scale(args.guidance);
     let call = |x: Tensor<B::InnerBackend, 4>, sigma: f64| {
         denoise(

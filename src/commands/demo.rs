@@ -7,7 +7,7 @@ use anyhow::Result;
 use super::DeviceChoice;
 use crate::backend::Trainable;
 use crate::demo::{DemoOptions, Variant, DEFAULT_IMAGE_SIZE};
-use crate::model::DitConfig;
+use crate::model::{DitConfig, Precision};
 use crate::pipeline::SamplingArgs;
 
 /// On the CPU the demo trains one replica of its small model per thread (each of a batch of
@@ -57,6 +57,11 @@ pub struct DemoArgs {
     /// finished demo with other settings only samples and scores again.
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// The denoiser's precision when sampling the scored images (training is f32); like
+    /// the sampler, it can change on a finished demo, which then only samples and scores
+    /// again.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
@@ -72,6 +77,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         seed: args.seed,
         quiet: args.quiet,
         sampling: args.sampling.over(&DemoOptions::default_sampling())?,
+        dtype: args.dtype,
         model: args
             .model
             .as_deref()

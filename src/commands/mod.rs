@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_frozen;
+mod bench_image;
 mod bench_timing;
 pub mod demo;
 pub mod eval;
@@ -9,11 +10,12 @@ pub mod generate;
 pub mod info;
 pub mod plot;
 pub mod precompute;
+pub mod quantize;
 pub mod serve;
 pub mod train;
 
 use anyhow::{bail, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::model::config::ModelChoice;
 use crate::model::{DitConfig, Precision};
@@ -81,8 +83,10 @@ pub struct PipelineArgs {
     pub resolution: Option<usize>,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
-    /// Precision of the denoiser (bf16/f16 halve its memory; the text tower and the VAE
-    /// stay in f32, and the sampler integrates in f32).
+    /// Precision of the denoiser (bf16/f16 halve its memory; int8 holds its transformer
+    /// blocks' weights in int8, a quarter, quantising a float checkpoint as it loads or
+    /// reading a `microdit quantize` file; the text tower and the VAE stay in f32, and the
+    /// sampler integrates in f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Precision,
 }
@@ -101,13 +105,7 @@ impl PipelineArgs {
             guidance: None,
             example_prompt: None,
         };
-        let beside = match &self.checkpoint {
-            Some(c) if Path::new(c).exists() => {
-                Components::beside(Path::new(c))?.unwrap_or_default()
-            }
-            _ => Components::default(),
-        };
-        Ok(given.or(beside).or(Components::published()))
+        given.over_defaults()
     }
 }
 

@@ -12,7 +12,6 @@ use super::score::{accuracies, features, frechet_distance, judge, Accuracy, Tall
 use super::shapes::{scene_and_image, Scene};
 use crate::backend::MicroditBackend;
 use crate::hub::Hub;
-use crate::model::Precision;
 use crate::pipeline::load::Components;
 use crate::pipeline::TextToImage;
 
@@ -73,7 +72,7 @@ pub(super) fn evaluate<B: MicroditBackend>(
         ..Components::default()
     }
     .or(Components::beside(stage)?.context("the demo folder has no pipeline.json")?);
-    let parts = components.parts(Precision::F32)?;
+    let parts = components.parts(opts.dtype)?;
     let pipeline = TextToImage::<B>::load(&parts, &Hub::new(opts.out.clone(), true), device)?;
     let sampling = &opts.sampling;
     let scenes = eval_prompts(opts, prompts);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DitConfig, Routing};
+use crate::model::{DitConfig, Precision, Routing};
 use crate::pipeline::Sampling;
 
 /// How the training budget is spent (the paper's central comparison, in miniature).
@@ -69,6 +69,8 @@ pub struct DemoOptions {
     pub quiet: bool,
     /// How the scored samples are drawn ([`DemoOptions::default_sampling`] unless told).
     pub sampling: Sampling,
+    /// The denoiser's precision when it draws them (training is always f32).
+    pub dtype: Precision,
     /// The denoiser's architecture, the demo's own (`run::default_model`) unless told.
     pub model: Option<DitConfig>,
 }

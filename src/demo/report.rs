@@ -57,11 +57,12 @@ pub(super) fn write_report(
     }
     let s = &opts.sampling;
     md += &format!(
-        "- samples: {} {} steps ({} network evaluations), guidance {}\n",
+        "- samples: {} {} steps ({} network evaluations), guidance {}, denoiser in {}\n",
         s.steps,
         s.sampler,
         s.evaluations(),
-        s.guidance
+        s.guidance,
+        opts.dtype
     );
     md += "\n| attribute | seen combinations | held-out combinations | chance |\n| --- | ---: | ---: | ---: |\n";
     for a in &scores.accuracy {

@@ -1,12 +1,12 @@
 //! Self- and cross-attention with non-affine LayerNorm on q and k (QK-norm over the whole
 //! q/k width, before the split into heads, as in the reference).
 
-use burn::nn::Linear;
+use crate::nn::linear::Linear;
 use burn::prelude::*;
 
 use super::init::{Dist, Init};
 use crate::backend::{attention, MicroditBackend};
-use crate::nn::precision::{cast, linear, normalize};
+use crate::nn::precision::{cast, normalize};
 use crate::nn::split_last;
 
 /// Scaled dot-product attention of `q` [B, N, H] over `k`, `v` [B, L, H] with `heads` heads,
@@ -54,16 +54,16 @@ impl<B: MicroditBackend> SelfAttention<B> {
         init: &mut Init<B>,
     ) -> Self {
         Self {
-            qkv: init.linear(dim, 3 * qkv_dim, bias, Dist::TruncNormal(0.02)),
-            proj: init.linear(qkv_dim, dim, bias, proj),
+            qkv: init.quantizable_linear(dim, 3 * qkv_dim, bias, Dist::TruncNormal(0.02)),
+            proj: init.quantizable_linear(qkv_dim, dim, bias, proj),
             num_heads: qkv_dim / head_dim,
             eps,
         }
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [q, k, v] = split_last(linear(&self.qkv, x));
-        linear(&self.proj, attend(q, k, v, self.num_heads, self.eps))
+        let [q, k, v] = split_last(self.qkv.forward(x));
+        self.proj.forward(attend(q, k, v, self.num_heads, self.eps))
     }
 }
 
@@ -86,9 +86,9 @@ impl<B: MicroditBackend> CrossAttention<B> {
         init: &mut Init<B>,
     ) -> Self {
         Self {
-            q_linear: init.linear(dim, dim, bias, Dist::TruncNormal(0.02)),
-            kv_linear: init.linear(dim, 2 * dim, bias, Dist::TruncNormal(0.02)),
-            proj: init.linear(dim, dim, bias, proj),
+            q_linear: init.quantizable_linear(dim, dim, bias, Dist::TruncNormal(0.02)),
+            kv_linear: init.quantizable_linear(dim, 2 * dim, bias, Dist::TruncNormal(0.02)),
+            proj: init.quantizable_linear(dim, dim, bias, proj),
             num_heads: dim / head_dim,
             eps,
         }
@@ -96,8 +96,8 @@ impl<B: MicroditBackend> CrossAttention<B> {
 
     /// Image tokens `x` [B, N, D] attend to caption tokens `cond` [B, L, D].
     pub fn forward(&self, x: Tensor<B, 3>, cond: Tensor<B, 3>) -> Tensor<B, 3> {
-        let q = linear(&self.q_linear, x);
-        let [k, v] = split_last(linear(&self.kv_linear, cond));
-        linear(&self.proj, attend(q, k, v, self.num_heads, self.eps))
+        let q = self.q_linear.forward(x);
+        let [k, v] = split_last(self.kv_linear.forward(cond));
+        self.proj.forward(attend(q, k, v, self.num_heads, self.eps))
     }
 }

@@ -1,7 +1,7 @@
 //! Transformer blocks: the AdaLN-modulated DiT block, the caption self-attention block, and
 //! the final layer.
 
-use burn::nn::Linear;
+use crate::nn::linear::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
@@ -12,7 +12,6 @@ use super::feed_forward::FeedForward;
 use super::init::{Dist, Init};
 use super::layers::{gated_residual, layer_norm, modulate, residual, LayerNorm};
 use crate::backend::MicroditBackend;
-use crate::nn::precision::linear;
 use crate::nn::split_last;
 
 /// Every second block swaps its dense feed-forward for experts.
@@ -91,14 +90,14 @@ impl<B: MicroditBackend> DitBlock<B> {
             norm2: layer_norm(dim, opts.eps, init),
             norm3: layer_norm(dim, opts.eps, init),
             mlp,
-            ada_ln_modulation: init.linear(opts.cond_dim, 6 * dim, true, Dist::Zeros),
+            ada_ln_modulation: init.quantizable_linear(opts.cond_dim, 6 * dim, true, Dist::Zeros),
         }
     }
 
     /// `x` [B, N, D] image tokens, `y` [B, L, D] caption tokens, `c` [B, cond_dim].
     pub fn forward(&self, x: Tensor<B, 3>, y: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
-            split_last(linear(&self.ada_ln_modulation, gelu_approximate(c)));
+            split_last(self.ada_ln_modulation.forward(gelu_approximate(c)));
         let attn = self.attn.forward(modulate(
             self.norm1.forward(x.clone()),
             shift_msa,
@@ -160,10 +159,8 @@ impl<B: MicroditBackend> FinalLayer<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let [shift, scale] = split_last(linear(&self.ada_ln_modulation, gelu_approximate(c)));
-        linear(
-            &self.linear,
-            modulate(self.norm_final.forward(x), shift, scale),
-        )
+        let [shift, scale] = split_last(self.ada_ln_modulation.forward(gelu_approximate(c)));
+        self.linear
+            .forward(modulate(self.norm_final.forward(x), shift, scale))
     }
 }

@@ -108,12 +108,15 @@ impl<B: MicroditBackend> MicroDit<B> {
         model
     }
 
-    /// The model computing in `precision`: itself in f32, else [`Self::cast`]. Inside an
-    /// autodiff graph the cast is part of the graph, so a low-precision copy's gradients
-    /// arrive on these f32 master weights (mixed-precision training).
+    /// The model computing in the float `precision`: itself in f32, else [`Self::cast`].
+    /// Inside an autodiff graph the cast is part of the graph, so a low-precision copy's
+    /// gradients arrive on these f32 master weights (mixed-precision training). An int8
+    /// model is a model of another shape, built by [`super::weights::quantize`]; callers
+    /// refuse int8 before they get here.
     pub fn in_precision(self, precision: Precision) -> Self {
         match precision {
             Precision::F32 => self,
+            Precision::Int8 => unreachable!("int8 models come from weights::quantize"),
             low => self.cast(low.dtype()),
         }
     }

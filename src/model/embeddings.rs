@@ -1,14 +1,14 @@
 //! What the transformer sees: patch tokens with 2-D sin-cos positions, the noise-level
 //! embedding and the caption projection.
 
+use crate::nn::linear::Linear;
 use burn::module::Param;
-use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use super::init::{Dist, Init};
 use crate::backend::MicroditBackend;
-use crate::nn::precision::{linear, matmul_in_weight_type};
+use crate::nn::precision::matmul_in_weight_type;
 
 /// A `p x p`, stride-`p` convolution from C latent channels to D, computed as one matmul over
 /// patchified latents. The weight keeps the convolution's [D, C, p, p] layout.
@@ -127,7 +127,7 @@ impl<B: MicroditBackend> TimestepEmbedder<B> {
     }
 
     pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
-        let h = gelu_approximate(linear(&self.mlp_in, self.sinusoidal(t)));
-        linear(&self.mlp_out, h)
+        let h = gelu_approximate(self.mlp_in.forward(self.sinusoidal(t)));
+        self.mlp_out.forward(h)
     }
 }

@@ -1,21 +1,24 @@
 //! Expert-choice mixture of experts (Zhou et al. 2022): each expert picks the tokens it
 //! processes, so every expert is equally loaded and no balancing loss is needed.
 
+use crate::nn::linear::{Int8Matrix, Linear};
 use burn::module::Param;
-use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{BasicOps, IndexingUpdateOp};
 
 use super::init::{Dist, Init};
 use crate::backend::{gelu_exact, top_k_indices, MicroditBackend};
-use crate::nn::precision::{linear, matmul_in_weight_type, promote, softmax_f32};
+use crate::nn::precision::{matmul_in_weight_type, promote, softmax_f32};
 
 #[derive(Module, Debug)]
 pub struct ExpertChoiceFeedForward<B: MicroditBackend> {
-    /// [E, D, F]: the experts' first layers.
-    pub w1: Param<Tensor<B, 3>>,
-    /// [E, F, D]: the experts' second layers.
-    pub w2: Param<Tensor<B, 3>>,
+    /// [E, D, F]: the experts' first layers (`None` when quantised).
+    pub w1: Option<Param<Tensor<B, 3>>>,
+    /// [E, F, D]: the experts' second layers (`None` when quantised).
+    pub w2: Option<Param<Tensor<B, 3>>>,
+    /// In a quantised model: w1 as E·F rows of D, w2 as E·D rows of F.
+    pub w1_int8: Option<Int8Matrix<B>>,
+    pub w2_int8: Option<Int8Matrix<B>>,
     /// Router D -> E, no bias.
     pub gate: Linear<B>,
     num_experts: usize,
@@ -31,13 +34,15 @@ impl<B: MicroditBackend> ExpertChoiceFeedForward<B> {
         init_std: f64,
         init: &mut Init<B>,
     ) -> Self {
+        let (w1, w1_int8) =
+            init.quantizable_stack([num_experts, dim, hidden], Dist::TruncNormal(0.02));
+        let (w2, w2_int8) =
+            init.quantizable_stack([num_experts, hidden, dim], Dist::TruncNormal(init_std));
         Self {
-            w1: init.param([num_experts, dim, hidden], Dist::TruncNormal(0.02), (0, 0)),
-            w2: init.param(
-                [num_experts, hidden, dim],
-                Dist::TruncNormal(init_std),
-                (0, 0),
-            ),
+            w1,
+            w2,
+            w1_int8,
+            w2_int8,
             gate: init.linear(dim, num_experts, false, Dist::TruncNormal(0.02)),
             num_experts,
             capacity,
@@ -59,7 +64,7 @@ impl<B: MicroditBackend> ExpertChoiceFeedForward<B> {
         if k == 0 {
             return x.zeros_like();
         }
-        let probs = softmax_f32(linear(&self.gate, x.clone()), 2).swap_dims(1, 2); // [N, E, T]
+        let probs = softmax_f32(self.gate.forward(x.clone()), 2).swap_dims(1, 2); // [N, E, T]
         let picked = top_k_indices(probs.clone().detach(), k); // [N, E, K]
         let weights = expert_major(probs.gather(2, picked.clone())); // [E·N·K, 1]
 
@@ -71,12 +76,25 @@ impl<B: MicroditBackend> ExpertChoiceFeedForward<B> {
             .reshape([n * t, d])
             .gather(0, rows.clone())
             .reshape([e, n * k, d]);
-        let h = gelu_exact(matmul_in_weight_type(xin, self.w1.val()));
-        let h = matmul_in_weight_type(h, self.w2.val()); // [E, N·K, D]
+        let h = gelu_exact(stacked_product(xin, &self.w1, &self.w1_int8));
+        let h = stacked_product(h, &self.w2, &self.w2_int8); // [E, N·K, D]
         let (h, weights) = promote(h.reshape([e * n * k, d]), weights);
         Tensor::zeros([n * t, d], (&device, h.dtype()))
             .scatter(0, rows, h * weights, IndexingUpdateOp::Add)
             .reshape([n, t, d])
+    }
+}
+
+/// `x @ w` per expert, `x` [E, rows, d_in], for the float or the int8 stack.
+fn stacked_product<B: MicroditBackend>(
+    x: Tensor<B, 3>,
+    float: &Option<Param<Tensor<B, 3>>>,
+    int8: &Option<Int8Matrix<B>>,
+) -> Tensor<B, 3> {
+    match (float, int8) {
+        (Some(w), _) => matmul_in_weight_type(x, w.val()),
+        (None, Some(w)) => w.matmul(x),
+        (None, None) => unreachable!("an expert stack holds float or int8 weights"),
     }
 }
 

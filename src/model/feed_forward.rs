@@ -1,11 +1,10 @@
 //! The dense SwiGLU feed-forward.
 
-use burn::nn::Linear;
+use crate::nn::linear::Linear;
 use burn::prelude::*;
 
 use super::init::{Dist, Init};
 use crate::backend::{swiglu, MicroditBackend};
-use crate::nn::precision::linear;
 
 /// `w3(silu(w1 x) * w2 x)`, hidden width from [`super::config::BlockShape::swiglu_hidden`].
 #[derive(Module, Debug)]
@@ -26,16 +25,14 @@ impl<B: MicroditBackend> FeedForward<B> {
         init: &mut Init<B>,
     ) -> Self {
         Self {
-            w1: init.linear(dim, hidden, bias, Dist::TruncNormal(0.02)),
-            w2: init.linear(dim, hidden, bias, Dist::TruncNormal(init_std)),
-            w3: init.linear(hidden, dim, bias, out),
+            w1: init.quantizable_linear(dim, hidden, bias, Dist::TruncNormal(0.02)),
+            w2: init.quantizable_linear(dim, hidden, bias, Dist::TruncNormal(init_std)),
+            w3: init.quantizable_linear(hidden, dim, bias, out),
         }
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear(
-            &self.w3,
-            swiglu(linear(&self.w1, x.clone()), linear(&self.w2, x)),
-        )
+        self.w3
+            .forward(swiglu(self.w1.forward(x.clone()), self.w2.forward(x)))
     }
 }

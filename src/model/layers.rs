@@ -1,13 +1,13 @@
 //! Small pieces shared by the denoiser's modules.
 
+use crate::nn::linear::Linear;
 use burn::module::Param;
-use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use super::init::{Dist, Init};
 use crate::backend::{self, MicroditBackend};
-use crate::nn::precision::{cast, linear, promote, to_f32, widest};
+use crate::nn::precision::{cast, promote, to_f32, widest};
 
 /// `nn.LayerNorm(dim, eps, bias=False)`: a learned scale and no shift, in f32 (the scale
 /// kept in f32 by [`LowPrecisionCopy`](crate::nn::precision::LowPrecisionCopy)), through
@@ -93,8 +93,8 @@ impl<B: MicroditBackend> Mlp<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h = gelu_approximate(linear(&self.fc1, x));
-        linear(&self.fc2, self.norm.forward(h))
+        let h = gelu_approximate(self.fc1.forward(x));
+        self.fc2.forward(self.norm.forward(h))
     }
 }
 
@@ -114,6 +114,6 @@ impl<B: MicroditBackend> NormLinear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(&self.linear, self.norm.forward(x))
+        self.linear.forward(self.norm.forward(x))
     }
 }

@@ -5,14 +5,20 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::MicroditBackend;
-use anyhow::{bail, Context, Result};
+use std::rc::Rc;
+
+use anyhow::{bail, ensure, Context, Result};
 use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
-use burn_store::TensorSnapshot;
+use burn::tensor::DType;
+use burn_store::{TensorSnapshot, TensorSnapshotError};
 
+use super::config::DitConfig;
 use super::dit::MicroDit;
+use super::init::Init;
+use crate::backend;
 use crate::state_dict::{
-    apply_state_dict, check_fits, read_state_dict, reference_tensors, DIT_KEYS,
+    apply_state_dict, check_fits, read_state_dict, reference_snapshots, reference_tensors, DIT_KEYS,
 };
 
 /// Buffers of the reference state dict: derived from the config here, checked on load.
@@ -107,12 +113,169 @@ pub fn save_weights<B: MicroditBackend>(model: &MicroDit<B>, path: &Path) -> Res
         POS_EMBED.into(),
         model.pos_embed().into_data().convert::<f32>(),
     );
-    let patch_dim = model.final_layer.linear.weight.dims()[1];
+    let patch_dim = model.final_layer.linear.d_out();
     tensors.insert(
         MASK_TOKEN.into(),
         TensorData::new(vec![0f32; patch_dim], [1, 1, patch_dim]),
     );
     crate::io::write_safetensors(path, &tensors)
+}
+
+/// A quantised state dict names the int8 form of a float weight `P` `P_int8.values` (int8
+/// rows) and `P_int8.scales` (f32, one per row).
+const INT8_VALUES: &str = "_int8.values";
+const INT8_SCALES: &str = "_int8.scales";
+
+/// The quantised model of `cfg` (the products [`Init::quantizable_linear`] and
+/// [`Init::quantizable_stack`] make, in int8) from a float or an already quantised state
+/// dict. Float weights are quantised one at a time as they are applied, so memory holds
+/// the int8 model and one float tensor at most.
+pub fn load_quantized<B: MicroditBackend>(
+    cfg: &DitConfig,
+    tensors: BTreeMap<String, TensorSnapshot>,
+    device: &B::Device,
+) -> Result<MicroDit<B>> {
+    let skeleton = MicroDit::new(cfg, &mut Init::empty_int8(device));
+    let tensors = quantize_state_dict(&skeleton, denoiser_part(tensors))?;
+    load_state_dict(skeleton, tensors)
+}
+
+/// `model` (of `cfg`) quantised.
+pub fn quantize<B: MicroditBackend>(model: &MicroDit<B>, cfg: &DitConfig) -> Result<MicroDit<B>> {
+    let tensors = reference_snapshots(model, &DIT_KEYS)
+        .into_iter()
+        .map(|s| (s.full_path(), s))
+        .collect();
+    load_quantized(cfg, tensors, &model.pos_embed().device())
+}
+
+/// `tensors` with every int8 weight that `skeleton` holds and `tensors` has only in float
+/// made from the float one, lazily; int8 weights already there are checked to lie in
+/// [-127, 127] (the kernels' range) as they load.
+fn quantize_state_dict<B: MicroditBackend>(
+    skeleton: &MicroDit<B>,
+    mut tensors: BTreeMap<String, TensorSnapshot>,
+) -> Result<BTreeMap<String, TensorSnapshot>> {
+    let int8_names: Vec<String> = reference_snapshots(skeleton, &DIT_KEYS)
+        .iter()
+        .map(TensorSnapshot::full_path)
+        .filter(|name| name.ends_with(INT8_VALUES))
+        .collect();
+    for values_name in int8_names {
+        let float_name = values_name.trim_end_matches(INT8_VALUES);
+        let scales_name = format!("{float_name}{INT8_SCALES}");
+        if let Some(values) = tensors.remove(&values_name) {
+            tensors.insert(values_name.clone(), checked_int8(values, &values_name)?);
+        } else if let Some(float) = tensors.remove(float_name) {
+            let [values, scales] = quantized_snapshots(&float, &values_name, &scales_name)?;
+            tensors.insert(values_name, values);
+            tensors.insert(scales_name, scales);
+        }
+    }
+    Ok(tensors)
+}
+
+/// The int8 rows and scales of a float weight, computed when read: a 2-D weight is a
+/// PyTorch `Linear.weight` ([out, in]: its rows are the outputs already), a 3-D one a stack
+/// of `x @ w` matrices ([n, in, out]: each matrix transposed into rows).
+fn quantized_snapshots(
+    float: &TensorSnapshot,
+    values_name: &str,
+    scales_name: &str,
+) -> Result<[TensorSnapshot; 2]> {
+    let shape = float.shape.to_vec();
+    let (rows, k) = match shape[..] {
+        [out, k] => (out, k),
+        [n, k, out] => (n * out, k),
+        _ => bail!("{values_name}: cannot quantise a weight of shape {shape:?}"),
+    };
+    let source = float.clone_data_fn();
+    let quantized = move || -> Result<backend::int8::Int8Rows, TensorSnapshotError> {
+        let data = source()?.convert::<f32>();
+        let values = data
+            .to_vec::<f32>()
+            .map_err(|e| TensorSnapshotError::DataError(format!("{e:?}")))?;
+        let rows_first = match shape[..] {
+            [n, k, out] => stacked_rows(&values, n, k, out),
+            _ => values,
+        };
+        Ok(backend::int8::quantize_rows(&rows_first, k))
+    };
+    let quantized = Rc::new(quantized);
+    let (for_values, for_scales) = (quantized.clone(), quantized);
+    Ok([
+        snapshot(
+            values_name,
+            DType::I8,
+            vec![rows, k],
+            Rc::new(move || Ok(TensorData::new(for_values()?.values, [rows, k]))),
+        ),
+        snapshot(
+            scales_name,
+            DType::F32,
+            vec![rows],
+            Rc::new(move || Ok(TensorData::new(for_scales()?.scales, [rows]))),
+        ),
+    ])
+}
+
+/// `[n, k, out]` matrices as `n · out` rows of `k`.
+fn stacked_rows(values: &[f32], n: usize, k: usize, out: usize) -> Vec<f32> {
+    let mut rows = vec![0f32; values.len()];
+    for e in 0..n {
+        for i in 0..k {
+            for o in 0..out {
+                rows[(e * out + o) * k + i] = values[(e * k + i) * out + o];
+            }
+        }
+    }
+    rows
+}
+
+/// An int8 weight read from a file, refused when read if a value is -128 (the AVX2
+/// kernel's sign trick needs |v| ≤ 127; microdit never writes it).
+fn checked_int8(values: TensorSnapshot, name: &str) -> Result<TensorSnapshot> {
+    ensure!(
+        values.dtype == DType::I8,
+        "{name} is {:?}; an int8 weight's values are I8",
+        values.dtype
+    );
+    let (source, owned) = (values.clone_data_fn(), name.to_string());
+    let checked = move || {
+        let data = source()?;
+        let bytes: &[i8] = data
+            .as_slice()
+            .map_err(|e| TensorSnapshotError::DataError(format!("{e:?}")))?;
+        match bytes.contains(&i8::MIN) {
+            true => Err(TensorSnapshotError::DataError(format!(
+                "{owned} holds -128; int8 weights lie in [-127, 127]"
+            ))),
+            false => Ok(data),
+        }
+    };
+    Ok(snapshot(
+        name,
+        DType::I8,
+        values.shape.to_vec(),
+        Rc::new(checked),
+    ))
+}
+
+/// A tensor named `name` whose data comes from `data` when read.
+fn snapshot(
+    name: &str,
+    dtype: DType,
+    shape: Vec<usize>,
+    data: Rc<dyn Fn() -> Result<TensorData, TensorSnapshotError>>,
+) -> TensorSnapshot {
+    TensorSnapshot::from_closure(
+        data,
+        dtype,
+        shape.into(),
+        name.split('.').map(str::to_string).collect(),
+        Vec::new(),
+        Default::default(),
+    )
 }
 
 /// Replaces every parameter by its gradient (zeros where it has none), so that gradients

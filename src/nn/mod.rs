@@ -2,6 +2,7 @@
 //! precision ([`precision`]) and small tensor helpers. Below `text/`, `vae/` and `model/`,
 //! so that neither imports the other.
 
+pub mod linear;
 pub mod precision;
 
 use burn::prelude::*;

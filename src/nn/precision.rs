@@ -4,7 +4,6 @@
 //! is the identity.
 
 use burn::module::{ModuleMapper, Param};
-use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, FloatDType};
@@ -12,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{matmul, scaled_layer_norm, MicroditBackend};
 
-/// The float type a model computes its products in.
+/// The type a model computes its products in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -20,12 +19,24 @@ pub enum Precision {
     F32,
     Bf16,
     F16,
+    /// Generation only: the transformer blocks' weights in int8, activations quantised per
+    /// token at run time, everything else in f32 (`model::weights::load_quantized`).
+    Int8,
+}
+
+/// As the command line and the settings files spell it.
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = clap::ValueEnum::to_possible_value(self).expect("no variant is skipped");
+        f.write_str(value.get_name())
+    }
 }
 
 impl Precision {
+    /// The float type of the weights that stay float and of the activations.
     pub fn dtype(self) -> FloatDType {
         match self {
-            Self::F32 => FloatDType::F32,
+            Self::F32 | Self::Int8 => FloatDType::F32,
             Self::Bf16 => FloatDType::BF16,
             Self::F16 => FloatDType::F16,
         }
@@ -74,24 +85,6 @@ pub fn matmul_in_weight_type<B: MicroditBackend, const D: usize>(
     w: Tensor<B, D>,
 ) -> Tensor<B, D> {
     matmul(cast(x, w.dtype()), w)
-}
-
-/// `Linear::forward` in the weight's type, leading dimensions folded into one matrix.
-pub fn linear<B: MicroditBackend, const D: usize>(
-    layer: &Linear<B>,
-    x: Tensor<B, D>,
-) -> Tensor<B, D> {
-    let w = layer.weight.val();
-    let [d_in, d_out] = w.dims();
-    let mut dims = x.dims();
-    let rows = dims[..D - 1].iter().product::<usize>();
-    let y = matmul(cast(x, w.dtype()).reshape([rows, d_in]), w);
-    let y = match &layer.bias {
-        Some(bias) => y + bias.val().unsqueeze_dim(0),
-        None => y,
-    };
-    dims[D - 1] = d_out;
-    y.reshape(dims)
 }
 
 /// LayerNorm without parameters over the last dimension (the q/k norms), in f32: the

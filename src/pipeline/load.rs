@@ -3,9 +3,11 @@
 //! text tower. A folder that trained a model can name its own parts in a `pipeline.json`
 //! (the demo writes one), so `microdit generate --checkpoint RUN/…` needs nothing else.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
+use burn_store::TensorSnapshot;
 use serde::{Deserialize, Serialize};
 
 use super::{Sampling, TextToImage};
@@ -13,8 +15,8 @@ use crate::backend::MicroditBackend;
 use crate::edm::EdmConfig;
 use crate::hub::{known, Hub};
 use crate::model::config::ModelChoice;
-use crate::model::weights::{denoiser_part, load_state_dict};
-use crate::model::{Init, MicroDit, Precision};
+use crate::model::weights::{denoiser_part, load_quantized, load_state_dict};
+use crate::model::{DitConfig, Init, MicroDit, Precision};
 use crate::run_dir;
 use crate::state_dict::read_state_dict;
 use crate::text::TextEncoder;
@@ -123,6 +125,16 @@ impl Components {
         })
     }
 
+    /// These components (what a command line names), over a `pipeline.json` beside the
+    /// checkpoint where that is a local path, over the published model's parts.
+    pub fn over_defaults(self) -> Result<Self> {
+        let beside = match &self.checkpoint {
+            Some(c) if Path::new(c).exists() => Self::beside(Path::new(c))?.unwrap_or_default(),
+            _ => Self::default(),
+        };
+        Ok(self.or(beside).or(Self::published()))
+    }
+
     /// The default sampling: the reference's, with this pipeline's steps and guidance.
     pub fn sampling(&self) -> Sampling {
         let reference = Sampling::default();
@@ -184,36 +196,88 @@ pub struct Parts {
 const KNOWN_VAE_DOWNSCALE: usize = 8;
 
 impl Parts {
+    /// How many times the codec shrinks an image's side, where that is known without
+    /// loading anything (a known VAE or space-to-depth); `None` for a VAE of its own, whose
+    /// config says.
+    fn known_downscale(&self) -> Option<Result<usize>> {
+        match self.vae.as_deref() {
+            None => Some(Ok(KNOWN_VAE_DOWNSCALE)),
+            Some(name) => SpaceToDepth::from_name(name).map(|codec| Ok(codec?.factor)),
+        }
+    }
+
     /// Refuses a resolution the model cannot take, where that is known without loading
-    /// anything (the codec is a known VAE or space-to-depth): before weights are looked
-    /// for on disk or on the Hub.
+    /// anything: before weights are looked for on disk or on the Hub.
     fn check_resolution(&self) -> Result<()> {
-        let downscale = match self.vae.as_deref() {
-            None => KNOWN_VAE_DOWNSCALE,
-            Some(name) => match SpaceToDepth::from_name(name) {
-                Some(codec) => codec?.factor,
-                None => return Ok(()), // a VAE of its own: its config says
-            },
-        };
-        let choice = ModelChoice {
+        match self.known_downscale() {
+            Some(downscale) => self.model_choice(downscale?, None).resolve().map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The denoiser's architecture for this resolution, a codec of `downscale` and a
+    /// checkpoint of `channels` latent channels.
+    fn model_choice(&self, downscale: usize, channels: Option<usize>) -> ModelChoice {
+        ModelChoice {
             source: self.model.clone(),
             resolution: Some(self.resolution),
             downscale,
-            in_channels: None,
-        };
-        choice.resolve().map(|_| ())
+            in_channels: channels,
+        }
     }
+
+    /// The denoiser of `dit` from `tensors`, in this precision (int8: quantised as it loads).
+    fn denoiser<B: MicroditBackend>(
+        &self,
+        dit: &DitConfig,
+        tensors: BTreeMap<String, TensorSnapshot>,
+        device: &B::Device,
+    ) -> Result<MicroDit<B>> {
+        match self.dtype {
+            Precision::Int8 => load_quantized(dit, tensors, device),
+            float => load_state_dict(MicroDit::<B>::new(dit, &mut Init::empty(device)), tensors)
+                .map(|model| model.in_precision(float)),
+        }
+        .with_context(|| format!("loading {} as {}", self.checkpoint, self.model))
+    }
+}
+
+/// The checkpoint's denoiser tensors, and how many latent channels it denoises (4: SDXL
+/// VAE, 16: ostris).
+fn checkpoint_tensors(
+    parts: &Parts,
+    hub: &Hub,
+) -> Result<(BTreeMap<String, TensorSnapshot>, Option<usize>)> {
+    parts.check_resolution()?;
+    let checkpoint = resolve_checkpoint(hub, &parts.checkpoint)?;
+    let tensors = denoiser_part(read_state_dict(&checkpoint)?);
+    let channels = tensors
+        .get("x_embedder.proj.weight")
+        .and_then(|w| w.shape.to_vec().get(1).copied());
+    Ok((tensors, channels))
+}
+
+/// The denoiser `parts` name, in their precision, and its architecture, without the text
+/// tower (and without the codec, where its downscale is known): what `microdit quantize`
+/// writes out.
+pub fn load_denoiser<B: MicroditBackend>(
+    parts: &Parts,
+    hub: &Hub,
+    device: &B::Device,
+) -> Result<(MicroDit<B>, DitConfig)> {
+    let (tensors, channels) = checkpoint_tensors(parts, hub)?;
+    let downscale = match parts.known_downscale() {
+        Some(downscale) => downscale?,
+        None => LatentCodec::<B>::load(parts.vae.as_deref().unwrap_or_default(), hub, device)?
+            .downscale(),
+    };
+    let dit = parts.model_choice(downscale, channels).resolve()?;
+    Ok((parts.denoiser(&dit, tensors, device)?, dit))
 }
 
 impl<B: MicroditBackend> TextToImage<B> {
     pub fn load(parts: &Parts, hub: &Hub, device: &B::Device) -> Result<Self> {
-        parts.check_resolution()?;
-        let checkpoint = resolve_checkpoint(hub, &parts.checkpoint)?;
-        let tensors = denoiser_part(read_state_dict(&checkpoint)?);
-        // The checkpoint says how many latent channels it denoises (4: SDXL VAE, 16: ostris).
-        let channels = tensors
-            .get("x_embedder.proj.weight")
-            .and_then(|w| w.shape.to_vec().get(1).copied());
+        let (tensors, channels) = checkpoint_tensors(parts, hub)?;
         let vae = parts.vae.clone().unwrap_or_else(|| {
             match channels {
                 Some(16) => known::VAE_16_CHANNEL,
@@ -222,12 +286,7 @@ impl<B: MicroditBackend> TextToImage<B> {
             .into()
         });
         let codec = LatentCodec::<B>::load(&vae, hub, device)?;
-        let choice = ModelChoice {
-            source: parts.model.clone(),
-            resolution: Some(parts.resolution),
-            downscale: codec.downscale(),
-            in_channels: channels,
-        };
+        let choice = parts.model_choice(codec.downscale(), channels);
         let dit = choice.resolve()?;
         ensure!(
             codec.channels() == dit.in_channels,
@@ -247,9 +306,7 @@ impl<B: MicroditBackend> TextToImage<B> {
                 );
             }
         }
-        let denoiser = load_state_dict(MicroDit::<B>::new(&dit, &mut Init::empty(device)), tensors)
-            .with_context(|| format!("loading {} as {}", checkpoint.display(), parts.model))?;
-        let denoiser = denoiser.in_precision(parts.dtype);
+        let denoiser = parts.denoiser(&dit, tensors, device)?;
         let text = TextEncoder::from_source(&parts.text_encoder, hub, device)?;
         ensure!(
             text.config.width == dit.caption_channels,

@@ -5,16 +5,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::MicroditBackend;
+use crate::nn::linear::Linear;
 use anyhow::{Context, Result};
 use burn::module::Param;
-use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::backend::{attention, gelu_exact};
-use crate::nn::precision::linear;
 use crate::nn::split_last;
 use crate::state_dict::{apply_state_dict, read_state_dict, CLIP_TEXT_KEYS};
 use crate::text::open_clip_config::{check_text_options, OpenClipConfig};
@@ -127,9 +127,10 @@ impl<B: MicroditBackend> ClipAttention<B> {
             t.reshape([b, n, self.heads, w / self.heads])
                 .swap_dims(1, 2)
         };
-        let [q, k, v] = split_last(linear(&self.in_proj, x));
+        let [q, k, v] = split_last(self.in_proj.forward(x));
         let out = attention(split(q), split(k), split(v), causal);
-        linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, n, w]))
+        self.out_proj
+            .forward(out.swap_dims(1, 2).reshape([b, n, w]))
     }
 }
 
@@ -142,13 +143,13 @@ pub struct ClipMlp<B: MicroditBackend> {
 
 impl<B: MicroditBackend> ClipMlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = linear(&self.c_fc, x);
+        let h = self.c_fc.forward(x);
         let h = if self.quick_gelu {
             h.clone() * sigmoid(h * 1.702)
         } else {
             gelu_exact(h)
         };
-        linear(&self.c_proj, h)
+        self.c_proj.forward(h)
     }
 }
 
@@ -177,14 +178,14 @@ impl<B: MicroditBackend> ResidualAttentionBlock<B> {
         Self {
             ln_1: ln(),
             attn: ClipAttention {
-                in_proj: LinearConfig::new(width, 3 * width).init(device),
-                out_proj: LinearConfig::new(width, width).init(device),
+                in_proj: Linear::zeros(width, 3 * width, true, device),
+                out_proj: Linear::zeros(width, width, true, device),
                 heads,
             },
             ln_2: ln(),
             mlp: ClipMlp {
-                c_fc: LinearConfig::new(width, hidden).init(device),
-                c_proj: LinearConfig::new(hidden, width).init(device),
+                c_fc: Linear::zeros(width, hidden, true, device),
+                c_proj: Linear::zeros(hidden, width, true, device),
                 quick_gelu,
             },
         }

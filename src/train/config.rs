@@ -195,6 +195,10 @@ impl TrainConfig {
             "sample_every is set but sample_captions (a file of caption embeddings) is not"
         );
         ensure!(
+            self.precision != Precision::Int8,
+            "precision int8 is for generation (`generate --dtype int8`), not training"
+        );
+        ensure!(
             self.precision != Precision::F16,
             "precision f16 needs loss scaling, which training does not do: use bf16 or f32"
         );
@@ -351,5 +355,20 @@ mod tests {
         refused(|c| c.alpha_f = -1.0, "alpha_f");
         refused(|c| c.expert_lr_scale = Some(f64::NAN), "expert_lr_scale");
         refused(|c| c.ema_decay = Some(1.5), "ema_decay");
+    }
+
+    #[test]
+    fn precisions_training_cannot_take_are_refused() {
+        for (precision, says) in [
+            (Precision::F16, "loss scaling"),
+            (Precision::Int8, "generation"),
+        ] {
+            let cfg = TrainConfig {
+                precision,
+                ..valid()
+            };
+            let error = cfg.validate().unwrap_err().to_string();
+            assert!(error.contains(says), "{error}");
+        }
     }
 }

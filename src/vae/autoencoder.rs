@@ -1,8 +1,9 @@
 //! diffusers' `AutoencoderKL`: a convolutional encoder to a diagonal Gaussian over latents,
 //! and a decoder back to pixels. Module paths follow diffusers' state-dict keys.
 
+use crate::nn::linear::Linear;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -83,7 +84,7 @@ pub struct SpatialAttention<B: MicroditBackend> {
 
 impl<B: MicroditBackend> SpatialAttention<B> {
     fn new(c: usize, groups: usize, device: &B::Device) -> Self {
-        let linear = || LinearConfig::new(c, c).init(device);
+        let linear = || Linear::zeros(c, c, true, device);
         Self {
             group_norm: group_norm(groups, c, device),
             to_q: linear(),

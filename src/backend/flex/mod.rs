@@ -14,7 +14,7 @@
 
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::Flex;
-use burn::tensor::ops::{ConvOptions, FloatTensor, ModuleOps};
+use burn::tensor::ops::{ConvOptions, FloatTensor, IntTensor, ModuleOps};
 use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
@@ -27,6 +27,7 @@ mod pool;
 mod rows;
 
 use super::gelu::{gelu_exact_backward_unfused, gelu_exact_unfused};
+use super::int8;
 use super::layer_norm::{scaled_layer_norm_backward_unfused, scaled_layer_norm_unfused};
 use super::modulation::{
     gated_residual_backward_unfused, gated_residual_unfused, modulate_backward_unfused,
@@ -34,13 +35,40 @@ use super::modulation::{
 };
 use super::{
     adamw_step_fused_in_f32, attention_backward_unfused, attention_module,
-    group_norm_unfused_primitive, pool2d_unfused, swiglu_backward_unfused, swiglu_unfused,
-    AdamWStep, AttentionSaved, GroupNormOptions, MicroditBackend, PoolOptions,
+    group_norm_unfused_primitive, int8_matmul_unfused, pool2d_unfused, swiglu_backward_unfused,
+    swiglu_unfused, AdamWStep, AttentionSaved, GroupNormOptions, MicroditBackend, PoolOptions,
 };
 use modulation::Sizes;
 use rows::{group_norm_row, softmax_backward_row, softmax_row};
 
 impl MicroditBackend for Flex {
+    fn int8_matmul(
+        x: FloatTensor<Self>,
+        values: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let supported =
+            x.dtype() == DType::F32 && values.dtype() == DType::I8 && scales.dtype() == DType::F32;
+        if !supported {
+            return super::primitive(int8_matmul_unfused::<Self>(
+                super::float(x),
+                burn::tensor::Tensor::from_primitive(values),
+                super::float(scales),
+            ));
+        }
+        let [x, values, scales] = [x, values, scales].map(|t| t.to_contiguous());
+        let shape = x.layout().shape().clone();
+        let (batch, m, k) = (shape[0], shape[1], shape[2]);
+        let weights = int8::Rows {
+            values: &values.storage::<i8>()[values.layout().start_offset()..],
+            scales: self::values(&scales),
+            cols: k,
+        };
+        let n = weights.scales.len() / batch;
+        let y = int8::matmul(self::values(&x), weights, batch, int8::Kernel::detect());
+        f32_tensor(y, Shape::new([batch, m, n]))
+    }
+
     fn convolution(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
