@@ -127,19 +127,77 @@ fn half_precision_generation_makes_nearly_the_same_image() {
         pixels(&s.model.root.join("f32.png")),
         pixels(&s.model.root.join("bf16.png")),
     );
-    assert_ne!(
-        a, b,
-        "--dtype bf16 made the very image f32 made: is it ignored?"
+    assert_nearly_the_same(&a, &b, "bf16");
+}
+
+#[test]
+fn int8_generation_quantises_as_it_loads_or_reads_a_quantised_file_alike() {
+    let s = setup();
+    let path = |n: &str| s.model.root.join(n).to_str().unwrap().to_string();
+    let prompt = ["a lighthouse", "--seed", "3", "--out"];
+    generate(&s, &[&prompt[..], &[&path("f32.png")]].concat());
+    generate(
+        &s,
+        &[&prompt[..], &[&path("on-load.png"), "--dtype", "int8"]].concat(),
     );
-    let mean_diff = a
+    // `microdit quantize` with the same parts, then the file alone.
+    let option = |flag: &str| {
+        let at = s.base.iter().position(|a| a == flag).unwrap();
+        s.base[at + 1].clone()
+    };
+    let mut quantize: Vec<String> = vec![
+        "quantize".into(),
+        option("--checkpoint"),
+        path("int8.safetensors"),
+    ];
+    for flag in ["--model", "--resolution", "--vae"] {
+        quantize.extend([flag.to_string(), option(flag)]);
+    }
+    let (ok, log) = microdit(&quantize);
+    assert!(
+        ok && log.contains("--dtype int8"),
+        "quantize failed:\n{log}"
+    );
+    let mut from_file = s.base.clone();
+    without(&mut from_file, "--checkpoint");
+    from_file
+        .extend(["--checkpoint", &path("int8.safetensors"), "--dtype", "int8"].map(String::from));
+    from_file.extend(prompt.map(String::from));
+    from_file.push(path("from-file.png"));
+    let (ok, log) = microdit(&from_file);
+    assert!(ok, "generate from the quantised file failed:\n{log}");
+
+    let [float, on_load, from_file] =
+        ["f32.png", "on-load.png", "from-file.png"].map(|n| pixels(&s.model.root.join(n)));
+    assert_eq!(
+        on_load, from_file,
+        "the quantised file and quantising on load differ"
+    );
+    assert_nearly_the_same(&float, &on_load, "int8");
+    let png = std::fs::read(s.model.root.join("from-file.png")).unwrap();
+    let text = String::from_utf8_lossy(&png);
+    assert!(
+        text.contains("int8"),
+        "the PNG does not record its precision"
+    );
+}
+
+/// The `dtype` image differs from the f32 one (the option was not ignored), by less than 8
+/// grey levels on average.
+fn assert_nearly_the_same(float: &[u8], other: &[u8], dtype: &str) {
+    assert_ne!(
+        float, other,
+        "--dtype {dtype} made the very image f32 made: is it ignored?"
+    );
+    let mean_diff = float
         .iter()
-        .zip(&b)
+        .zip(other)
         .map(|(x, y)| (*x as f64 - *y as f64).abs())
         .sum::<f64>()
-        / a.len() as f64;
+        / float.len() as f64;
     assert!(
         mean_diff < 8.0,
-        "bf16 image differs by {mean_diff} grey levels on average"
+        "{dtype} image differs by {mean_diff} grey levels on average"
     );
 }
 

@@ -27,6 +27,11 @@ pub struct QuantizeArgs {
     /// pipeline.json's, else 512].
     #[arg(long)]
     pub resolution: Option<usize>,
+    /// The latent codec the model works in, for its downscale: a VAE directory or Hub
+    /// repo, or space-to-depth:F [default: pipeline.json's, else by the checkpoint's latent
+    /// channels].
+    #[arg(long)]
+    pub vae: Option<String>,
 }
 
 pub fn run(args: &QuantizeArgs) -> Result<()> {
@@ -39,6 +44,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
         checkpoint: Some(args.checkpoint.clone()),
         model: args.model.clone(),
         resolution: args.resolution,
+        vae: args.vae.clone(),
         ..Components::default()
     }
     .over_defaults()?;

@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{Distribution, Tensor};
+use burn::module::Module;
 use microdit::backend::Cpu;
+use microdit::model::init::{Perturb, RANDOM_WEIGHTS_NOISE};
 use microdit::model::weights::save_weights;
 use microdit::model::{DitConfig, Init, MicroDit};
 
@@ -17,18 +17,6 @@ pub struct TinyModel {
     pub args: Vec<String>,
     /// Image side: 16 px, or the least the fixture VAE's downscale allows.
     pub resolution: usize,
-}
-
-/// Adds N(0, 0.05²) noise to every parameter.
-struct Perturb;
-
-impl ModuleMapper<Cpu> for Perturb {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Cpu, D>>) -> Param<Tensor<Cpu, D>> {
-        param.map(|t| {
-            let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.05), &t.device());
-            t + noise
-        })
-    }
 }
 
 pub fn tiny_model() -> TinyModel {
@@ -54,8 +42,8 @@ pub fn tiny_model() -> TinyModel {
     std::fs::write(root.join("dit.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
     // The reference init zeroes the output layers, so a fresh model denoises to the same
     // image in any precision; perturbed weights make the network matter.
-    let model =
-        MicroDit::<Cpu>::new(&cfg, &mut Init::reference(1, &Default::default())).map(&mut Perturb);
+    let model = MicroDit::<Cpu>::new(&cfg, &mut Init::reference(1, &Default::default()))
+        .map(&mut Perturb::new(1, RANDOM_WEIGHTS_NOISE));
     save_weights(&model, &root.join("dit.safetensors")).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let args = vec![

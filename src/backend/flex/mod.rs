@@ -47,8 +47,11 @@ impl MicroditBackend for Flex {
         values: IntTensor<Self>,
         scales: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let supported =
-            x.dtype() == DType::F32 && values.dtype() == DType::I8 && scales.dtype() == DType::F32;
+        // An empty batch goes to the default, which needs no rows to find the shape.
+        let supported = x.layout().shape()[0] > 0
+            && x.dtype() == DType::F32
+            && values.dtype() == DType::I8
+            && scales.dtype() == DType::F32;
         if !supported {
             return super::primitive(int8_matmul_unfused::<Self>(
                 super::float(x),
