@@ -35,11 +35,10 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
+    /// The fastest kernel this CPU runs (looked up once: every product asks).
     pub fn detect() -> Self {
-        *Self::available()
-            .last()
-            .expect("the scalar kernel always runs")
+        static FASTEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *FASTEST.get_or_init(|| *Self::available().last().expect("the scalar kernel runs"))
     }
 
     /// Every kernel this CPU runs, the reference first.

@@ -15,7 +15,6 @@ use super::bench_timing::report;
 use super::{DeviceChoice, ModelArgs};
 use crate::backend::MicroditBackend;
 use crate::edm::EdmConfig;
-use crate::model::config::ModelChoice;
 use crate::model::{Init, MicroDit, Precision};
 use crate::pipeline::{Sampling, SamplingArgs, TextToImage};
 use crate::text::{ClipTextConfig, ClipTextEncoder, ClipTokenizer, TextEncoder};
@@ -114,7 +113,8 @@ fn stand_in<B: MicroditBackend>(
     dtype: Precision,
     device: &B::Device,
 ) -> Result<TextToImage<B>> {
-    let dit = model.config()?;
+    let choice = model.choice();
+    let dit = choice.resolve()?;
     let denoiser = match dtype {
         Precision::Int8 => MicroDit::new(&dit, &mut Init::empty_int8(device)),
         float => MicroDit::new(&dit, &mut Init::empty(device)).in_precision(float),
@@ -128,7 +128,7 @@ fn stand_in<B: MicroditBackend>(
             config: text,
         },
         denoiser,
-        choice: ModelChoice::new(model.preset.clone()),
+        choice,
         dit,
         codec: LatentCodec::Vae {
             model: Box::new(AutoencoderKl::new(&vae, device)),

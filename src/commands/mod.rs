@@ -43,7 +43,8 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn config(&self) -> Result<DitConfig> {
+    /// The preset or config file, at the resolution and channels given.
+    pub fn choice(&self) -> ModelChoice {
         let source = match &self.config {
             Some(path) => path.display().to_string(),
             None => self.preset.clone(),
@@ -53,7 +54,10 @@ impl ModelArgs {
             in_channels: self.in_channels,
             ..ModelChoice::new(source)
         }
-        .resolve()
+    }
+
+    pub fn config(&self) -> Result<DitConfig> {
+        self.choice().resolve()
     }
 }
 

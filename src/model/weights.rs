@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::MicroditBackend;
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -127,8 +128,8 @@ const INT8_VALUES: &str = "_int8.values";
 const INT8_SCALES: &str = "_int8.scales";
 
 /// The quantised model of `cfg` (the products [`Init::quantizable_linear`] and
-/// [`Init::quantizable_stack`] make, in int8) from a float or an already quantised state
-/// dict. Float weights are quantised one at a time as they are applied, so memory holds
+/// [`Init::quantizable_stack`] make, in int8) from a float or an already quantised
+/// denoiser state dict ([`denoiser_part`]). Float weights are quantised one at a time as they are applied, so memory holds
 /// the int8 model and one float tensor at most.
 pub fn load_quantized<B: MicroditBackend>(
     cfg: &DitConfig,
@@ -136,7 +137,7 @@ pub fn load_quantized<B: MicroditBackend>(
     device: &B::Device,
 ) -> Result<MicroDit<B>> {
     let skeleton = MicroDit::new(cfg, &mut Init::empty_int8(device));
-    let tensors = quantize_state_dict(&skeleton, denoiser_part(tensors))?;
+    let tensors = quantize_state_dict(&skeleton, tensors)?;
     load_state_dict(skeleton, tensors)
 }
 
@@ -201,8 +202,23 @@ fn quantized_snapshots(
         };
         Ok(backend::int8::quantize_rows(&rows_first, k))
     };
-    let quantized = Rc::new(quantized);
-    let (for_values, for_scales) = (quantized.clone(), quantized);
+    // Whichever of the two is read first quantises (reading the float weight once) and
+    // leaves the other's part here until it is read, right after, as the model's fields
+    // come in order.
+    let pending: Rc<RefCell<Option<backend::int8::Int8Rows>>> = Rc::default();
+    let take = move || {
+        let left = pending.borrow_mut().take();
+        match left {
+            Some(rows) => Ok(rows),
+            None => {
+                let rows = quantized()?;
+                *pending.borrow_mut() = Some(rows.clone());
+                Ok(rows)
+            }
+        }
+    };
+    let take = Rc::new(take);
+    let (for_values, for_scales) = (take.clone(), take);
     Ok([
         snapshot(
             values_name,
