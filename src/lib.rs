@@ -12,6 +12,7 @@ pub mod edm;
 pub mod eval;
 pub mod hub;
 pub mod io;
+pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod pipeline;

@@ -8,14 +8,18 @@
 //! to `weight`/`bias`.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_store::{
-    BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
-    SafetensorsStore, TensorSnapshot,
+    BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot,
+    TensorSnapshotError,
 };
 
 /// How one family of reference checkpoints names things: (reference pattern, our path)
@@ -132,10 +136,9 @@ pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, TensorSnapshot>> 
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let tensors: BTreeMap<String, TensorSnapshot> = match ext {
-        "safetensors" => SafetensorsStore::from_file(path)
-            .get_all_snapshots()
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
-            .clone(),
+        "safetensors" => {
+            read_safetensors(path).with_context(|| format!("reading {}", path.display()))?
+        }
         "pt" | "pth" | "bin" | "ckpt" => burn_store::pytorch::PytorchReader::new(path)
             .map_err(|e| anyhow::anyhow!("reading PyTorch checkpoint {}: {e}", path.display()))?
             .into_tensors()
@@ -155,6 +158,126 @@ pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, TensorSnapshot>> 
         })
         .collect();
     Ok(tensors)
+}
+
+/// A safetensors file's tensors, each read from the file when it is applied (positioned
+/// reads, not a map: a mapped file's pages count in the process's resident memory for as
+/// long as the map lives, so loading a 4.7 GB checkpoint through one would add up to 4.7 GB
+/// to the peak of the model it fills).
+fn read_safetensors(path: &Path) -> Result<BTreeMap<String, TensorSnapshot>> {
+    let mut file = File::open(path)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).context("no safetensors header")?;
+    let header_len = usize::try_from(u64::from_le_bytes(len))?;
+    ensure!(
+        header_len <= MAX_SAFETENSORS_HEADER,
+        "a safetensors header of {header_len} bytes (not a safetensors file?)"
+    );
+    let mut header = vec![0u8; header_len];
+    file.read_exact(&mut header)
+        .context("the safetensors header is cut short")?;
+    let metadata: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).context("the safetensors header")?;
+    let data_start = 8 + header_len as u64;
+    let file_len = file.metadata()?.len();
+    let path: Arc<Path> = path.into();
+    let mut tensors = BTreeMap::new();
+    for (name, info) in metadata.tensors() {
+        let (start, end) = info.data_offsets;
+        let elements: usize = info.shape.iter().product();
+        ensure!(
+            end.checked_sub(start) == Some(elements * info.dtype.bitsize() / 8)
+                && data_start + end as u64 <= file_len,
+            "{name}: its bytes ({start}..{end}) do not hold {:?} {:?} within the file",
+            info.dtype,
+            info.shape
+        );
+        let dtype = burn_dtype(info.dtype).with_context(|| name.clone())?;
+        let (path, shape) = (path.clone(), info.shape.clone());
+        let data = move || -> Result<TensorData, TensorSnapshotError> {
+            let read = |into: &mut [u8]| -> std::io::Result<()> {
+                let mut file = File::open(&path)?;
+                file.seek(SeekFrom::Start(data_start + start as u64))?;
+                file.read_exact(into)
+            };
+            read_tensor(dtype, elements, shape.clone(), read)
+                .map_err(|e| TensorSnapshotError::IoError(e.to_string()))
+        };
+        let snapshot = TensorSnapshot::from_closure(
+            Rc::new(data),
+            dtype,
+            info.shape.clone().into(),
+            name.split('.').map(str::to_string).collect(),
+            Vec::new(),
+            Default::default(),
+        );
+        tensors.insert(name, snapshot);
+    }
+    Ok(tensors)
+}
+
+/// A tensor of `elements` values of `dtype` whose little-endian bytes `read` fills. f32 and
+/// int8 data are read straight into the vector the tensor keeps; other types' bytes are
+/// copied once more into an aligned buffer (burn's `from_bytes_vec`), which only rarely
+/// matters since such floats are converted to f32 anyway.
+fn read_tensor(
+    dtype: DType,
+    elements: usize,
+    shape: Vec<usize>,
+    read: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<TensorData> {
+    fn read_values<E: burn::tensor::Element + Default>(
+        elements: usize,
+        shape: Vec<usize>,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<TensorData> {
+        let mut values = vec![E::default(); elements];
+        // SAFETY: E is f32 or i8 here: every byte pattern is a value, and the slice covers
+        // exactly the vector's initialised elements.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                values.as_mut_ptr().cast::<u8>(),
+                std::mem::size_of_val(values.as_slice()),
+            )
+        };
+        read(bytes)?;
+        Ok(TensorData::new(values, shape))
+    }
+    #[cfg(target_endian = "big")]
+    compile_error!("safetensors data are little-endian; reading them assumes a little-endian host");
+    match dtype {
+        DType::F32 => read_values::<f32>(elements, shape, read),
+        DType::I8 => read_values::<i8>(elements, shape, read),
+        _ => {
+            let mut bytes = vec![0u8; elements * dtype.size()];
+            read(&mut bytes)?;
+            Ok(TensorData::from_bytes_vec(bytes, shape, dtype))
+        }
+    }
+}
+
+/// The safetensors format's own bound on its header (100 MB).
+const MAX_SAFETENSORS_HEADER: usize = 100_000_000;
+
+/// burn's element type for a safetensors one.
+fn burn_dtype(dtype: safetensors::Dtype) -> Result<DType> {
+    use safetensors::Dtype as S;
+    Ok(match dtype {
+        S::F64 => DType::F64,
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::I64 => DType::I64,
+        S::I32 => DType::I32,
+        S::I16 => DType::I16,
+        S::I8 => DType::I8,
+        S::U64 => DType::U64,
+        S::U32 => DType::U32,
+        S::U16 => DType::U16,
+        S::U8 => DType::U8,
+        S::BOOL => DType::Bool(burn::tensor::BoolStore::Native),
+        other => bail!("safetensors element type {other:?} is not supported"),
+    })
 }
 
 /// Training frameworks save `model.`/`dit.`/`module.`-prefixed keys; the state dict is what

@@ -8,19 +8,8 @@ use std::io::Write;
 use microdit::backend::Cpu;
 use microdit::text::{ClipTextConfig, ClipTextEncoder};
 
-/// Peak resident memory of this process so far, in bytes (Linux `VmHWM`).
 fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb * 1024
+    microdit::memory::peak().expect("the system reports peak memory")
 }
 
 #[test]

@@ -1,15 +1,19 @@
 //! `microdit generate`: prompts in, PNGs out, through the text-to-image pipeline; each PNG
 //! carries its settings, so `--from-png` makes it again.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use burn::prelude::Tensor;
 
 use super::PipelineArgs;
 use crate::backend::MicroditBackend;
 use crate::hub::Hub;
-use crate::pipeline::{GenerationSettings, SamplingArgs, TextToImage};
+use crate::pipeline::load::Loader;
+use crate::pipeline::{CaptionToImage, GenerationSettings, Image, SamplingArgs};
+use crate::vae::LatentCodec;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
@@ -122,6 +126,9 @@ fn job_from_png(png: &Path, args: &GenerateArgs) -> Result<Job> {
     Ok(Job { settings, path })
 }
 
+/// The text tower encodes every prompt and is let go before the denoiser loads, and the
+/// denoiser before the last image is decoded, so that memory holds one large part at a
+/// time (a laptop's one int8 image fits in 2 GB).
 fn generate<B: MicroditBackend>(
     jobs: &[Job],
     args: &GenerateArgs,
@@ -129,42 +136,20 @@ fn generate<B: MicroditBackend>(
 ) -> Result<()> {
     let first = &jobs.first().context("nothing to generate")?.settings;
     let start = Instant::now();
-    let pipeline = TextToImage::<B>::load(&first.parts(), &Hub::from_env(), device)?;
-    eprintln!("loaded models in {:.1} s", start.elapsed().as_secs_f64());
+    let (parts, hub) = (first.parts(), Hub::from_env());
+    let loader = Loader::<B>::open(&parts, &hub, device)?;
+    let captions = encode_prompts(&loader, jobs)?;
+    crate::memory::release_freed();
+    let to_image = loader.caption_to_image()?;
+    eprintln!(
+        "loaded models and encoded {} prompt{} in {:.1} s",
+        captions.len(),
+        if captions.len() == 1 { "" } else { "s" },
+        start.elapsed().as_secs_f64()
+    );
 
     let sampling_started = Instant::now();
-    let (mut evaluations, mut images) = (0, Vec::new());
-    for (n, job) in jobs.iter().enumerate() {
-        let settings = GenerationSettings {
-            vae: pipeline.codec.name(),
-            ..job.settings.clone()
-        };
-        let sampling = &settings.sampling;
-        let caption = pipeline.encode_prompt(&settings.prompt);
-        if caption.truncated > 0 {
-            eprintln!(
-                "warning: prompt {n} is longer than the text tower's {} tokens; truncated as the reference does",
-                pipeline.text.config.context_length
-            );
-        }
-        let bar = crate::progress::bar(
-            sampling.steps,
-            &format!("image {}/{}", n + 1, jobs.len()),
-            "step",
-        );
-        let latents = pipeline.sample(caption.states, settings.seed, sampling, |_| bar.inc(1));
-        bar.finish_and_clear();
-        evaluations += sampling.evaluations();
-        let image = pipeline.decode(latents)?;
-        crate::png_io::write_png(
-            &job.path,
-            &image.rgb,
-            image.side,
-            image.side,
-            &settings.to_png_text()?,
-        )?;
-        images.push(image);
-    }
+    let (images, evaluations) = sample_and_write(to_image, jobs, captions)?;
     let elapsed = sampling_started.elapsed().as_secs_f64();
     if args.grid && images.len() > 1 {
         let tiles: Vec<&[u8]> = images.iter().map(|i| i.rgb.as_slice()).collect();
@@ -175,8 +160,16 @@ fn generate<B: MicroditBackend>(
     } else {
         format!("{}/", args.out.display())
     };
+    let peak = crate::memory::peak()
+        .map(|bytes| {
+            format!(
+                "; peak memory {:.2} GiB",
+                bytes as f64 / (1u64 << 30) as f64
+            )
+        })
+        .unwrap_or_default();
     println!(
-        "wrote {} image{} to {where_to} in {elapsed:.1} s ({:.2} s per network evaluation, {} steps, {}, guidance {})",
+        "wrote {} image{} to {where_to} in {elapsed:.1} s ({:.2} s per network evaluation, {} steps, {}, guidance {}{peak})",
         images.len(),
         if images.len() == 1 { "" } else { "s" },
         elapsed / evaluations.max(1) as f64,
@@ -185,4 +178,86 @@ fn generate<B: MicroditBackend>(
         first.sampling.guidance,
     );
     Ok(())
+}
+
+/// Each job's image sampled, decoded and written as it is made (an interrupted run keeps
+/// what it finished), but the last one decoded after the denoiser is let go, since nothing
+/// is left to sample: decoding's activations then do not come on top of it. Returns the
+/// images and the network evaluations spent.
+fn sample_and_write<B: MicroditBackend>(
+    to_image: CaptionToImage<B>,
+    jobs: &[Job],
+    captions: Vec<Tensor<B, 3>>,
+) -> Result<(Vec<Image>, usize)> {
+    let (mut images, mut evaluations, mut last) = (Vec::new(), 0, None);
+    for (n, (job, caption)) in jobs.iter().zip(captions).enumerate() {
+        let settings = GenerationSettings {
+            vae: to_image.codec.name(),
+            ..job.settings.clone()
+        };
+        let sampling = &settings.sampling;
+        let bar = crate::progress::bar(
+            sampling.steps,
+            &format!("image {}/{}", n + 1, jobs.len()),
+            "step",
+        );
+        let latents = to_image.sample(caption, settings.seed, sampling, |_| bar.inc(1));
+        bar.finish_and_clear();
+        evaluations += sampling.evaluations();
+        match n + 1 < jobs.len() {
+            true => images.push(write_image(&to_image.codec, latents, job, &settings)?),
+            false => last = Some((latents, job, settings)),
+        }
+    }
+    let codec = to_image.into_codec();
+    if let Some((latents, job, settings)) = last {
+        images.push(write_image(&codec, latents, job, &settings)?);
+    }
+    Ok((images, evaluations))
+}
+
+/// `latents` decoded and written to the job's file with `settings` in its text chunks.
+fn write_image<B: MicroditBackend>(
+    codec: &LatentCodec<B>,
+    latents: Tensor<B, 4>,
+    job: &Job,
+    settings: &GenerationSettings,
+) -> Result<Image> {
+    let image = Image::from_tensor(codec.decode(latents))?;
+    crate::png_io::write_png(
+        &job.path,
+        &image.rgb,
+        image.side,
+        image.side,
+        &settings.to_png_text()?,
+    )?;
+    Ok(image)
+}
+
+/// Every job's caption embedding [1, L, Cc] (each prompt encoded once), from a text tower
+/// loaded for them alone.
+fn encode_prompts<B: MicroditBackend>(
+    loader: &Loader<B>,
+    jobs: &[Job],
+) -> Result<Vec<Tensor<B, 3>>> {
+    let text = loader.text()?;
+    let mut encoded: HashMap<&str, Tensor<B, 3>> = HashMap::new();
+    for (n, job) in jobs.iter().enumerate() {
+        let prompt = job.settings.prompt.as_str();
+        if encoded.contains_key(prompt) {
+            continue;
+        }
+        let caption = text.encode(&[prompt], loader.device());
+        if caption.truncated > 0 {
+            eprintln!(
+                "warning: prompt {n} is longer than the text tower's {} tokens; truncated as the reference does",
+                text.config.context_length
+            );
+        }
+        encoded.insert(prompt, caption.states);
+    }
+    Ok(jobs
+        .iter()
+        .map(|job| encoded[job.settings.prompt.as_str()].clone())
+        .collect())
 }

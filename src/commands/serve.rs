@@ -80,8 +80,8 @@ fn start<B: MicroditBackend>(
     example_prompt: String,
     options: ServerOptions,
 ) -> Result<()> {
-    let unit = pipeline.codec.downscale() * pipeline.dit.patch_size;
-    let resolution = pipeline.resolution();
+    let unit = pipeline.to_image.codec.downscale() * pipeline.to_image.dit.patch_size;
+    let resolution = pipeline.to_image.resolution();
     let limits = Limits {
         default_sampling,
         example_prompt,
@@ -94,7 +94,7 @@ fn start<B: MicroditBackend>(
     let record = ModelRecord {
         checkpoint: parts.checkpoint.clone(),
         model: parts.model.clone(),
-        vae: pipeline.codec.name(),
+        vae: pipeline.to_image.codec.name(),
         text_encoder: parts.text_encoder.clone(),
         dtype: parts.dtype,
     };

@@ -119,7 +119,7 @@ impl EvalRun {
         let m = &self.manifest;
         let pipeline = TextToImage::<B>::load(&m.settings.parts(), &Hub::from_env(), device)?;
         let settings = GenerationSettings {
-            vae: pipeline.codec.name(),
+            vae: pipeline.to_image.codec.name(),
             ..m.settings.clone()
         };
         let done = m.captions.len() - self.pending(Shard::ALL).len();

@@ -101,7 +101,9 @@ impl<B: MicroditBackend> Int8Matrix<B> {
     pub fn zeros(rows: usize, k: usize, device: &B::Device) -> Self {
         let values = Param::uninitialized(
             ParamId::new(),
-            move |device, _| Tensor::zeros([rows, k], (device, DType::I8)),
+            move |device, _| {
+                Tensor::from_data(untouched_zeros::<i8, 2>([rows, k]), (device, DType::I8))
+            },
             device.clone(),
             false,
             Shape::new([rows, k]),
@@ -124,16 +126,30 @@ impl<B: MicroditBackend> Int8Matrix<B> {
 }
 
 /// A parameter of zeros that is allocated when first read: weights about to be loaded
-/// never are.
+/// never are, and where something reads them first (burn-store's collection of a model's
+/// names and shapes does) their pages stay untouched ([`untouched_zeros`]).
 pub fn lazy_zeros<B: MicroditBackend, const D: usize>(
     shape: [usize; D],
     device: &B::Device,
 ) -> Param<Tensor<B, D>> {
     Param::uninitialized(
         ParamId::new(),
-        move |device, require_grad| Tensor::zeros(shape, device).set_require_grad(require_grad),
+        move |device, require_grad| {
+            Tensor::from_data(untouched_zeros::<f32, D>(shape), (device, DType::F32))
+                .set_require_grad(require_grad)
+        },
         device.clone(),
         true,
         Shape::new(shape),
     )
+}
+
+/// Zeros in a freshly allocated zeroed vector, which the CPU backend keeps as it is: pages
+/// the system maps in only once they are written, so a model skeleton about to be loaded
+/// costs no resident memory (burn's `zeros` copies its zeros into an aligned buffer,
+/// touching every page).
+fn untouched_zeros<E: burn::tensor::Element + Default, const D: usize>(
+    shape: [usize; D],
+) -> TensorData {
+    TensorData::new(vec![E::default(); shape.iter().product()], shape)
 }

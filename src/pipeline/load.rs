@@ -1,4 +1,4 @@
-//! Building a [`TextToImage`] from names: the denoiser's weights (a file, a training run's
+//! Building a [`TextToImage`] (or its parts, one at a time: [`Loader`]) from names: the denoiser's weights (a file, a training run's
 //! folder, or a file on the Hugging Face Hub), its architecture, the latent codec and the
 //! text tower. A folder that trained a model can name its own parts in a `pipeline.json`
 //! (the demo writes one), so `microdit generate --checkpoint RUN/…` needs nothing else.
@@ -10,7 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use burn_store::TensorSnapshot;
 use serde::{Deserialize, Serialize};
 
-use super::{Sampling, TextToImage};
+use super::{CaptionToImage, Sampling, TextToImage};
 use crate::backend::MicroditBackend;
 use crate::edm::EdmConfig;
 use crate::hub::{known, Hub};
@@ -275,8 +275,23 @@ pub fn load_denoiser<B: MicroditBackend>(
     Ok((parts.denoiser(&dit, tensors, device)?, dit))
 }
 
-impl<B: MicroditBackend> TextToImage<B> {
-    pub fn load(parts: &Parts, hub: &Hub, device: &B::Device) -> Result<Self> {
+/// A pipeline being loaded: its checkpoint opened (tensors read only as they are applied),
+/// its codec loaded and its architecture resolved, so that every name is checked before
+/// the large parts load; then the text tower and the denoiser, in the order memory allows.
+/// [`TextToImage::load`] holds both at once; `generate` encodes its prompts and lets the
+/// tower go before the denoiser loads, so that a laptop holds one of them at a time.
+pub struct Loader<'a, B: MicroditBackend> {
+    parts: &'a Parts,
+    hub: &'a Hub,
+    tensors: BTreeMap<String, TensorSnapshot>,
+    dit: DitConfig,
+    choice: ModelChoice,
+    codec: LatentCodec<B>,
+    device: B::Device,
+}
+
+impl<'a, B: MicroditBackend> Loader<'a, B> {
+    pub fn open(parts: &'a Parts, hub: &'a Hub, device: &B::Device) -> Result<Self> {
         let (tensors, channels) = checkpoint_tensors(parts, hub)?;
         let vae = parts.vae.clone().unwrap_or_else(|| {
             match channels {
@@ -306,22 +321,54 @@ impl<B: MicroditBackend> TextToImage<B> {
                 );
             }
         }
-        let denoiser = parts.denoiser(&dit, tensors, device)?;
-        let text = TextEncoder::from_source(&parts.text_encoder, hub, device)?;
-        ensure!(
-            text.config.width == dit.caption_channels,
-            "the text tower's width {} differs from the denoiser's caption_channels {}",
-            text.config.width,
-            dit.caption_channels
-        );
         Ok(Self {
-            text,
-            denoiser,
+            parts,
+            hub,
+            tensors,
             dit,
             choice,
             codec,
-            edm: EdmConfig::default(),
             device: device.clone(),
+        })
+    }
+
+    /// The text tower, checked to give the embeddings the denoiser takes.
+    pub fn text(&self) -> Result<TextEncoder<B>> {
+        let text = TextEncoder::from_source(&self.parts.text_encoder, self.hub, &self.device)?;
+        ensure!(
+            text.config.width == self.dit.caption_channels,
+            "the text tower's width {} differs from the denoiser's caption_channels {}",
+            text.config.width,
+            self.dit.caption_channels
+        );
+        Ok(text)
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// The denoiser's weights loaded: the rest of the pipeline.
+    pub fn caption_to_image(self) -> Result<CaptionToImage<B>> {
+        Ok(CaptionToImage {
+            denoiser: self.parts.denoiser(&self.dit, self.tensors, &self.device)?,
+            dit: self.dit,
+            choice: self.choice,
+            codec: self.codec,
+            edm: EdmConfig::default(),
+            device: self.device,
+        })
+    }
+}
+
+impl<B: MicroditBackend> TextToImage<B> {
+    /// Every part at once (what `serve`, `eval` and the demo keep for many prompts).
+    pub fn load(parts: &Parts, hub: &Hub, device: &B::Device) -> Result<Self> {
+        let loader = Loader::open(parts, hub, device)?;
+        let text = loader.text()?;
+        Ok(Self {
+            text,
+            to_image: loader.caption_to_image()?,
         })
     }
 }

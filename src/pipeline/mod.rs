@@ -1,6 +1,8 @@
-//! Text to image, one object for every caller (`generate`, the demo's evaluation, and the
-//! training previews through [`sample_latents`]):
+//! Text to image for every caller (`generate`, `serve`, `eval`, the demo's evaluation, and
+//! the training previews through [`sample_latents`]):
 //! prompt → tokens → text tower → EDM sampler over the denoiser → latent codec → pixels.
+//! [`TextToImage`] is the text tower and a [`CaptionToImage`] (the rest), apart so that a
+//! caller can let the tower go once its prompts are encoded.
 //!
 //! The sampler itself (the scheduler, in diffusers' terms) is `edm::sampler`; this module
 //! only orchestrates. [`load`] builds a pipeline from names (files, Hub repositories, a
@@ -19,7 +21,7 @@ use crate::edm::{denoise, karras_sigmas, sample, EdmConfig, Guidance};
 use crate::model::config::ModelChoice;
 use crate::model::{DitConfig, MicroDit, TrainingTokens};
 use crate::random::standard_normal;
-use crate::text::{Embeddings, TextEncoder};
+use crate::text::TextEncoder;
 use crate::vae::LatentCodec;
 pub use settings::{GenerationSettings, Sampling, SamplingArgs};
 
@@ -123,8 +125,31 @@ impl Image {
     }
 }
 
+/// The whole pipeline: the text tower, then [`CaptionToImage`].
 pub struct TextToImage<B: MicroditBackend> {
     pub text: TextEncoder<B>,
+    pub to_image: CaptionToImage<B>,
+}
+
+impl<B: MicroditBackend> TextToImage<B> {
+    /// Images for `prompts[i]` seeded `seeds[i]`, sampled as one batch (each row's noise as
+    /// [`CaptionToImage::sample`] draws it alone); `on_step(i)` after each step.
+    pub fn generate(
+        &self,
+        prompts: &[&str],
+        seeds: &[u64],
+        sampling: &Sampling,
+        on_step: impl FnMut(usize),
+    ) -> Result<Vec<Image>> {
+        let y = self.text.encode(prompts, &self.to_image.device).states;
+        self.to_image.generate(y, seeds, sampling, on_step)
+    }
+}
+
+/// Caption embeddings to images: the sampler over the denoiser, then the latent codec. Apart
+/// from the text tower, so that `generate` can let the tower go once its prompts are
+/// encoded ([`load::Loader`]).
+pub struct CaptionToImage<B: MicroditBackend> {
     pub denoiser: MicroDit<B>,
     /// The architecture at the loaded resolution, and how it was chosen (for other sizes).
     pub dit: DitConfig,
@@ -134,12 +159,7 @@ pub struct TextToImage<B: MicroditBackend> {
     pub device: B::Device,
 }
 
-impl<B: MicroditBackend> TextToImage<B> {
-    /// The caption embedding of one prompt [1, context, width].
-    pub fn encode_prompt(&self, prompt: &str) -> Embeddings<B> {
-        self.text.encode(&[prompt], &self.device)
-    }
-
+impl<B: MicroditBackend> CaptionToImage<B> {
     /// One image's latents for caption embedding `y` [1, L, Cc].
     pub fn sample(
         &self,
@@ -153,16 +173,15 @@ impl<B: MicroditBackend> TextToImage<B> {
         sample_latents(&self.denoiser, &self.edm, y, shape, seed, sampling, on_step)
     }
 
-    /// Images for `prompts[i]` seeded `seeds[i]`, sampled as one batch (each row's noise as
-    /// [`Self::sample`] draws it alone); `on_step(i)` after each step.
+    /// Images for caption embeddings `y` [N, L, Cc], row i seeded `seeds[i]`, sampled as
+    /// one batch; `on_step(i)` after each step.
     pub fn generate(
         &self,
-        prompts: &[&str],
+        y: Tensor<B, 3>,
         seeds: &[u64],
         sampling: &Sampling,
         mut on_step: impl FnMut(usize),
     ) -> Result<Vec<Image>> {
-        let y = self.text.encode(prompts, &self.device).states;
         let d = &self.dit;
         let shape = [d.in_channels, d.input_size, d.input_size];
         let latents = sample_batch(&self.denoiser, &self.edm, y, seeds, shape, sampling, |i| {
@@ -174,6 +193,15 @@ impl<B: MicroditBackend> TextToImage<B> {
 
     pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Image> {
         Image::from_tensor(self.codec.decode(latents))
+    }
+
+    /// The codec alone, for decoding once nothing is left to sample: the denoiser let go
+    /// and the heap's free pages given back, so that decoding's activations do not come
+    /// on top of it.
+    pub fn into_codec(self) -> LatentCodec<B> {
+        drop(self.denoiser);
+        crate::memory::release_freed();
+        self.codec
     }
 
     /// Image side in pixels.

@@ -72,7 +72,7 @@ impl<B: MicroditBackend> Worker<B> {
     /// Prepares the denoiser for images of `resolution` pixels.
     fn size(&mut self, resolution: usize) -> Result<()> {
         if !self.sizes.contains_key(&resolution) {
-            let sized = self.pipeline.denoiser_at(resolution)?;
+            let sized = self.pipeline.to_image.denoiser_at(resolution)?;
             self.sizes.insert(resolution, sized);
         }
         Ok(())
@@ -87,7 +87,7 @@ impl<B: MicroditBackend> Worker<B> {
             .collect();
         let prompts: Vec<&str> = rows.iter().map(|(s, _)| s.prompt.as_str()).collect();
         let seeds: Vec<u64> = rows.iter().map(|(_, seed)| *seed).collect();
-        let device = self.pipeline.device.clone();
+        let device = self.pipeline.to_image.device.clone();
         let y = self.pipeline.text.encode(&prompts, &device).states;
         let store = self.store.clone();
         self.size(spec.resolution)?;
@@ -96,7 +96,7 @@ impl<B: MicroditBackend> Worker<B> {
         let mut live = true;
         let latents = sample_batch(
             denoiser,
-            &self.pipeline.edm,
+            &self.pipeline.to_image.edm,
             y,
             &seeds,
             shape,
@@ -112,7 +112,8 @@ impl<B: MicroditBackend> Worker<B> {
         if !live {
             return Ok(());
         }
-        let mut images = Image::batch_from_tensor(self.pipeline.codec.decode(latents))?.into_iter();
+        let mut images =
+            Image::batch_from_tensor(self.pipeline.to_image.codec.decode(latents))?.into_iter();
         for (id, job) in batch {
             let mut pngs = Vec::new();
             for k in 0..job.num_images {

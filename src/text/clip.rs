@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::MicroditBackend;
-use crate::nn::linear::Linear;
+use crate::nn::linear::{lazy_zeros, Linear};
 use anyhow::{Context, Result};
 use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig};
@@ -243,11 +243,10 @@ impl<B: MicroditBackend> ClipTextEncoder<B> {
     pub fn new(cfg: &ClipTextConfig, device: &B::Device) -> Self {
         let w = cfg.width;
         Self {
-            token_embedding: burn::nn::EmbeddingConfig::new(cfg.vocab_size, w).init(device),
-            positional_embedding: Param::from_tensor(Tensor::zeros(
-                [cfg.context_length, w],
-                device,
-            )),
+            token_embedding: Embedding {
+                weight: lazy_zeros([cfg.vocab_size, w], device),
+            },
+            positional_embedding: lazy_zeros([cfg.context_length, w], device),
             transformer: ClipTransformer::new(
                 w,
                 cfg.heads,
