@@ -1,4 +1,4 @@
-//! `microdit bench`: timings of each network on random weights, beside which
+//! `microdit bench`: timings of each network on random (or given) weights, beside which
 //! `bench/pytorch_*.py` time the same work in PyTorch. `bench denoiser` (also plain
 //! `bench`): one training step (forward + backward + clip + AdamW) at each mask ratio and
 //! one guided Heun sampler step; `bench text|vae|encode|eval`: the frozen parts and the
@@ -7,6 +7,8 @@
 //! Every run's time is printed as it finishes (the first includes compiling GPU kernels on
 //! a cold start), then the median of the timed runs with images/s and, on a GPU, model
 //! FLOPs utilisation against the bf16 tensor-core peak.
+
+use std::path::PathBuf;
 
 use anyhow::Result;
 use burn::module::AutodiffModule;
@@ -27,7 +29,7 @@ use crate::model::flops::{forward_flops, train_step_flops};
 use crate::model::init::{Perturb, RANDOM_WEIGHTS_NOISE};
 use crate::model::masking::kept_tokens;
 use crate::model::routing::{Sparsity, TrainingTokens};
-use crate::model::weights::quantize;
+use crate::model::weights::{load_weights, quantize};
 use crate::model::{DitConfig, Init, MicroDit, Precision};
 use crate::pipeline::Sampling;
 use crate::random::standard_normal;
@@ -117,6 +119,10 @@ pub struct BenchArgs {
     /// master weights, autocast rules), sampling as `generate --dtype`.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Precision,
+    /// Trained weights (a safetensors or .pt state dict of this architecture) instead of
+    /// random ones: what `--dtype int8` measures its error on.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
 }
@@ -136,16 +142,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     ))
 }
 
-/// `model` with every weight perturbed ([`Perturb`]: the reference's zero-initialised
-/// layers would hide every other layer's error) and quantised; prints how far one
-/// evaluation of the raw network output on `x`, `y` moves from the float model's.
+/// `model` quantised; prints how far one evaluation of the raw network output on `x`, `y`
+/// moves from the float model's. Random weights are perturbed first ([`Perturb`]: the
+/// reference's zero-initialised layers would hide every other layer's error); trained ones
+/// (`trained`) are taken as they are.
 fn quantized_beside_float<B: MicroditBackend>(
     model: MicroDit<B>,
     cfg: &DitConfig,
+    trained: bool,
     x: Tensor<B, 4>,
     y: Tensor<B, 3>,
 ) -> Result<MicroDit<B>> {
-    let float = model.map(&mut Perturb::new(1, RANDOM_WEIGHTS_NOISE));
+    let float = match trained {
+        true => model,
+        false => model.map(&mut Perturb::new(1, RANDOM_WEIGHTS_NOISE)),
+    };
     let int8 = quantize(&float, cfg)?;
     let t = Tensor::from_floats([0.25], &x.device());
     let output =
@@ -154,7 +165,8 @@ fn quantized_beside_float<B: MicroditBackend>(
     let error = (quantized - reference.clone()).powi_scalar(2).sum().sqrt()
         / reference.powi_scalar(2).sum().sqrt();
     println!(
-        "int8 against f32, one evaluation, random weights: relative L2 {:.4}%",
+        "int8 against f32, one evaluation, {} weights: relative L2 {:.4}%",
+        if trained { "trained" } else { "random" },
         100.0 * error.into_scalar().elem::<f64>()
     );
     Ok(int8)
@@ -192,7 +204,10 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
         [args.batch, args.caption_len, cfg.caption_channels],
         device,
     );
-    let mut model = Some(MicroDit::<B>::new(cfg, &mut Init::reference(0, device)));
+    let mut model = Some(match &args.weights {
+        Some(path) => load_weights(MicroDit::<B>::new(cfg, &mut Init::empty(device)), path)?,
+        None => MicroDit::<B>::new(cfg, &mut Init::reference(0, device)),
+    });
     // The reference recipe's optimiser, learning rate and clipping.
     let recipe = TrainConfig::default();
     let mut optim = recipe.adamw().init::<B, MicroDit<B>>();
@@ -258,7 +273,10 @@ fn bench<B: AutodiffBackend>(cfg: &DitConfig, args: &BenchArgs, device: &B::Devi
     let y = y.inner();
     let x = x0.inner();
     let inference = match args.dtype {
-        Precision::Int8 => quantized_beside_float(inference, cfg, x.clone(), y.clone())?,
+        Precision::Int8 => {
+            let trained = args.weights.is_some();
+            quantized_beside_float(inference, cfg, trained, x.clone(), y.clone())?
+        }
         float => inference.in_precision(float),
     };
     let dev = device.clone();
