@@ -30,7 +30,8 @@ enum Command {
     Precompute(Box<precompute::PrecomputeArgs>),
     /// Train a MicroDiT on MDS latent shards: one stage config, or several in sequence.
     Train(train::TrainArgs),
-    /// Plot a training run's loss curve (from its metrics.jsonl) as a PNG.
+    /// Plot a training run's loss curve (from its metrics.jsonl), or several demos' held-out
+    /// adherence (--adherence), as a PNG.
     Plot(plot::PlotArgs),
     /// Watch a small text-to-image model learn captioned shapes on a CPU (no downloads).
     Demo(demo::DemoArgs),
@@ -50,22 +51,8 @@ enum Command {
     BenchEncode(bench_frozen::EncodeBenchArgs),
 }
 
-/// glibc's malloc hands buffers above a moving threshold back to the kernel when they are
-/// freed, so every tensor of that size is mapped afresh and its pages faulted in and zeroed
-/// (13% of a CPU training step). Serving up to 32 MiB (the largest threshold glibc allows)
-/// from the heap and never trimming it lets freed tensors be reused: 9% off a training step,
-/// the same peak memory.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 fn main() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    keep_freed_memory();
+    microdit::memory::keep_freed();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Generate(args) => generate::run(args),

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::score::Accuracy;
@@ -128,6 +128,81 @@ impl Curve {
     }
 }
 
+/// The arm a demo folder belongs to: its name without a trailing `-SEED`.
+fn arm_of(label: &str) -> &str {
+    match label.rsplit_once('-') {
+        Some((arm, seed)) if !seed.is_empty() && seed.bytes().all(|b| b.is_ascii_digit()) => arm,
+        _ => label,
+    }
+}
+
+/// The mean of a point's held-out accuracies (the attributes that have held-out prompts).
+fn held_out_adherence(point: &CurvePoint) -> Option<f64> {
+    let held: Vec<f64> = point.accuracy.iter().filter_map(|a| a.held_out).collect();
+    (!held.is_empty()).then(|| held.iter().sum::<f64>() / held.len() as f64)
+}
+
+/// Several demos' held-out adherence (the mean of the attributes' held-out accuracies)
+/// against steps, in one plot: `runs` are (folder name, curve), one line each; the folders
+/// of one arm (names that differ only in a trailing `-SEED`) share a colour. Returns each
+/// arm with its colour's name.
+pub fn plot_runs(runs: &[(String, Curve)], out: &Path) -> Result<Vec<(String, &'static str)>> {
+    let mut arms: Vec<&str> = Vec::new();
+    for (label, _) in runs {
+        if !arms.contains(&arm_of(label)) {
+            arms.push(arm_of(label));
+        }
+    }
+    ensure!(
+        arms.len() <= LINE_COLOURS.len(),
+        "{} arms ({}): one plot draws {} at most",
+        arms.len(),
+        arms.join(", "),
+        LINE_COLOURS.len()
+    );
+    let last = runs
+        .iter()
+        .filter_map(|(_, c)| c.points.last())
+        .map(|p| p.step)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut chart = Chart::new((0.0, last as f64), (0.0, 1.0));
+    for (label, curve) in runs {
+        let arm = arms.iter().position(|a| *a == arm_of(label)).unwrap_or(0);
+        let rgb = LINE_COLOURS[arm].1;
+        let line: Vec<(f64, f64)> = curve
+            .points
+            .iter()
+            .filter_map(|p| Some((p.step as f64, held_out_adherence(p)?)))
+            .collect();
+        chart.series(&line, rgb);
+        chart.markers(&line, rgb);
+    }
+    let legend: Vec<(String, &str)> = arms
+        .iter()
+        .zip(LINE_COLOURS)
+        .map(|(arm, (colour, _))| (arm.to_string(), colour))
+        .collect();
+    let described: Vec<String> = legend.iter().map(|(a, c)| format!("{c}: {a}")).collect();
+    let meta = vec![
+        (
+            "lines".to_string(),
+            format!(
+                "held-out adherence (mean of the attributes' held-out accuracy), one line per \
+                 folder; {}",
+                described.join(", ")
+            ),
+        ),
+        (
+            "axes".to_string(),
+            format!("steps 0 to {last}, adherence 0 to 1"),
+        ),
+    ];
+    chart.write(out, &meta)?;
+    Ok(legend)
+}
+
 /// A rate as a whole percentage; a group without a prompt of some kind has none: "–".
 pub fn percent(rate: Option<f64>) -> String {
     rate.map_or("–".to_string(), |r| format!("{:.0}%", 100.0 * r))
@@ -153,6 +228,34 @@ mod tests {
                 accuracy("count", None, None, 1.0 / 3.0),
             ],
         }
+    }
+
+    #[test]
+    fn one_arms_seeds_share_a_colour_and_too_many_arms_are_refused() {
+        assert_eq!(arm_of("p256-masked-routed-2"), "p256-masked-routed");
+        assert_eq!(arm_of("abl-masked-10"), "abl-masked");
+        assert_eq!(arm_of("demo"), "demo");
+        assert_eq!(arm_of("run-a"), "run-a");
+        let curve = Curve {
+            points: vec![point(100, 0.25), point(200, 0.75)],
+        };
+        let runs: Vec<(String, Curve)> = ["masked-0", "masked-1", "routed-0", "unmasked-0"]
+            .iter()
+            .map(|l| (l.to_string(), curve.clone()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("arms.png");
+        let legend = plot_runs(&runs, &out).unwrap();
+        let arms: Vec<&str> = legend.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(arms, ["masked", "routed", "unmasked"]);
+        assert_eq!(legend[0].1, LINE_COLOURS[0].0);
+        assert!(out.is_file());
+        let five: Vec<(String, Curve)> = (0..5)
+            .map(|k| (format!("arm{k}-0"), curve.clone()))
+            .collect();
+        let refused = plot_runs(&five, &dir.path().join("five.png")).unwrap_err();
+        assert!(refused.to_string().contains("5 arms"), "{refused}");
+        assert_eq!(held_out_adherence(&curve.points[1]), Some(0.75));
     }
 
     #[test]
