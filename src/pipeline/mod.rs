@@ -191,10 +191,6 @@ impl<B: MicroditBackend> CaptionToImage<B> {
         Image::batch_from_tensor(self.codec.decode(latents))
     }
 
-    pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Image> {
-        Image::from_tensor(self.codec.decode(latents))
-    }
-
     /// The codec alone, for decoding once nothing is left to sample: the denoiser let go
     /// and the heap's free pages given back, so that decoding's activations do not come
     /// on top of it.
