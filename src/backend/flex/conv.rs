@@ -13,12 +13,16 @@
 //! ≡ a mod s_h, columns ≡ b mod s_w, each an `H_q × W_q` plane): tap (i, j) reads phase
 //! (i mod s_h, j mod s_w) shifted by (i div s_h, j div s_w). Each channel's row holds the
 //! whole batch side by side, so one product per tap serves every image.
+//!
+//! A 3×3 kernel at stride 1 between wide layers (the VAE's) takes Winograd's form instead
+//! (`winograd.rs`): 16 products per tile of four outputs where this form takes 36.
 
 use burn::backend::flex::FlexTensor;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
+use super::winograd::Winograd;
 use super::{f32_tensor, gemm_into, values, Matrix, Shared, Sum};
 use crate::backend::shifted_conv::ShiftedConv;
 
@@ -303,9 +307,10 @@ impl ConvPlan {
         let [x, weight] = [x, weight].map(|t| t.to_contiguous());
         let bias = bias.map(|t| t.to_contiguous());
         let (weight, bias) = (values(&weight), bias.as_ref().map(values));
-        let out = match self.is_pointwise() {
-            true => self.pointwise(values(&x), weight, bias),
-            false => {
+        let out = match (Winograd::new(self), self.is_pointwise()) {
+            (Some(winograd), _) => winograd.run(values(&x), weight, bias),
+            (None, true) => self.pointwise(values(&x), weight, bias),
+            (None, false) => {
                 let phases = self.split_phases(values(&x));
                 drop(x);
                 self.convolve_phases(phases, weight, bias)
@@ -378,14 +383,18 @@ mod tests {
         Tensor::from_data(TensorData::new(data, shape), &Default::default())
     }
 
-    /// The shifted products against burn-flex's own convolution: the VAE's and
-    /// Inception's kinds (3×3 with and without padding, stride 2, 1×1 with and without a
-    /// bias, 1×7 and 7×1, 5×5), odd sizes, batches, with and without a bias.
+    /// The shifted products and the Winograd form against burn-flex's own convolution:
+    /// the VAE's and Inception's kinds (3×3 with and without padding, stride 2, 1×1 with
+    /// and without a bias, 1×7 and 7×1, 5×5; 3×3 at stride 1 with 64 channels or more
+    /// takes the Winograd form), odd sizes, batches, with and without a bias.
     #[test]
     fn shifted_products_equal_burns_convolution() {
         /// x's shape, the weight's, the stride, the padding.
         type Case = ([usize; 4], [usize; 4], usize, [usize; 2]);
-        let cases: [Case; 8] = [
+        let cases: [Case; 11] = [
+            ([2, 64, 9, 7], [65, 64, 3, 3], 1, [1, 1]),
+            ([1, 70, 6, 5], [64, 70, 3, 3], 1, [0, 0]),
+            ([3, 64, 4, 11], [72, 64, 3, 3], 1, [1, 1]),
             ([1, 8, 9, 7], [5, 8, 3, 3], 1, [1, 1]),
             ([2, 9, 9, 8], [4, 9, 3, 3], 2, [0, 0]),
             ([3, 16, 6, 6], [7, 16, 1, 1], 1, [0, 0]),

@@ -1,5 +1,6 @@
 //! microdit's operations on burn-flex (the CPU backend): AdamW in one pass
-//! ([`adamw`]), convolution as shifted products ([`conv`]), pooling ([`pool`]), a group
+//! ([`adamw`]), convolution as shifted products ([`conv`]) or, 3×3 at stride 1, by
+//! Winograd's F(2×2, 3×3) ([`winograd`]), pooling ([`pool`]), a group
 //! norm with SiLU ([`rows`]), the layer norm without a shift and its backward
 //! ([`layer_norm`]), SwiGLU's gated product and exact GELU ([`activation`]), AdaLN's modulation
 //! and gated residual ([`modulation`]) and attention.
@@ -25,6 +26,7 @@ mod layer_norm;
 mod modulation;
 mod pool;
 mod rows;
+mod winograd;
 
 use super::gelu::{gelu_exact_backward_unfused, gelu_exact_unfused};
 use super::int8;
