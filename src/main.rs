@@ -55,6 +55,18 @@ fn main() {
     microdit::memory::keep_freed();
     let cli = Cli::parse();
     let result = match &cli.command {
+        // Both wait on threads of their own that use rayon's pool, so they stay off it.
+        command @ (Command::Serve(_) | Command::Precompute(_)) => run(command),
+        command => microdit::backend::on_pool(|| run(command)),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: &Command) -> anyhow::Result<()> {
+    match command {
         Command::Generate(args) => generate::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Serve(args) => serve::run(args),
@@ -69,9 +81,5 @@ fn main() {
         Command::BenchVae(args) => bench_frozen::run_vae(args),
         Command::BenchEncode(args) => bench_frozen::run_encode(args),
         Command::BenchEval(args) => bench_frozen::run_eval(args),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }

@@ -88,6 +88,19 @@ pub type TestBackend = Cpu;
 #[cfg(feature = "cuda-tests")]
 pub type TestBackend = Cuda;
 
+/// Runs `work` on one of rayon's threads. burn-flex's operations (and microdit's on the
+/// CPU) split their work over the rayon pool they are called from; called from outside it,
+/// each operation hands its parts to the pool and the caller sleeps until they are done,
+/// a hand-over and a wake-up per operation. For a model as small as the demo's, two
+/// threads were then no faster than one (docs/BENCHMARKS.md); called from a pool thread,
+/// the caller works on its own share.
+///
+/// Not for work that waits on other threads which use the global pool: with one thread,
+/// the pool would have none left to run their parts.
+pub fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
+}
+
 /// The test backend's default device (on CUDA, after setting cubecl's caches).
 pub fn test_device() -> burn::tensor::Device<TestBackend> {
     #[cfg(feature = "cuda-tests")]

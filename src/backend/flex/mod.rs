@@ -15,7 +15,7 @@
 
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::Flex;
-use burn::tensor::ops::{ConvOptions, FloatTensor, IntTensor, ModuleOps};
+use burn::tensor::ops::{ConvOptions, FloatTensor, FloatTensorOps, IntTensor, ModuleOps};
 use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 
@@ -44,6 +44,20 @@ use modulation::Sizes;
 use rows::{group_norm_row, softmax_backward_row, softmax_row};
 
 impl MicroditBackend for Flex {
+    /// 2-D f32 products go into a buffer gemm writes without reading; burn-flex zeroes its
+    /// output first, a pass over memory as long as the output (3% of the demo model's
+    /// sampling step). Other products are burn-flex's.
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let dims = |t: &FlexTensor| <[usize; 2]>::try_from(t.layout().shape().to_vec()).ok();
+        let f32s = lhs.dtype() == DType::F32 && rhs.dtype() == DType::F32;
+        match (f32s, dims(&lhs), dims(&rhs)) {
+            (true, Some([m, k]), Some([k_rhs, n])) if k == k_rhs => {
+                matmul_2d(&lhs, &rhs, [m, k, n])
+            }
+            _ => Self::float_matmul(lhs, rhs),
+        }
+    }
+
     fn int8_matmul(
         x: FloatTensor<Self>,
         values: IntTensor<Self>,
@@ -276,6 +290,49 @@ fn group_norm_rows(
         Layout::contiguous(shape),
         DType::F32,
     )
+}
+
+/// Products of at least this many multiply-adds run on rayon's threads (burn-flex's own
+/// threshold for its products).
+const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
+
+/// `lhs [m, k] · rhs [k, n]` for f32 matrices of any strides, into a fresh contiguous
+/// buffer that is never zeroed: gemm does not read a destination it is not asked to add
+/// to (and writes zeros when k is 0).
+fn matmul_2d(lhs: &FlexTensor, rhs: &FlexTensor, [m, k, n]: [usize; 3]) -> FlexTensor {
+    let matrix = |t: &FlexTensor| {
+        let strides = t.layout().strides();
+        Matrix {
+            ptr: t
+                .storage::<f32>()
+                .as_ptr()
+                .wrapping_add(t.layout().start_offset()) as *mut f32,
+            row: strides[0],
+            col: strides[1],
+        }
+    };
+    let parallelism = match m.saturating_mul(n).saturating_mul(k) >= PARALLEL_PRODUCT {
+        true => gemm::Parallelism::Rayon(0),
+        false => gemm::Parallelism::None,
+    };
+    let sum = Sum {
+        scale: 1.0,
+        accumulate: false,
+        parallelism,
+    };
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    let dst = Matrix {
+        ptr: out.as_mut_ptr(),
+        row: n as isize,
+        col: 1,
+    };
+    // Safety: both operands lie inside their tensors' storage at their layouts' strides;
+    // gemm writes all m·n elements of the fresh buffer before its length is set.
+    unsafe {
+        gemm_into(dst, matrix(lhs), matrix(rhs), [m, k, n], sum);
+        out.set_len(m * n);
+    }
+    f32_tensor(out, Shape::new([m, n]))
 }
 
 /// A contiguous f32 tensor's elements.
@@ -586,6 +643,7 @@ impl Heads {
 mod tests {
     use burn::tensor::activation::silu;
     use burn::tensor::backend::Backend as BurnBackend;
+    use burn::tensor::ops::FloatTensorOps;
     use burn::tensor::{ElementConversion, Tensor, TensorData, TensorPrimitive};
 
     use crate::backend::{
@@ -620,6 +678,41 @@ mod tests {
 
     /// The one-pass group norm (with and without SiLU) against burn's operations, on
     /// values far from zero mean, where a careless variance loses digits.
+    /// The 2-D products against burn-flex's: contiguous, transposed and sliced operands,
+    /// odd sizes, an empty inner dimension, and one above the parallel threshold.
+    #[test]
+    fn two_dimensional_products_equal_burns() {
+        let cases = [
+            ([5, 7], [7, 3]),
+            ([64, 1], [1, 33]),
+            ([4, 0], [0, 6]),
+            ([200, 190], [190, 210]),
+        ];
+        for ([m, k], [_, n]) in cases {
+            let matrix = |rows: usize, cols: usize, seed: f32| {
+                let data = (0..rows * cols)
+                    .map(|i| (i as f32 * 0.731 + seed).sin())
+                    .collect();
+                Tensor::<Cpu, 2>::from_data(
+                    TensorData::new(data, [rows, cols]),
+                    &Default::default(),
+                )
+            };
+            let (a, b) = (matrix(m, k, 0.3), matrix(n, k, 1.1));
+            let c = matrix(k + 2, n, 2.2).slice([1..k + 1, 0..n]);
+            for (lhs, rhs) in [(a.clone(), b.clone().transpose()), (a.clone(), c.clone())] {
+                let prim = |t: Tensor<Cpu, 2>| t.into_primitive().tensor();
+                let ours = Cpu::matmul(prim(lhs.clone()), prim(rhs.clone()));
+                let burns = <Cpu as FloatTensorOps<Cpu>>::float_matmul(prim(lhs), prim(rhs));
+                let wrap = |t| Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(t));
+                let (ours, burns) = (wrap(ours), wrap(burns));
+                assert_eq!(ours.dims(), [m, n]);
+                ours.into_data()
+                    .assert_approx_eq::<f32>(&burns.into_data(), Default::default());
+            }
+        }
+    }
+
     #[test]
     fn group_norm_equals_burns_operations() {
         for (shape, groups, silu) in [([2, 6, 5, 7], 3, true), ([1, 8, 4, 9], 8, false)] {
