@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use burn::module::Module;
 use burn::prelude::*;
-use microdit::backend::{int8_matmul, int8_matmul_unfused, test_device, TestBackend};
+use microdit::backend::{
+    int8_matmul, int8_matmul_unfused, int8_row_sums, test_device, TestBackend,
+};
 use microdit::model::init::{Perturb, RANDOM_WEIGHTS_NOISE};
 use microdit::model::weights::{load_quantized, quantize, save_weights};
 use microdit::model::{DitConfig, Init, MicroDit, TrainingTokens};
@@ -62,7 +64,8 @@ fn the_int8_product_equals_the_same_arithmetic_in_burns_operations() {
         values.into_data().convert::<i8>(),
         (&test_device(), burn::tensor::DType::I8),
     );
-    let fused = int8_matmul(x.clone(), values.clone(), scales.clone());
+    let row_sums = int8_row_sums(values.clone());
+    let fused = int8_matmul(x.clone(), values.clone(), scales.clone(), row_sums);
     let unfused = int8_matmul_unfused(x, values, scales);
     let (fused, unfused): (Vec<f32>, Vec<f32>) = (
         fused.into_data().to_vec().unwrap(),

@@ -15,6 +15,8 @@
 //! - bf16/f16: matrix products and attention with f16/bf16 operands and f32 accumulation;
 //!   layer norms, softmax and the loss in f32 (PyTorch autocast's rules, `nn::precision`).
 
+#[macro_use]
+mod per_cpu;
 mod autodiff;
 #[cfg(feature = "cuda")]
 pub mod cube;
@@ -128,12 +130,14 @@ pub trait MicroditBackend: burn::tensor::backend::Backend {
 
     /// `x · wᵀ` for an int8 weight (see [`int8`]): `x` [batch, m, k] f32 quantised per row
     /// at run time, `values` [batch·n, k] int8 with `scales` [batch·n] f32 as `batch`
-    /// matrices of n rows; [batch, m, n] f32. The default is the same arithmetic in burn's
-    /// operations.
+    /// matrices of n rows; [batch, m, n] f32. `row_sums` [batch·n] I32 are Σ_k of each row
+    /// of `values` ([`int8_row_sums`]; kernels that shift x to unsigned bytes subtract
+    /// them). The default is the same arithmetic in burn's operations.
     fn int8_matmul(
         x: FloatTensor<Self>,
         values: IntTensor<Self>,
         scales: FloatTensor<Self>,
+        _row_sums: IntTensor<Self>,
     ) -> FloatTensor<Self> {
         primitive(int8_matmul_unfused::<Self>(
             float(x),
@@ -567,12 +571,19 @@ pub fn int8_matmul<B: MicroditBackend>(
     x: Tensor<B, 3>,
     values: Tensor<B, 2, Int>,
     scales: Tensor<B, 1>,
+    row_sums: Tensor<B, 1, Int>,
 ) -> Tensor<B, 3> {
     float(B::int8_matmul(
         primitive(x),
         values.into_primitive(),
         primitive(scales),
+        row_sums.into_primitive(),
     ))
+}
+
+/// Σ_k of each row of an int8 weight [n, k], as I32 [n]: what [`int8_matmul`] takes.
+pub fn int8_row_sums<B: MicroditBackend>(values: Tensor<B, 2, Int>) -> Tensor<B, 1, Int> {
+    values.cast(DType::I32).sum_dim(1).squeeze_dim(1)
 }
 
 /// [`MicroditBackend::int8_matmul`] in burn's operations: each row of `x` quantised to

@@ -94,6 +94,10 @@ pub struct Int8Matrix<B: MicroditBackend> {
     pub values: Param<Tensor<B, 2, Int>>,
     /// [rows], f32.
     pub scales: Param<Tensor<B, 1>>,
+    /// Σ of each row of `values`, summed at the first product and kept (the weights do not
+    /// change once loaded; every loader fills a new skeleton). Not part of the state dict.
+    #[module(skip)]
+    row_sums: std::sync::OnceLock<Vec<i32>>,
 }
 
 impl<B: MicroditBackend> Int8Matrix<B> {
@@ -111,6 +115,7 @@ impl<B: MicroditBackend> Int8Matrix<B> {
         Self {
             values,
             scales: lazy_zeros([rows], device),
+            row_sums: std::sync::OnceLock::new(),
         }
     }
 
@@ -121,7 +126,16 @@ impl<B: MicroditBackend> Int8Matrix<B> {
     /// `x · Wᵀ` for `x` [batch, m, k] against the rows as `batch` matrices of `rows / batch`
     /// rows each: [batch, m, rows / batch], in f32.
     pub fn matmul(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        backend::int8_matmul(cast(x, DType::F32), self.values.val(), self.scales.val())
+        let values = self.values.val();
+        let row_sums = self.row_sums.get_or_init(|| {
+            let sums = backend::int8_row_sums(values.clone()).into_data();
+            sums.convert::<i32>().into_vec().expect("I32 sums")
+        });
+        let row_sums = Tensor::from_data(
+            TensorData::new(row_sums.clone(), [row_sums.len()]),
+            (&values.device(), DType::I32),
+        );
+        backend::int8_matmul(cast(x, DType::F32), values, self.scales.val(), row_sums)
     }
 }
 

@@ -62,12 +62,14 @@ impl MicroditBackend for Flex {
         x: FloatTensor<Self>,
         values: IntTensor<Self>,
         scales: FloatTensor<Self>,
+        row_sums: IntTensor<Self>,
     ) -> FloatTensor<Self> {
         // An empty batch goes to the default, which needs no rows to find the shape.
         let supported = x.layout().shape()[0] > 0
             && x.dtype() == DType::F32
             && values.dtype() == DType::I8
-            && scales.dtype() == DType::F32;
+            && scales.dtype() == DType::F32
+            && row_sums.dtype() == DType::I32;
         if !supported {
             return super::primitive(int8_matmul_unfused::<Self>(
                 super::float(x),
@@ -75,7 +77,8 @@ impl MicroditBackend for Flex {
                 super::float(scales),
             ));
         }
-        let [x, values, scales] = [x, values, scales].map(|t| t.to_contiguous());
+        let [x, values, scales, row_sums] =
+            [x, values, scales, row_sums].map(|t| t.to_contiguous());
         let shape = x.layout().shape().clone();
         let (batch, m, k) = (shape[0], shape[1], shape[2]);
         let weights = int8::Rows {
@@ -84,7 +87,14 @@ impl MicroditBackend for Flex {
             cols: k,
         };
         let n = weights.scales.len() / batch;
-        let y = int8::matmul(self::values(&x), weights, batch, int8::Kernel::detect());
+        let sums = &row_sums.storage::<i32>()[row_sums.layout().start_offset()..];
+        let y = int8::matmul(
+            self::values(&x),
+            weights,
+            sums,
+            batch,
+            int8::Kernel::detect(),
+        );
         f32_tensor(y, Shape::new([batch, m, n]))
     }
 

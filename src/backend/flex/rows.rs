@@ -7,35 +7,6 @@
 /// Lanes of the partial maxima and sums: a multiple of every vector width used.
 const LANES: usize = 16;
 
-/// `pub fn $name` running `$portable` compiled for AVX-512 or AVX2 when the CPU has them
-/// (detected at run time), and as built otherwise.
-macro_rules! compiled_per_cpu {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) => $portable:ident) => {
-        $(#[$doc])*
-        pub fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                use std::arch::is_x86_feature_detected as has;
-                #[target_feature(enable = "avx512f,fma")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    $portable($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $portable($($arg),*)
-                }
-                if has!("avx512f") && has!("fma") {
-                    return unsafe { avx512($($arg),*) };
-                }
-                if has!("avx2") && has!("fma") {
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $portable($($arg),*)
-        }
-    };
-}
-
 compiled_per_cpu! {
     /// In-place softmax of the first `visible` entries; the rest become 0.
     pub fn softmax_row(row: &mut [f32], visible: usize) => softmax_row_portable

@@ -11,10 +11,12 @@
 //! - **AVX2** (`vpmaddubsw` + `vpmaddwd`): `vpmaddubsw` multiplies unsigned by signed
 //!   bytes, so x's magnitude meets w with x's sign moved onto it (`vpsignb`, ggml's
 //!   trick); pairs then sum to at most 2 · 127² < 2¹⁵, inside its i16 lanes.
-//! - **AVX-512 VNNI** (`vpdpbusd`, four products into each i32 lane without an i16 step):
-//!   x + 128 is unsigned, and 128 · Σ_k w[n, k] is taken off after (oneDNN's compensation).
+//! - **AVX-512 VNNI** (`vpdpbusd`, four products into each i32 lane without an i16 step)
+//!   takes its own layout instead: [`vnni`].
 
 use rayon::prelude::*;
+
+pub mod vnni;
 
 /// Activation rows per tile and weight rows per tile: 2 × 4 accumulators plus the
 /// operands fit the 16 vector registers of AVX2 (4 × 2, 3 × 4 and 6 × 2 measured within
@@ -101,7 +103,7 @@ pub fn quantize_rows(x: &[f32], cols: usize) -> Int8Rows {
         .par_chunks_mut(cols)
         .zip(scales.par_iter_mut())
         .zip(x.par_chunks(cols))
-        .for_each(|((q, scale), x)| *scale = quantize_row(x, q));
+        .for_each(|((q, scale), x)| quantize_row(x, q, scale));
     Int8Rows {
         values,
         scales,
@@ -109,13 +111,23 @@ pub fn quantize_rows(x: &[f32], cols: usize) -> Int8Rows {
     }
 }
 
-fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
+compiled_per_cpu! {
+    /// One row of [`quantize_rows`]: its values into `q`, its scale into `scale`.
+    pub fn quantize_row(x: &[f32], q: &mut [i8], scale: &mut f32) => quantize_row_portable
+}
+
+fn quantize_row_portable(x: &[f32], q: &mut [i8], scale: &mut f32) {
     let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let inverse = max.max(f32::MIN_POSITIVE).recip() * 127.0;
     for (q, v) in q.iter_mut().zip(x) {
-        *q = round_ties_even((v * inverse).clamp(-127.0, 127.0)) as i8;
+        // NaN (0 · ∞ in an all-zero row) becomes 0 as `as` would make it, and the cast
+        // sees a finite value in i32's range: one vector conversion, no saturation code.
+        let v = round_ties_even(v * inverse);
+        let v = if v.is_nan() { 0.0 } else { v.max(-127.0).min(127.0) };
+        // SAFETY: v is finite and within [-127, 127].
+        *q = unsafe { v.to_int_unchecked::<i32>() } as i8;
     }
-    max / 127.0
+    *scale = max / 127.0;
 }
 
 /// `v` rounded to the nearest integer, ties to even, for |v| < 2²²: adding 1.5 · 2²³ leaves
@@ -130,15 +142,36 @@ fn round_ties_even(v: f32) -> f32 {
 
 /// `y = x · wᵀ` for `batch` pairs of matrices one after another: `x` [batch, m, k] f32,
 /// `w` [batch, n, k] int8 with scales [batch, n], values in [-127, 127]. Returns
-/// [batch, m, n].
-pub fn matmul(x: &[f32], w: Rows, batch: usize, kernel: Kernel) -> Vec<f32> {
-    product(quantize_rows(x, w.cols).rows(), w, batch, kernel)
+/// [batch, m, n]. `w_sums` holds Σ_k w of each weight row ([`row_sums`]), which the VNNI
+/// kernel needs.
+pub fn matmul(x: &[f32], w: Rows, w_sums: &[i32], batch: usize, kernel: Kernel) -> Vec<f32> {
+    product(quantize_rows(x, w.cols).rows(), w, w_sums, batch, kernel)
+}
+
+/// Σ_k of each row of `cols` values.
+pub fn row_sums(values: &[i8], cols: usize) -> Vec<i32> {
+    values
+        .par_chunks(cols)
+        .map(|row| row.iter().map(|&v| i32::from(v)).sum())
+        .collect()
 }
 
 /// [`matmul`] of activations already quantised.
-fn product(x: Rows, w: Rows, batch: usize, kernel: Kernel) -> Vec<f32> {
+fn product(x: Rows, w: Rows, w_sums: &[i32], batch: usize, kernel: Kernel) -> Vec<f32> {
     let (m, n) = (x.scales.len() / batch, w.scales.len() / batch);
-    let operands = Operands::prepare(kernel, x, w);
+    if m * n * w.cols == 0 {
+        return vec![0.0; batch * m * n];
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Vnni {
+        return vnni::product(x, w, w_sums, batch, vnni::x86::tile_vnni);
+    }
+    let operands = Operands {
+        kernel,
+        x: x.values,
+        w: w.values,
+        k: w.cols,
+    };
     let mut y = vec![0f32; batch * m * n];
     let row_blocks = m.div_ceil(ROWS_PER_TASK);
     // Tasks own disjoint [rows × weights] blocks of y; written through `Out`.
@@ -172,43 +205,15 @@ struct Task {
 struct Out(*mut f32);
 unsafe impl Sync for Out {}
 
-/// What a kernel reads: the activations (as the kernel takes them) and the weights, and
-/// for VNNI each weight row's sum.
+/// What the dot-product kernels read: both operands' rows, k values each.
 struct Operands<'a> {
     kernel: Kernel,
-    x: std::borrow::Cow<'a, [i8]>,
+    x: &'a [i8],
     w: &'a [i8],
-    w_sums: Vec<i32>,
     k: usize,
 }
 
-impl<'a> Operands<'a> {
-    fn prepare(kernel: Kernel, x: Rows<'a>, w: Rows<'a>) -> Self {
-        let k = w.cols;
-        let (x_values, w_sums) = match kernel {
-            // x + 128 as unsigned bytes: flipping the sign bit of each byte.
-            Kernel::Avx512Vnni => (
-                x.values
-                    .par_iter()
-                    .map(|v| v ^ i8::MIN)
-                    .collect::<Vec<_>>()
-                    .into(),
-                w.values
-                    .par_chunks(k)
-                    .map(|row| row.iter().map(|&v| i32::from(v)).sum())
-                    .collect(),
-            ),
-            _ => (x.values.into(), Vec::new()),
-        };
-        Self {
-            kernel,
-            x: x_values,
-            w: w.values,
-            w_sums,
-            k,
-        }
-    }
-
+impl Operands<'_> {
     fn run(&self, task: &Task, m: usize, n: usize, sx: &[f32], sw: &[f32], out: &Out) {
         let k = self.k;
         let x_row = |r: usize| &self.x[(task.batch * m + r) * k..][..k];
@@ -218,8 +223,7 @@ impl<'a> Operands<'a> {
             let rows: [usize; MR] = std::array::from_fn(|i| (r + i).min(task.rows.end - 1));
             for c in task.weights.clone().step_by(NR) {
                 let cols: [usize; NR] = std::array::from_fn(|j| (c + j).min(task.weights.end - 1));
-                let weight_rows = cols.map(|c| task.batch * n + c);
-                let sums = self.tile(rows.map(x_row), cols.map(w_row), weight_rows);
+                let sums = self.tile(rows.map(x_row), cols.map(w_row));
                 for (i, &row) in rows.iter().enumerate().take(task.rows.end - r) {
                     let row = task.batch * m + row;
                     for (j, &col) in cols.iter().enumerate().take(task.weights.end - c) {
@@ -233,18 +237,13 @@ impl<'a> Operands<'a> {
         }
     }
 
-    fn tile(&self, x: [&[i8]; MR], w: [&[i8]; NR], weight_rows: [usize; NR]) -> [[i32; NR]; MR] {
+    fn tile(&self, x: [&[i8]; MR], w: [&[i8]; NR]) -> [[i32; NR]; MR] {
         match self.kernel {
             Kernel::Scalar => tile_scalar(x, w),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernel::available` offers AVX2 only where the CPU has it.
             Kernel::Avx2 => unsafe { x86::tile_avx2(x, w) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => {
-                // SAFETY: as above, for AVX-512 (F, BW) and VNNI.
-                let sums = unsafe { x86::tile_vnni(x, w) };
-                sums.map(|row| std::array::from_fn(|j| row[j] - 128 * self.w_sums[weight_rows[j]]))
-            }
+            Kernel::Avx512Vnni => unreachable!("VNNI products take `vnni::product`"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("only the scalar kernel exists off x86-64"),
         }
@@ -288,36 +287,6 @@ mod x86 {
             }
         }
         finish(acc.map(|row| row.map(|v| sum_256(v))), x, w, steps * 32)
-    }
-
-    /// AVX-512 VNNI: 64 bytes of k per step on x + 128 (unsigned); the caller takes off
-    /// 128 · Σ w. The tail in scalar on the same shifted x.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn tile_vnni(x: [&[i8]; MR], w: [&[i8]; NR]) -> [[i32; NR]; MR] {
-        let k = x[0].len();
-        let steps = k / 64;
-        let mut acc = [[_mm512_setzero_si512(); NR]; MR];
-        for s in 0..steps {
-            let xs: [__m512i; MR] = x.map(|x| _mm512_loadu_si512(x.as_ptr().add(s * 64).cast()));
-            for j in 0..NR {
-                let wv = _mm512_loadu_si512(w[j].as_ptr().add(s * 64).cast());
-                for i in 0..MR {
-                    acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xs[i], wv);
-                }
-            }
-        }
-        let mut sums = acc.map(|row| row.map(|v| _mm512_reduce_add_epi32(v)));
-        let start = steps * 64;
-        for i in 0..MR {
-            for j in 0..NR {
-                sums[i][j] += x[i][start..]
-                    .iter()
-                    .zip(&w[j][start..])
-                    .map(|(&a, &b)| i32::from(a as u8) * i32::from(b))
-                    .sum::<i32>();
-            }
-        }
-        sums
     }
 
     #[target_feature(enable = "avx2")]
@@ -370,6 +339,7 @@ mod tests {
             (2, 5, 3, 33),
             (1, 67, 131, 95),
             (3, 9, 70, 200),
+            (2, 17, 49, 130),
         ] {
             let w = random_rows(batch * n, k, &mut rng);
             let x = random_rows(batch * m, k, &mut rng);
@@ -384,20 +354,31 @@ mod tests {
                         .sum()
                 })
                 .collect();
+            let (x, w) = (unit_scales(&x), unit_scales(&w));
+            let w_sums = row_sums(&w.values, k);
             for kernel in Kernel::available() {
-                let sums = integer_sums(&x, &w, batch, kernel);
+                let sums = integer_sums(&product(x.rows(), w.rows(), &w_sums, batch, kernel));
                 assert_eq!(sums, expected, "{kernel:?} on {batch}×{m}×{n}×{k}");
             }
+            // VNNI's packing, compensation and edges, on any CPU.
+            let packed = vnni::product(x.rows(), w.rows(), &w_sums, batch, vnni::tile_reference);
+            assert_eq!(
+                integer_sums(&packed),
+                expected,
+                "VNNI layout on {batch}×{m}×{n}×{k}"
+            );
         }
     }
 
-    /// The products with every scale 1: the integer sums (exact in f32 below 2²⁴).
-    fn integer_sums(x: &Int8Rows, w: &Int8Rows, batch: usize, kernel: Kernel) -> Vec<i64> {
-        let unit = |r: &Int8Rows| Int8Rows {
+    /// Every scale 1: the products are the integer sums (exact in f32 below 2²⁴).
+    fn unit_scales(r: &Int8Rows) -> Int8Rows {
+        Int8Rows {
             scales: vec![1.0; r.scales.len()],
             ..r.clone()
-        };
-        let y = product(unit(x).rows(), unit(w).rows(), batch, kernel);
+        }
+    }
+
+    fn integer_sums(y: &[f32]) -> Vec<i64> {
         y.iter().map(|&v| v as i64).collect()
     }
 
@@ -419,7 +400,8 @@ mod tests {
         let exact: Vec<f32> = (0..m * n)
             .map(|i| (0..k).map(|j| x[i / n * k + j] * w[i % n * k + j]).sum())
             .collect();
-        let y = matmul(&x, quantize_rows(&w, k).rows(), 1, Kernel::detect());
+        let w = quantize_rows(&w, k);
+        let y = matmul(&x, w.rows(), &row_sums(&w.values, k), 1, Kernel::detect());
         let error = y
             .iter()
             .zip(&exact)
