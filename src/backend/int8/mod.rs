@@ -123,7 +123,11 @@ fn quantize_row_portable(x: &[f32], q: &mut [i8], scale: &mut f32) {
         // NaN (0 · ∞ in an all-zero row) becomes 0 as `as` would make it, and the cast
         // sees a finite value in i32's range: one vector conversion, no saturation code.
         let v = round_ties_even(v * inverse);
-        let v = if v.is_nan() { 0.0 } else { v.max(-127.0).min(127.0) };
+        let v = if v.is_nan() {
+            0.0
+        } else {
+            v.clamp(-127.0, 127.0)
+        };
         // SAFETY: v is finite and within [-127, 127].
         *q = unsafe { v.to_int_unchecked::<i32>() } as i8;
     }

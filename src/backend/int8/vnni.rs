@@ -110,7 +110,8 @@ pub type TileKernel = unsafe fn(&Tile);
 pub fn product(x: Rows, w: Rows, w_sums: &[i32], batch: usize, kernel: TileKernel) -> Vec<f32> {
     let (m, n, k) = (x.scales.len() / batch, w.scales.len() / batch, w.cols);
     let panels = Panels::pack(x, m);
-    let mut y = vec![0f32; batch * m * n];
+    // Never zeroed: the tiles write every output.
+    let mut y = Vec::<f32>::with_capacity(batch * m * n);
     let out = Out(y.as_mut_ptr());
     let (panels_per_matrix, tiles_per_matrix) = (m.div_ceil(LANES), n.div_ceil(LANES));
     let (panel_blocks, tile_blocks) = (
@@ -153,6 +154,8 @@ pub fn product(x: Rows, w: Rows, w_sums: &[i32], batch: usize, kernel: TileKerne
                 }
             }
         });
+    // SAFETY: the tasks' tiles cover every (row, column) of every matrix.
+    unsafe { y.set_len(batch * m * n) };
     y
 }
 
@@ -265,13 +268,13 @@ pub mod x86 {
                 acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_set1_epi32(group));
             }
         }
-        if k % GROUP != 0 {
+        if !k.is_multiple_of(GROUP) {
             let xv = unsafe { _mm512_loadu_si512(x.add(steps * GROUP * LANES).cast()) };
-            for j in 0..LANES {
+            for (acc, row) in acc.iter_mut().zip(tile.w) {
                 let mut group = [0i8; GROUP];
-                group[..k % GROUP].copy_from_slice(&tile.w[j][steps * GROUP..]);
+                group[..k % GROUP].copy_from_slice(&row[steps * GROUP..]);
                 let group = i32::from_le_bytes(group.map(|v| v as u8));
-                acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_set1_epi32(group));
+                *acc = _mm512_dpbusd_epi32(*acc, xv, _mm512_set1_epi32(group));
             }
         }
         // Row r of the transposed accumulators: activation row r against the 16 weight rows.
