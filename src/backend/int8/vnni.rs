@@ -16,7 +16,7 @@ use super::{Out, Rows};
 use rayon::prelude::*;
 
 /// Activation rows per panel and weight rows per tile: the i32 lanes of a 512-bit register.
-pub const LANES: usize = 16;
+const LANES: usize = 16;
 /// k values per lane per instruction.
 const GROUP: usize = 4;
 /// Panels and weight tiles per parallel task: 64 × 64 outputs, whose operands stay in L2.
@@ -25,14 +25,14 @@ const TILES_PER_TASK: usize = 4;
 
 /// Activations packed into panels of 16 rows as `vpdpbusd` takes them: x + 128 as unsigned
 /// bytes, each group of 4 k values of the 16 rows side by side.
-pub struct Panels {
+struct Panels {
     values: Vec<u8>,
     steps: usize,
 }
 
 impl Panels {
     /// The panels of `x`'s rows, `rows` of them per matrix (each matrix starts a panel).
-    pub fn pack(x: Rows, rows: usize) -> Self {
+    fn pack(x: Rows, rows: usize) -> Self {
         let k = x.cols;
         let steps = k.div_ceil(GROUP);
         let panel_bytes = steps * GROUP * LANES;
