@@ -332,7 +332,7 @@ fn text_tower<B: MicroditBackend>(
             mlp_ratio: 4.0,
             quick_gelu: false,
         };
-        let tower = ClipTextEncoder::<B>::new(&cfg, device);
+        let tower = ClipTextEncoder::<B>::random(&cfg, device);
         let config = serde_json::json!({"model_cfg": {"quick_gelu": false, "text_cfg": {
             "context_length": TEXT_CONTEXT, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 2,
             "layers": 2}}});
@@ -556,5 +556,24 @@ mod tests {
             let caption = Scene::random(&mut rng, k % 2 == 0).caption();
             assert!(!tokenizer.tokenize(&caption).1, "{caption:?} is cut");
         }
+    }
+
+    /// The demo's random tower gives each caption its own states, on the scale of its
+    /// final norm (a tower of zeros gave every caption the same zeros, and the demo learnt
+    /// no prompt at all).
+    #[test]
+    fn the_random_text_tower_tells_captions_apart() {
+        use crate::backend::{test_device, TestBackend};
+        let dir = tempfile::tempdir().unwrap();
+        let device = test_device();
+        let tower = text_tower::<TestBackend>(dir.path(), 0, &device).unwrap();
+        let captions = ["a small red circle", "three large blue squares on the left"];
+        let states = tower.encode(&captions, &device).states;
+        let [a, b] = [0, 1].map(|i| states.clone().narrow(0, i, 1));
+        let rms = |t: burn::tensor::Tensor<TestBackend, 3>| {
+            t.powf_scalar(2.0).mean().sqrt().into_scalar()
+        };
+        assert!(rms(a.clone()) > 0.5, "states of scale {}", rms(a.clone()));
+        assert!(rms(a - b) > 0.1, "two captions encode alike");
     }
 }

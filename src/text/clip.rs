@@ -8,7 +8,7 @@ use crate::backend::MicroditBackend;
 use crate::nn::linear::{lazy_zeros, Linear};
 use anyhow::{Context, Result};
 use burn::module::Param;
-use burn::nn::{Embedding, LayerNorm, LayerNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use serde::Deserialize;
@@ -257,6 +257,28 @@ impl<B: MicroditBackend> ClipTextEncoder<B> {
             ),
             ln_final: clip_layer_norm(w, device),
         }
+    }
+
+    /// The tower with burn's default initialisation, drawn from the backend's generator in
+    /// construction order (the token embedding N(0, 1); each linear layer's weight, then
+    /// bias, Kaiming-uniform; the positional embedding zeros, the norms unit scales): the
+    /// demo's random, frozen tower. [`Self::new`] is all zeros, for weights about to load.
+    pub fn random(cfg: &ClipTextConfig, device: &B::Device) -> Self {
+        let w = cfg.width;
+        let mut tower = Self::new(cfg, device);
+        tower.token_embedding = EmbeddingConfig::new(cfg.vocab_size, w).init(device);
+        let random = |d_in: usize, d_out: usize| {
+            let layer = LinearConfig::new(d_in, d_out).init(device);
+            Linear::new(layer.weight, layer.bias)
+        };
+        let hidden = (w as f64 * cfg.mlp_ratio) as usize;
+        for block in &mut tower.transformer.resblocks {
+            block.attn.in_proj = random(w, 3 * w);
+            block.attn.out_proj = random(w, w);
+            block.mlp.c_fc = random(w, hidden);
+            block.mlp.c_proj = random(hidden, w);
+        }
+        tower
     }
 
     /// Builds the tower and loads its weights from an open_clip state dict
