@@ -169,7 +169,7 @@ impl<B: MicroditBackend> ResidualAttentionBlock<B> {
         quick_gelu: bool,
         device: &B::Device,
     ) -> Self {
-        let hidden = (width as f64 * mlp_ratio) as usize;
+        let hidden = mlp_width(width, mlp_ratio);
         let ln = || {
             LayerNormConfig::new(width)
                 .with_epsilon(LN_EPS)
@@ -223,6 +223,11 @@ impl<B: MicroditBackend> ClipTransformer<B> {
     }
 }
 
+/// The hidden width of a block's MLP: `int(width * mlp_ratio)`, as open_clip sizes it.
+fn mlp_width(width: usize, mlp_ratio: f64) -> usize {
+    (width as f64 * mlp_ratio) as usize
+}
+
 /// open_clip's `LayerNorm` (ε = 1e-5).
 pub fn clip_layer_norm<B: MicroditBackend>(width: usize, device: &B::Device) -> LayerNorm<B> {
     LayerNormConfig::new(width)
@@ -271,7 +276,7 @@ impl<B: MicroditBackend> ClipTextEncoder<B> {
             let layer = LinearConfig::new(d_in, d_out).init(device);
             Linear::new(layer.weight, layer.bias)
         };
-        let hidden = (w as f64 * cfg.mlp_ratio) as usize;
+        let hidden = mlp_width(w, cfg.mlp_ratio);
         for block in &mut tower.transformer.resblocks {
             block.attn.in_proj = random(w, 3 * w);
             block.attn.out_proj = random(w, w);

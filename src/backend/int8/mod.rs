@@ -146,18 +146,10 @@ fn round_ties_even(v: f32) -> f32 {
 
 /// `y = x · wᵀ` for `batch` pairs of matrices one after another: `x` [batch, m, k] f32,
 /// `w` [batch, n, k] int8 with scales [batch, n], values in [-127, 127]. Returns
-/// [batch, m, n]. `w_sums` holds Σ_k w of each weight row ([`row_sums`]), which the VNNI
+/// [batch, m, n]. `w_sums` holds Σ_k w of each weight row ([`super::int8_row_sums`]), which the VNNI
 /// kernel needs.
 pub fn matmul(x: &[f32], w: Rows, w_sums: &[i32], batch: usize, kernel: Kernel) -> Vec<f32> {
     product(quantize_rows(x, w.cols).rows(), w, w_sums, batch, kernel)
-}
-
-/// Σ_k of each row of `cols` values.
-pub fn row_sums(values: &[i8], cols: usize) -> Vec<i32> {
-    values
-        .par_chunks(cols)
-        .map(|row| row.iter().map(|&v| i32::from(v)).sum())
-        .collect()
 }
 
 /// [`matmul`] of activations already quantised.
@@ -372,6 +364,14 @@ mod tests {
                 "VNNI layout on {batch}×{m}×{n}×{k}"
             );
         }
+    }
+
+    /// Σ_k of each row of `cols` values.
+    fn row_sums(values: &[i8], cols: usize) -> Vec<i32> {
+        values
+            .chunks(cols)
+            .map(|row| row.iter().map(|&v| i32::from(v)).sum())
+            .collect()
     }
 
     /// Every scale 1: the products are the integer sums (exact in f32 below 2²⁴).
